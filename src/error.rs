@@ -1,0 +1,68 @@
+//! The library's one error type, classified so that transports can map it in one place.
+//!
+//! Expected outcomes are not errors: a miss is `Ok(None)`, a shorter prefix is a shorter
+//! `Vec`. A corrupt block found while reading is also a miss (contract 6); [`CodecError`]
+//! surfaces only from the codec itself and from inputs a caller hands in.
+
+use crate::codec::CodecError;
+
+/// Everything that can go wrong in the kvshelf library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A namespace or label that breaks the rules of [`crate::Namespace::validate`].
+    #[error("invalid namespace: {0}")]
+    InvalidNamespace(String),
+    /// A dtype name kvshelf does not know.
+    #[error(
+        "unknown dtype {0:?} (known: float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, int8, uint8)"
+    )]
+    UnknownDtype(String),
+    /// Input that cannot be right: a payload of the wrong length, a malformed hash, …
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A block's bytes that do not decode, or do not match what was asked for.
+    #[error("bad block: {0}")]
+    Codec(#[from] CodecError),
+    /// The backend (Redis) failed: down, timed out, refused the command.
+    #[error("backend: {0}")]
+    Backend(#[from] redis::RedisError),
+    /// Bad configuration (URL, certificate file, …).
+    #[error("config: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// A stable, machine-readable code, the key of every transport's error table.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidNamespace(_) => "invalid_namespace",
+            Error::UnknownDtype(_) => "unknown_dtype",
+            Error::InvalidInput(_) => "invalid_input",
+            Error::Codec(_) => "bad_block",
+            Error::Backend(e) if e.is_timeout() => "backend_timeout",
+            Error::Backend(_) => "backend_unavailable",
+            Error::Config(_) => "config",
+        }
+    }
+
+    /// True for errors caused by the caller's input (a 4xx), false for the backend's.
+    pub fn is_caller_error(&self) -> bool {
+        !matches!(self, Error::Backend(_) | Error::Config(_))
+    }
+
+    /// True when the backend could not be reached or did not answer in time: the kind of
+    /// failure a fail-open caller turns into a miss.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Error::Backend(e) => {
+                e.is_timeout()
+                    || e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_unrecoverable_error()
+            }
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Prefix hashing: the namespace root and the chained SHA-256 block hashes.
+//!
+//! This is a public, language-neutral contract: `docs/hashing.md` specifies every byte that
+//! goes into each SHA-256 call, and `tests/vectors/hashing.json` pins it with golden vectors
+//! that an independent Python implementation recomputes from the document alone. Changing
+//! any byte here is a breaking change of the key schema (bump `v1` in the keys).
+//!
+//! Why chained: block *i*'s hash covers its parent's, so one 32-byte hash names the whole
+//! prefix up to and including block *i*, and a lookup never needs the tokens themselves.
+//! Why length-prefixed, domain-separated fields: untagged concatenation lets two different
+//! inputs produce the same bytes (vLLM once had a LoRA-name/salt collision that way).
+
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::Error;
+use crate::namespace::Namespace;
+
+/// Tag that opens every root message (16 bytes, including the final NUL).
+pub const ROOT_TAG: &[u8; 16] = b"kvshelf.root.v1\0";
+/// Tag that opens every block message. Four bytes keep a 16-token block's message at 108
+/// bytes, which SHA-256 digests in two compressions instead of three.
+pub const BLOCK_TAG: &[u8; 4] = b"KVB1";
+
+/// A 32-byte SHA-256 digest naming a namespace root or a prefix of whole blocks.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockHash(pub [u8; 32]);
+
+impl BlockHash {
+    /// Lower-case hex, 64 characters: the form used in Redis keys and in every API.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for BlockHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut buf).expect("64 bytes hold 32 in hex");
+        f.write_str(std::str::from_utf8(&buf).expect("hex is ascii"))
+    }
+}
+
+impl fmt::Debug for BlockHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BlockHash({self})")
+    }
+}
+
+impl FromStr for BlockHash {
+    type Err = Error;
+
+    /// Parses 64 hex digits (either case).
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out)
+            .map_err(|_| Error::InvalidInput(format!("block hash {s:?} is not 64 hex digits")))?;
+        Ok(BlockHash(out))
+    }
+}
+
+impl serde::Serialize for BlockHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for BlockHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Hashes token prefixes of one namespace (and one tenant salt) into block hashes.
+///
+/// Cheap to clone; compute it once per namespace and tenant, not per request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefixHasher {
+    root: BlockHash,
+    block_size: u32,
+}
+
+impl PrefixHasher {
+    /// The hasher of `ns` for a tenant `salt` (`None`: no tenant isolation).
+    pub fn new(ns: &Namespace, salt: Option<&[u8]>) -> Self {
+        PrefixHasher {
+            root: namespace_root(ns, salt),
+            block_size: ns.block_size,
+        }
+    }
+
+    /// The namespace root: the parent of block 0.
+    pub fn root(&self) -> BlockHash {
+        self.root
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Hashes of every full block of `tokens`; a partial last block is never hashed.
+    pub fn hash_prefix(&self, tokens: &[u32]) -> Vec<BlockHash> {
+        let mut buf = Vec::with_capacity(self.message_capacity());
+        let mut parent = self.root;
+        tokens
+            .chunks_exact(self.block_size as usize)
+            .map(|block| {
+                parent = block_hash_into(&mut buf, &parent, block, &[]);
+                parent
+            })
+            .collect()
+    }
+
+    /// Like [`hash_prefix`](Self::hash_prefix), with extra keys mixed into some blocks
+    /// (for example the content hash of an image whose placeholder tokens fall in that
+    /// block). `extras[i]` belongs to block `i`; blocks past `extras.len()` have none.
+    pub fn hash_prefix_with_extras<E: AsRef<[u8]>>(
+        &self,
+        tokens: &[u32],
+        extras: &[Vec<E>],
+    ) -> Result<Vec<BlockHash>, Error> {
+        let full_blocks = tokens.len() / self.block_size as usize;
+        if extras.len() > full_blocks {
+            return Err(Error::InvalidInput(format!(
+                "extra keys given for {} blocks but the tokens fill only {full_blocks}",
+                extras.len()
+            )));
+        }
+        let mut buf = Vec::with_capacity(self.message_capacity());
+        let mut parent = self.root;
+        let mut parts: Vec<&[u8]> = Vec::new();
+        Ok(tokens
+            .chunks_exact(self.block_size as usize)
+            .enumerate()
+            .map(|(i, block)| {
+                parts.clear();
+                if let Some(e) = extras.get(i) {
+                    parts.extend(e.iter().map(AsRef::as_ref));
+                }
+                parent = block_hash_into(&mut buf, &parent, block, &parts);
+                parent
+            })
+            .collect())
+    }
+
+    /// The hash of one block that follows `parent`, for workers that hash incrementally as
+    /// their sequence grows. `block` must hold exactly `block_size` tokens.
+    pub fn next(&self, parent: &BlockHash, block: &[u32], extras: &[&[u8]]) -> BlockHash {
+        assert_eq!(
+            block.len(),
+            self.block_size as usize,
+            "a block is block_size tokens"
+        );
+        block_hash_into(&mut Vec::new(), parent, block, extras)
+    }
+
+    fn message_capacity(&self) -> usize {
+        BLOCK_TAG.len() + 32 + 4 + 4 * self.block_size as usize + 4
+    }
+}
+
+/// The namespace root of `ns` with an optional tenant `salt` (see `docs/hashing.md` §2).
+pub fn namespace_root(ns: &Namespace, salt: Option<&[u8]>) -> BlockHash {
+    let mut m = Vec::with_capacity(512);
+    m.extend_from_slice(ROOT_TAG);
+    let l = &ns.layout;
+    field(&mut m, "model_id", ns.model_id.as_bytes());
+    field(&mut m, "model_revision", ns.model_revision.as_bytes());
+    field(&mut m, "kv_dtype", ns.kv_dtype.name().as_bytes());
+    field(&mut m, "num_layers", &l.num_layers.to_le_bytes());
+    field(&mut m, "num_kv_heads", &l.num_kv_heads.to_le_bytes());
+    field(&mut m, "head_dim", &l.head_dim.to_le_bytes());
+    field(&mut m, "tp_size", &l.tp_size.to_le_bytes());
+    field(&mut m, "tp_rank", &l.tp_rank.to_le_bytes());
+    field(&mut m, "layout_order", l.order.as_bytes());
+    field(&mut m, "block_size", &ns.block_size.to_le_bytes());
+    field(
+        &mut m,
+        "lora_adapter",
+        &optional(ns.lora_adapter.as_deref().map(str::as_bytes)),
+    );
+    field(&mut m, "salt", &optional(salt));
+    BlockHash(Sha256::digest(&m).into())
+}
+
+/// `u32le(len(name)) || name || u32le(len(value)) || value`.
+fn field(m: &mut Vec<u8>, name: &str, value: &[u8]) {
+    put_bytes(m, name.as_bytes());
+    put_bytes(m, value);
+}
+
+/// Absent: no bytes. Present: `0x01` then the content, so "absent" and "empty" differ.
+fn optional(v: Option<&[u8]>) -> Vec<u8> {
+    match v {
+        None => Vec::new(),
+        Some(b) => [&[1u8][..], b].concat(),
+    }
+}
+
+fn put_bytes(m: &mut Vec<u8>, b: &[u8]) {
+    m.extend_from_slice(&len_u32(b.len()).to_le_bytes());
+    m.extend_from_slice(b);
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).expect("a hashed field is shorter than 4 GiB")
+}
+
+/// `BLOCK_TAG || parent || u32le(n) || tokens as u32le || u32le(k) || k × (u32le(len) || extra)`.
+fn block_hash_into(
+    buf: &mut Vec<u8>,
+    parent: &BlockHash,
+    block: &[u32],
+    extras: &[&[u8]],
+) -> BlockHash {
+    buf.clear();
+    buf.extend_from_slice(BLOCK_TAG);
+    buf.extend_from_slice(&parent.0);
+    buf.extend_from_slice(&len_u32(block.len()).to_le_bytes());
+    for t in block {
+        buf.extend_from_slice(&t.to_le_bytes());
+    }
+    buf.extend_from_slice(&len_u32(extras.len()).to_le_bytes());
+    for e in extras {
+        put_bytes(buf, e);
+    }
+    BlockHash(Sha256::digest(&buf[..]).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::namespace::tests::qwen;
+
+    #[test]
+    fn partial_block_is_not_hashed() {
+        let h = PrefixHasher::new(&qwen(), None);
+        let tokens: Vec<u32> = (0..47).collect();
+        assert_eq!(h.hash_prefix(&tokens).len(), 2);
+        assert!(h.hash_prefix(&tokens[..15]).is_empty());
+    }
+
+    #[test]
+    fn chain_is_prefix_stable_and_incremental() {
+        let h = PrefixHasher::new(&qwen(), None);
+        let tokens: Vec<u32> = (0..64).map(|i| i * 7919).collect();
+        let all = h.hash_prefix(&tokens);
+        assert_eq!(h.hash_prefix(&tokens[..32]), all[..2]);
+        let mut parent = h.root();
+        for (i, block) in tokens.chunks(16).enumerate() {
+            parent = h.next(&parent, block, &[]);
+            assert_eq!(parent, all[i]);
+        }
+    }
+
+    #[test]
+    fn every_identity_field_and_the_salt_change_the_root() {
+        let base = qwen();
+        let r = |ns: &Namespace, salt: Option<&[u8]>| namespace_root(ns, salt);
+        let root = r(&base, None);
+        let mut variants: Vec<Namespace> = Vec::new();
+        let mut v = base.clone();
+        v.model_id.push('x');
+        variants.push(v);
+        let mut v = base.clone();
+        v.model_revision.push('x');
+        variants.push(v);
+        let mut v = base.clone();
+        v.kv_dtype = crate::Dtype::Float16;
+        variants.push(v);
+        let mut v = base.clone();
+        v.layout.num_layers += 1;
+        variants.push(v);
+        let mut v = base.clone();
+        v.layout.num_kv_heads += 1;
+        variants.push(v);
+        let mut v = base.clone();
+        v.layout.head_dim += 1;
+        variants.push(v);
+        let mut v = base.clone();
+        v.layout.tp_size = 2;
+        variants.push(v);
+        let mut v = base.clone();
+        v.layout.tp_rank = 1;
+        variants.push(v);
+        let mut v = base.clone();
+        v.layout.order = "tlkhd".into();
+        variants.push(v);
+        let mut v = base.clone();
+        v.block_size = 32;
+        variants.push(v);
+        let mut v = base.clone();
+        v.lora_adapter = Some(String::new());
+        variants.push(v);
+        for v in &variants {
+            assert_ne!(r(v, None), root, "{v:?}");
+        }
+        assert_ne!(r(&base, Some(b"")), root, "empty salt differs from no salt");
+        // The label names keys; it is not part of the identity.
+        let mut v = base.clone();
+        v.label = "other".into();
+        assert_eq!(r(&v, None), root);
+    }
+
+    #[test]
+    fn lora_and_salt_do_not_collide() {
+        // The vLLM bug: untagged "lora" + "salt" concatenations that meet in the middle.
+        let mut a = qwen();
+        a.lora_adapter = Some("ab".into());
+        let mut b = qwen();
+        b.lora_adapter = Some("a".into());
+        assert_ne!(
+            namespace_root(&a, Some(b"c")),
+            namespace_root(&b, Some(b"bc"))
+        );
+    }
+
+    #[test]
+    fn extras_are_length_prefixed() {
+        let h = PrefixHasher::new(&qwen(), None);
+        let tokens: Vec<u32> = (0..16).collect();
+        let a = h
+            .hash_prefix_with_extras(&tokens, &[vec!["ab", "c"]])
+            .unwrap();
+        let b = h
+            .hash_prefix_with_extras(&tokens, &[vec!["a", "bc"]])
+            .unwrap();
+        let none = h.hash_prefix(&tokens);
+        let empty = h
+            .hash_prefix_with_extras::<&str>(&tokens, &[vec![]])
+            .unwrap();
+        assert_ne!(a, b);
+        assert_eq!(none, empty);
+        assert!(
+            h.hash_prefix_with_extras(&tokens, &[vec!["x"], vec!["y"]])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let h = PrefixHasher::new(&qwen(), None).root();
+        assert_eq!(h.to_string().parse::<BlockHash>().unwrap(), h);
+        assert_eq!(h.to_hex(), h.to_string());
+        assert!("zz".parse::<BlockHash>().is_err());
+    }
+}

@@ -1,0 +1,48 @@
+//! kvshelf: a shared, Redis-backed shelf of attention KV blocks, keyed by prompt prefix.
+//!
+//! An inference worker that has computed prefill for a prompt puts the KV tensors of each
+//! full block of tokens on the shelf; any other worker whose prompt starts with the same
+//! tokens takes them off the shelf instead of recomputing prefill.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`namespace`] | what must match for KV to be reusable: identity, label, dtype, layout |
+//! | [`hashing`] | the namespace root and chained SHA-256 block hashes (`docs/hashing.md`) |
+//! | [`codec`] | the stored block: text header + raw tensor bytes, checksum (`docs/format.md`) |
+//! | [`store`] | Redis: key schema, write-once puts with TTL, gets, lookup, pin, purge |
+//! | [`error`] | the one classified error type |
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvshelf::Error> {
+//! use kvshelf::{Dtype, Layout, Namespace, PrefixHasher, RedisStore, StoreConfig};
+//! let ns = Namespace {
+//!     label: "qwen2.5-0.5b".into(),
+//!     model_id: "Qwen/Qwen2.5-0.5B-Instruct".into(),
+//!     model_revision: String::new(),
+//!     kv_dtype: Dtype::Bfloat16,
+//!     layout: Layout { num_layers: 24, num_kv_heads: 2, head_dim: 64, tp_size: 1, tp_rank: 0,
+//!                      order: "lkthd".into() },
+//!     block_size: 16,
+//!     lora_adapter: None,
+//! };
+//! let hashes = PrefixHasher::new(&ns, None).hash_prefix(&[1, 2, 3 /* prompt token ids */]);
+//! let store = RedisStore::connect(StoreConfig::default()).await?;
+//! let cached = store.lookup(&ns, &hashes).await?; // leading blocks on the shelf
+//! let blocks = store.fetch_prefix(&ns, &hashes[..cached]).await?; // may be shorter
+//! # let _ = blocks; Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod error;
+pub mod hashing;
+pub mod namespace;
+pub mod store;
+
+pub use codec::{Block, CodecError, Header};
+pub use error::Error;
+pub use hashing::{BlockHash, PrefixHasher};
+pub use namespace::{Dtype, Layout, Namespace};
+pub use store::{PutOutcome, RedisStore, StoreConfig};

@@ -1,0 +1,591 @@
+//! The Redis store: the key schema, write-once puts with a TTL, batched gets with sliding
+//! expiry, one-round-trip lookups, pin/unpin, delete and namespace purge.
+//!
+//! Redis is the system of record. Every key this module writes has a TTL (`SET … NX PX`),
+//! so a `volatile-*` eviction policy can always evict kvshelf's blocks and never touches
+//! other data in the same Redis; the only way to keep a block forever is [`RedisStore::pin`].
+//! Every read verifies the block (checksum, namespace, layout, hash): a bad block is deleted,
+//! counted in `kvshelf_store_corrupt_blocks_total` and reported as a miss.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, Block, Header};
+use crate::error::Error;
+use crate::hashing::BlockHash;
+use crate::namespace::{Namespace, validate_label};
+
+/// Prefix of every key kvshelf writes; `v1` is the version of the key schema and hash.
+pub const KEY_PREFIX: &str = "kvshelf:v1:";
+
+/// The Redis key of a block: `kvshelf:v1:<namespace-label>:<block-hash-hex>`.
+pub fn block_key(label: &str, hash: &BlockHash) -> String {
+    format!("{KEY_PREFIX}{label}:{hash}")
+}
+
+/// The `SCAN MATCH` pattern of every block of one namespace. Safe because labels cannot
+/// hold glob characters (see [`validate_label`]).
+pub fn namespace_pattern(label: &str) -> String {
+    format!("{KEY_PREFIX}{label}:*")
+}
+
+/// How to reach Redis and how long blocks live there.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
+    /// Default: `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// PEM file of the CA certificates to trust for `rediss://`, instead of the system's.
+    /// Default: none (the system trust store).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Time to live of a block after it is put (and after each hit, when `sliding_ttl`).
+    /// Default: 1h.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Whether a hit pushes the block's expiry back to a full `ttl`. Pinned blocks stay
+    /// pinned. Default: true.
+    pub sliding_ttl: bool,
+    /// How long to wait for a reply. A 32 MiB value takes tens of milliseconds on loopback,
+    /// so redis-rs's 500 ms default would fail big batches on a busy host. Default: 5s.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// How long to wait for a new connection. Default: 1s.
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
+    /// Reconnection attempts (exponential backoff from 100 ms) before a command fails;
+    /// later commands start reconnecting again. Default: 6.
+    pub reconnect_retries: usize,
+    /// How often a command is sent again when the connection dropped under it. redis-rs's
+    /// connection manager reconnects but does not resend the in-flight command; every
+    /// command kvshelf sends is idempotent, so resending is safe. Default: 1.
+    pub command_retries: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            tls_ca_file: None,
+            ttl: Duration::from_secs(3600),
+            sliding_ttl: true,
+            response_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(1),
+            reconnect_retries: 6,
+            command_retries: 1,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The URL with any password replaced by `***`, for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.redacted_url())
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("ttl", &self.ttl)
+            .field("sliding_ttl", &self.sliding_ttl)
+            .field("response_timeout", &self.response_timeout)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("reconnect_retries", &self.reconnect_retries)
+            .field("command_retries", &self.command_retries)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:***@host`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            format!("{scheme}://{masked}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// What a put did with one block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PutOutcome {
+    /// The block was written, with the namespace's TTL.
+    Stored,
+    /// The block was already on the shelf; the first writer's bytes stay (write-once).
+    AlreadyPresent,
+}
+
+/// A handle to the Redis store. Cheap to clone: clones share one multiplexed connection,
+/// which reconnects by itself after Redis restarts.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    cfg: Arc<StoreConfig>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A store for `cfg`. It connects lazily, so it can be created while Redis is down;
+    /// the first command (or [`ping`](Self::ping)) connects.
+    pub fn new(cfg: StoreConfig) -> Result<Self, Error> {
+        let client = client_for(&cfg)?;
+        let manager_cfg = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(cfg.response_timeout))
+            .set_connection_timeout(Some(cfg.connection_timeout))
+            .set_number_of_retries(cfg.reconnect_retries)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)?;
+        Ok(RedisStore {
+            conn,
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    /// A store for `cfg` that has checked Redis answers.
+    pub async fn connect(cfg: StoreConfig) -> Result<Self, Error> {
+        let store = Self::new(cfg)?;
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// The configuration this store runs with.
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        let _: String = self.run(&redis::pipe().cmd("PING")).await.map(one)?;
+        Ok(())
+    }
+
+    /// Puts full blocks of `ns` in one pipeline, write-once (`SET … NX PX ttl`).
+    ///
+    /// Every payload must be exactly one block of the namespace's shape and dtype; if any is
+    /// not, nothing is written. Returns what happened to each block, in order.
+    pub async fn put(
+        &self,
+        ns: &Namespace,
+        blocks: &[(BlockHash, Bytes)],
+    ) -> Result<Vec<PutOutcome>, Error> {
+        ns.validate()?;
+        let want = ns.block_bytes();
+        if let Some((i, (_, p))) = blocks
+            .iter()
+            .enumerate()
+            .find(|(_, (_, p))| p.len() as u64 != want)
+        {
+            return Err(Error::InvalidInput(format!(
+                "block {i} has {} bytes of payload; one block of namespace {:?} is {want} bytes \
+                 ({} x {:?})",
+                p.len(),
+                ns.label,
+                ns.kv_dtype,
+                ns.block_shape()
+            )));
+        }
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl_ms = ttl_millis(self.cfg.ttl);
+        let mut pipe = redis::pipe();
+        for (hash, payload) in blocks {
+            let value = codec::encode(&Header::for_block(ns, hash, payload), payload);
+            pipe.cmd("SET")
+                .arg(block_key(&ns.label, hash))
+                .arg(&value[..])
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms);
+        }
+        let replies: Vec<Option<String>> = self.run(&pipe).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Some(_) => PutOutcome::Stored,
+                None => PutOutcome::AlreadyPresent,
+            })
+            .collect())
+    }
+
+    /// Gets blocks of `ns` by hash in one pipeline; `None` where a block is missing or was
+    /// found bad (and deleted). A hit refreshes the TTL when `sliding_ttl` is on, without
+    /// unpinning pinned blocks.
+    pub async fn get(
+        &self,
+        ns: &Namespace,
+        hashes: &[BlockHash],
+    ) -> Result<Vec<Option<Block>>, Error> {
+        ns.validate()?;
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl_ms = ttl_millis(self.cfg.ttl);
+        let mut pipe = redis::pipe();
+        for hash in hashes {
+            let key = block_key(&ns.label, hash);
+            pipe.get(&key);
+            if self.cfg.sliding_ttl {
+                // XX: only keys that already have an expiry, so a pinned block stays pinned.
+                pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("XX").ignore();
+            }
+        }
+        let values: Vec<Option<Bytes>> = self.run(&pipe).await?;
+        let mut out = Vec::with_capacity(values.len());
+        let mut bad = Vec::new();
+        for (hash, value) in hashes.iter().zip(values) {
+            out.push(match value.map(|v| verify(ns, hash, v)) {
+                Some(Ok(block)) => Some(block),
+                Some(Err(e)) => {
+                    bad.push((hash, e));
+                    None
+                }
+                None => None,
+            });
+        }
+        if !bad.is_empty() {
+            self.discard_bad(ns, &bad).await;
+        }
+        Ok(out)
+    }
+
+    /// Gets the longest run of leading blocks of `hashes` that Redis really returns: a
+    /// block evicted since the lookup ends the run, and the caller recomputes the rest.
+    pub async fn fetch_prefix(
+        &self,
+        ns: &Namespace,
+        hashes: &[BlockHash],
+    ) -> Result<Vec<Block>, Error> {
+        let got = self.get(ns, hashes).await?;
+        Ok(got.into_iter().map_while(|b| b).collect())
+    }
+
+    /// How many leading blocks of `hashes` are on the shelf, counted from the first with no
+    /// gap, in one round trip whatever the length. Side-effect free: `EXISTS` neither
+    /// refreshes TTLs nor touches Redis's LRU/LFU clock.
+    pub async fn lookup(&self, ns: &Namespace, hashes: &[BlockHash]) -> Result<usize, Error> {
+        validate_label(&ns.label)?;
+        if hashes.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for hash in hashes {
+            pipe.exists(block_key(&ns.label, hash));
+        }
+        let present: Vec<bool> = self.run(&pipe).await?;
+        Ok(present.iter().take_while(|p| **p).count())
+    }
+
+    /// Deletes blocks (`UNLINK`: Redis frees the memory off its main thread). Returns how
+    /// many existed.
+    pub async fn delete(&self, label: &str, hashes: &[BlockHash]) -> Result<u64, Error> {
+        validate_label(label)?;
+        if hashes.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = hashes.iter().map(|h| block_key(label, h)).collect();
+        self.run(redis::pipe().cmd("UNLINK").arg(&keys))
+            .await
+            .map(one)
+    }
+
+    /// Keeps a block forever (`PERSIST`): the explicit way to keep a system prompt. Returns
+    /// whether the block exists.
+    pub async fn pin(&self, label: &str, hash: &BlockHash) -> Result<bool, Error> {
+        validate_label(label)?;
+        let key = block_key(label, hash);
+        let (_, exists): (bool, bool) = self.run(redis::pipe().persist(&key).exists(&key)).await?;
+        Ok(exists)
+    }
+
+    /// Gives a pinned block back its TTL. Returns whether the block exists.
+    pub async fn unpin(&self, label: &str, hash: &BlockHash) -> Result<bool, Error> {
+        validate_label(label)?;
+        let key = block_key(label, hash);
+        let ttl_ms = ttl_millis(self.cfg.ttl);
+        let existed: bool = self
+            .run(redis::pipe().cmd("PEXPIRE").arg(&key).arg(ttl_ms))
+            .await
+            .map(one)?;
+        Ok(existed)
+    }
+
+    /// Remaining time to live of a block: `Ok(None)` when it is missing, `Some(None)` when
+    /// it is pinned.
+    pub async fn ttl(
+        &self,
+        label: &str,
+        hash: &BlockHash,
+    ) -> Result<Option<Option<Duration>>, Error> {
+        validate_label(label)?;
+        let pttl: i64 = self
+            .run(redis::pipe().cmd("PTTL").arg(block_key(label, hash)))
+            .await
+            .map(one)?;
+        Ok(match pttl {
+            -2 => None,
+            -1 => Some(None),
+            ms => Some(Some(Duration::from_millis(ms.max(0) as u64))),
+        })
+    }
+
+    /// Deletes every block of one namespace with `SCAN` + `UNLINK` (never `KEYS`, which
+    /// blocks Redis). Returns how many keys were unlinked. Blocks put while the purge runs
+    /// may survive it.
+    pub async fn purge(&self, label: &str) -> Result<u64, Error> {
+        validate_label(label)?;
+        let mut removed = 0;
+        self.scan(
+            &namespace_pattern(label),
+            |store, keys| async move {
+                store
+                    .run(redis::pipe().cmd("UNLINK").arg(&keys))
+                    .await
+                    .map(one::<u64>)
+            },
+            |n| removed += n,
+        )
+        .await?;
+        Ok(removed)
+    }
+
+    /// Counts the blocks of one namespace with `SCAN` (approximate while puts run).
+    pub async fn count(&self, label: &str) -> Result<u64, Error> {
+        validate_label(label)?;
+        let mut n = 0;
+        self.scan(
+            &namespace_pattern(label),
+            |_, keys| async move { Ok(keys.len() as u64) },
+            |k| n += k,
+        )
+        .await?;
+        Ok(n)
+    }
+
+    /// Counts blocks per namespace label over every kvshelf key, with `SCAN`.
+    pub async fn count_by_namespace(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, u64>, Error> {
+        let mut counts = std::collections::BTreeMap::new();
+        let pattern = format!("{KEY_PREFIX}*");
+        self.scan(
+            &pattern,
+            |_, keys| async move { Ok(keys) },
+            |keys: Vec<String>| {
+                for k in keys {
+                    if let Some((label, _)) = k[KEY_PREFIX.len()..].split_once(':') {
+                        *counts.entry(label.to_owned()).or_insert(0u64) += 1;
+                    }
+                }
+            },
+        )
+        .await?;
+        Ok(counts)
+    }
+
+    /// Reads the header of the block stored under a raw key, as an operator would with
+    /// `GETRANGE`: it neither refreshes the TTL nor reads the payload.
+    pub async fn inspect(&self, key: &str) -> Result<Option<(Header, Option<Duration>)>, Error> {
+        let (head, pttl): (Bytes, i64) = self
+            .run(
+                redis::pipe()
+                    .cmd("GETRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(codec::MAX_HEADER_LEN - 1)
+                    .cmd("PTTL")
+                    .arg(key),
+            )
+            .await?;
+        if pttl == -2 {
+            return Ok(None);
+        }
+        let (header, _) = codec::decode_header(&head)?;
+        let ttl = (pttl >= 0).then(|| Duration::from_millis(pttl as u64));
+        Ok(Some((header, ttl)))
+    }
+
+    /// Runs `SCAN MATCH pattern` to the end, handing each batch of keys to `batch` and its
+    /// result to `sink`.
+    async fn scan<T, F, Fut>(
+        &self,
+        pattern: &str,
+        batch: F,
+        mut sink: impl FnMut(T),
+    ) -> Result<(), Error>
+    where
+        F: Fn(RedisStore, Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .run(
+                    redis::pipe()
+                        .cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await
+                .map(one)?;
+            if !keys.is_empty() {
+                sink(batch(self.clone(), keys).await?);
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// Deletes blocks that failed verification, and counts them. Best effort: a failure to
+    /// delete leaves the block to be caught again on the next read.
+    async fn discard_bad(&self, ns: &Namespace, bad: &[(&BlockHash, codec::CodecError)]) {
+        let keys: Vec<String> = bad.iter().map(|(h, _)| block_key(&ns.label, h)).collect();
+        for (hash, err) in bad {
+            metrics::counter!("kvshelf_store_corrupt_blocks_total", "reason" => err.kind())
+                .increment(1);
+            tracing::warn!(namespace = %ns.label, block = %hash, error = %err,
+                "bad block on the shelf: deleting it and answering a miss");
+        }
+        let res: Result<u64, Error> = self
+            .run(redis::pipe().cmd("UNLINK").arg(&keys))
+            .await
+            .map(one);
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not delete bad blocks");
+        }
+    }
+
+    /// Sends a pipeline, resending it when the connection dropped under it.
+    async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, Error> {
+        let mut attempt = 0;
+        loop {
+            let mut conn = self.conn.clone();
+            match pipe.query_async::<T>(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e)
+                    if attempt < self.cfg.command_retries
+                        && (e.is_connection_dropped() || e.is_io_error()) =>
+                {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "redis connection dropped; resending");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The single reply of a one-command pipeline.
+fn one<T>(v: (T,)) -> T {
+    v.0
+}
+
+fn verify(ns: &Namespace, hash: &BlockHash, value: Bytes) -> Result<Block, codec::CodecError> {
+    let block = codec::decode(value)?;
+    block.header.check(ns, hash)?;
+    Ok(block)
+}
+
+fn ttl_millis(ttl: Duration) -> u64 {
+    (ttl.as_millis() as u64).max(1)
+}
+
+fn client_for(cfg: &StoreConfig) -> Result<redis::Client, Error> {
+    let bad_url =
+        |e: redis::RedisError| Error::Config(format!("redis url {}: {e}", cfg.redacted_url()));
+    match &cfg.tls_ca_file {
+        None => redis::Client::open(cfg.url.as_str()).map_err(bad_url),
+        Some(path) => tls_client(cfg, path).and_then(|c| c.map_err(bad_url)),
+    }
+}
+
+#[cfg(feature = "tls")]
+fn tls_client(
+    cfg: &StoreConfig,
+    ca_file: &std::path::Path,
+) -> Result<redis::RedisResult<redis::Client>, Error> {
+    // One process-wide crypto provider; ignore the error that says one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(ca_file)
+        .map_err(|e| Error::Config(format!("tls_ca_file {}: {e}", ca_file.display())))?;
+    Ok(redis::Client::build_with_tls(
+        cfg.url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        },
+    ))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_client(
+    _cfg: &StoreConfig,
+    _ca_file: &std::path::Path,
+) -> Result<redis::RedisResult<redis::Client>, Error> {
+    Err(Error::Config(
+        "tls_ca_file needs kvshelf built with the `tls` feature".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("rediss://kv:s3cret@redis.internal:6380/0"),
+            "rediss://kv:***@redis.internal:6380/0"
+        );
+        assert_eq!(redact_url("redis://:pw@h/1"), "redis://:***@h/1");
+        let cfg = StoreConfig {
+            url: "redis://u:hunter2@h".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn config_reads_humane_durations() {
+        let cfg: StoreConfig =
+            serde_json::from_str(r#"{"ttl":"10m","sliding_ttl":false}"#).unwrap();
+        assert_eq!(cfg.ttl, Duration::from_secs(600));
+        assert!(!cfg.sliding_ttl);
+        assert_eq!(cfg.response_timeout, Duration::from_secs(5));
+    }
+}

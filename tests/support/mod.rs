@@ -1,0 +1,198 @@
+//! Shared fixtures for the integration tests: a real Redis, and a fresh namespace per test.
+//!
+//! Redis comes from `KVSHELF_TEST_REDIS_URL` when it is set; otherwise each test process
+//! starts its own `redis-server` on a free port. When neither works the tests fail loudly:
+//! a cache test that silently skipped would prove nothing.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use kvshelf::{Dtype, Layout, Namespace, RedisStore, StoreConfig};
+
+/// A `redis-server` owned by a test: stopped when dropped, and also when the test process
+/// dies, because it is started under a shell that kills it when its stdin (our pipe) closes.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free loopback port with the given extra arguments.
+    pub fn start(extra: &[&str]) -> RedisServer {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts `redis-server` on `port` (for restarting a stopped server on the same port).
+    pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("kvshelf-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut args = vec![
+            "--port".to_owned(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--maxmemory".into(),
+            "1gb".into(),
+            "--maxmemory-policy".into(),
+            "volatile-lfu".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let script = format!(
+            "redis-server {} >'{}/redis.log' 2>&1 & pid=$!; read _; kill $pid",
+            quoted.join(" "),
+            dir.display()
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("cannot run sh");
+        let server = RedisServer { child, port, dir };
+        server.wait_ready(extra.contains(&"--tls-port"));
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn wait_ready(&self, tls: bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = if tls {
+                std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                redis_cli(&self.url(), &["PING"]).is_some_and(|o| o.trim() == "PONG")
+            };
+            if up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start; its log:\n{}",
+                self.port,
+                std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        // Closing stdin makes the wrapper shell kill redis-server.
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The URL of the Redis shared by this test process.
+pub fn redis_url() -> String {
+    static SHARED: OnceLock<(String, Option<RedisServer>)> = OnceLock::new();
+    SHARED
+        .get_or_init(|| match std::env::var("KVSHELF_TEST_REDIS_URL") {
+            Ok(url) if !url.is_empty() => (url, None),
+            _ => {
+                assert!(
+                    which("redis-server"),
+                    "no Redis for the tests: set KVSHELF_TEST_REDIS_URL or install redis-server"
+                );
+                let server = RedisServer::start(&[]);
+                (server.url(), Some(server))
+            }
+        })
+        .0
+        .clone()
+}
+
+/// Runs `redis-cli -u url args…` and returns its stdout, or `None` if it failed.
+pub fn redis_cli(url: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .arg("-u")
+        .arg(url)
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn which(bin: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|p| Path::new(&p).join(bin).is_file())
+    })
+}
+
+/// A namespace of its own for one test, so tests can run in parallel on one Redis.
+pub fn namespace(test: &str) -> Namespace {
+    let nonce: u32 = rand::random();
+    Namespace {
+        label: format!("t-{test}-{nonce:08x}"),
+        model_id: "kvshelf/test-model".into(),
+        model_revision: "r1".into(),
+        kv_dtype: Dtype::Float16,
+        layout: Layout {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 8,
+            tp_size: 1,
+            tp_rank: 0,
+            order: "lkthd".into(),
+        },
+        block_size: 4,
+        lora_adapter: None,
+    }
+}
+
+/// A store on the shared Redis.
+pub fn store() -> RedisStore {
+    store_with(StoreConfig {
+        url: redis_url(),
+        ..Default::default()
+    })
+}
+
+pub fn store_with(cfg: StoreConfig) -> RedisStore {
+    RedisStore::new(cfg).expect("store")
+}
+
+/// A raw redis-rs connection, to look at what the store wrote the way an operator would.
+pub async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// A payload of one block of `ns`, filled from `seed`.
+pub fn payload(ns: &Namespace, seed: u8) -> bytes::Bytes {
+    (0..ns.block_bytes())
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect::<Vec<u8>>()
+        .into()
+}
