@@ -257,7 +257,7 @@ pub fn decode_header(value: &[u8]) -> Result<(Header, usize), CodecError> {
             max: MAX_HEADER_LEN as u64,
         });
     }
-    if len <= PREAMBLE_LEN || len % HEADER_ALIGN != 0 {
+    if len <= PREAMBLE_LEN || !len.is_multiple_of(HEADER_ALIGN) {
         return Err(CodecError::MalformedHeader(format!(
             "header length {len} is not a multiple of {HEADER_ALIGN}"
         )));

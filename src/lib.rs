@@ -13,6 +13,7 @@
 //! | [`codec`] | the stored block: text header + raw tensor bytes, checksum (`docs/format.md`) |
 //! | [`store`] | Redis: key schema, write-once puts with TTL, gets, lookup, pin, purge |
 //! | [`error`] | the one classified error type |
+//! | `config` | the TOML configuration of the `kvshelf` binary (feature `cli`) |
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kvshelf::Error> {
@@ -36,6 +37,8 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+#[cfg(feature = "cli")]
+pub mod config;
 pub mod error;
 pub mod hashing;
 pub mod namespace;

@@ -183,8 +183,8 @@ impl Layout {
                 self.tp_rank, self.tp_size
             ));
         }
-        let heads_split = self.num_kv_heads % self.tp_size == 0;
-        let heads_replicated = self.tp_size % self.num_kv_heads == 0;
+        let heads_split = self.num_kv_heads.is_multiple_of(self.tp_size);
+        let heads_replicated = self.tp_size.is_multiple_of(self.num_kv_heads);
         if !heads_split && !heads_replicated {
             return bad(format!(
                 "{} KV heads cannot be sharded over {} ranks",

@@ -181,7 +181,7 @@ impl RedisStore {
 
     /// Checks that Redis answers.
     pub async fn ping(&self) -> Result<(), Error> {
-        let _: String = self.run(&redis::pipe().cmd("PING")).await.map(one)?;
+        let _: String = self.run(redis::pipe().cmd("PING")).await.map(one)?;
         Ok(())
     }
 
@@ -407,6 +407,13 @@ impl RedisStore {
         )
         .await?;
         Ok(counts)
+    }
+
+    /// The text of `INFO <section>` (for example `memory` or `stats`), for operators.
+    pub async fn info(&self, section: &str) -> Result<String, Error> {
+        self.run(redis::pipe().cmd("INFO").arg(section))
+            .await
+            .map(one)
     }
 
     /// Reads the header of the block stored under a raw key, as an operator would with

@@ -5,7 +5,6 @@ mod support;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use kvshelf::store::{block_key, namespace_pattern};
 use kvshelf::{BlockHash, Error, PrefixHasher, PutOutcome, StoreConfig};
 use redis::AsyncCommands;
@@ -174,10 +173,7 @@ async fn lookup_counts_only_leading_contiguous_blocks() {
 async fn lookup_of_a_long_prefix_is_side_effect_free() {
     let (ns, s) = (namespace("longlookup"), store());
     let hs = hashes(&ns, 4096, 6);
-    let blocks: Vec<_> = hs[..1000]
-        .iter()
-        .map(|h| (*h, Bytes::from(payload(&ns, 6))))
-        .collect();
+    let blocks: Vec<_> = hs[..1000].iter().map(|h| (*h, payload(&ns, 6))).collect();
     s.put(&ns, &blocks).await.unwrap();
     let mut c = raw(&redis_url()).await;
     let key = block_key(&ns.label, &hs[0]);

@@ -1,1 +1,287 @@
-fn main() {}
+//! `kvshelf`: the operator's command line. Parses flags, sets up logging and calls the
+//! library; all logic lives in `kvshelf::*`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use kvshelf::config::Config;
+use kvshelf::store::block_key;
+use kvshelf::{BlockHash, Dtype, Layout, Namespace, PrefixHasher, PutOutcome, RedisStore};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "kvshelf: a shared, Redis-backed shelf of attention KV blocks"
+)]
+struct Cli {
+    /// TOML config file (store settings and namespaces).
+    #[arg(long, env = "KVSHELF_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Redis URL; overrides the config file. `rediss://` for TLS, `redis://user:pass@host`
+    /// for an ACL user.
+    #[arg(
+        long = "redis",
+        env = "KVSHELF_REDIS_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    redis: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Two simulated workers share a prompt prefix through Redis: worker A puts the KV
+    /// blocks of its prompt, worker B finds and fetches the shared prefix.
+    Demo {
+        /// Tokens of the shared system prompt.
+        #[arg(long, default_value_t = 2048)]
+        shared_tokens: u32,
+    },
+    /// Prints the block hashes and Redis keys of a prompt.
+    Hash {
+        /// Namespace label from the config file.
+        namespace: String,
+        /// Comma-separated token ids.
+        #[arg(long, conflicts_with = "text")]
+        tokens: Option<String>,
+        /// Text, tokenized as UTF-8 bytes (one token per byte), for quick experiments.
+        #[arg(long)]
+        text: Option<String>,
+    },
+    /// Reads the header and TTL of a block key, without touching its TTL.
+    Inspect {
+        /// A key such as `kvshelf:v1:<label>:<hash>`.
+        key: String,
+    },
+    /// Blocks per namespace, and Redis's memory and eviction counters.
+    Stats,
+    /// Deletes every block of a namespace (SCAN + UNLINK).
+    Purge {
+        /// Namespace label.
+        label: String,
+        /// Really delete.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Keeps a block forever (PERSIST).
+    Pin { label: String, hash: String },
+    /// Gives a pinned block its TTL back.
+    Unpin { label: String, hash: String },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut cfg = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(url) = cli.redis {
+        cfg.store.url = url;
+    }
+    let store = || -> Result<RedisStore> { Ok(RedisStore::new(cfg.store.clone())?) };
+    match cli.command {
+        Command::Demo { shared_tokens } => demo(store()?, shared_tokens).await,
+        Command::Hash {
+            namespace,
+            tokens,
+            text,
+        } => {
+            let ns = cfg
+                .namespace(&namespace)
+                .with_context(|| format!("namespace {namespace:?} is not in the config file"))?;
+            let tokens: Vec<u32> = match (tokens, text) {
+                (Some(t), _) => t
+                    .split(',')
+                    .map(|x| x.trim().parse::<u32>())
+                    .collect::<Result<_, _>>()
+                    .context("--tokens takes comma-separated u32 token ids")?,
+                (None, Some(text)) => text.bytes().map(u32::from).collect(),
+                (None, None) => bail!("give --tokens or --text"),
+            };
+            let hasher = PrefixHasher::new(ns, None);
+            println!("root {}", hasher.root());
+            for (i, h) in hasher.hash_prefix(&tokens).iter().enumerate() {
+                println!("block {i} {h} {}", block_key(&ns.label, h));
+            }
+            Ok(())
+        }
+        Command::Inspect { key } => match store()?.inspect(&key).await? {
+            None => bail!("no such key: {key}"),
+            Some((header, ttl)) => {
+                println!("{}", serde_json::to_string_pretty(&header)?);
+                match ttl {
+                    Some(t) => println!("ttl: {}", humantime::format_duration(t)),
+                    None => println!("ttl: none (pinned)"),
+                }
+                Ok(())
+            }
+        },
+        Command::Stats => stats(&store()?).await,
+        Command::Purge { label, yes } => {
+            let s = store()?;
+            if !yes {
+                let n = s.count(&label).await?;
+                println!("{label}: {n} blocks would be deleted; run again with --yes");
+                return Ok(());
+            }
+            println!("{label}: {} blocks deleted", s.purge(&label).await?);
+            Ok(())
+        }
+        Command::Pin { label, hash } => {
+            let found = store()?.pin(&label, &hash.parse()?).await?;
+            println!("{}", if found { "pinned" } else { "no such block" });
+            Ok(())
+        }
+        Command::Unpin { label, hash } => {
+            let found = store()?.unpin(&label, &hash.parse()?).await?;
+            println!("{}", if found { "unpinned" } else { "no such block" });
+            Ok(())
+        }
+    }
+}
+
+async fn stats(store: &RedisStore) -> Result<()> {
+    let per_ns = store.count_by_namespace().await?;
+    println!("{:<40} {:>10}", "namespace", "blocks");
+    for (label, n) in &per_ns {
+        println!("{label:<40} {n:>10}");
+    }
+    let info = store.info("memory").await? + &store.info("stats").await?;
+    for field in [
+        "used_memory_human",
+        "maxmemory_human",
+        "maxmemory_policy",
+        "evicted_keys",
+        "expired_keys",
+    ] {
+        if let Some(v) = info
+            .lines()
+            .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        {
+            println!("{field}: {}", v.trim());
+        }
+    }
+    Ok(())
+}
+
+/// The demo's namespace: the KV shape of Qwen2.5-0.5B in bf16 (192 KiB per 16-token block).
+fn demo_namespace() -> Namespace {
+    Namespace {
+        label: "demo-qwen2.5-0.5b".into(),
+        model_id: "Qwen/Qwen2.5-0.5B-Instruct".into(),
+        model_revision: String::new(),
+        kv_dtype: Dtype::Bfloat16,
+        layout: Layout {
+            num_layers: 24,
+            num_kv_heads: 2,
+            head_dim: 64,
+            tp_size: 1,
+            tp_rank: 0,
+            order: "lkthd".into(),
+        },
+        block_size: 16,
+        lora_adapter: None,
+    }
+}
+
+/// Stand-in KV of one block: a deterministic function of the block's hash. Real workers put
+/// the tensors their prefill produced; the demo only needs bytes it can check after a fetch.
+fn synthetic_kv(ns: &Namespace, hash: &BlockHash) -> Bytes {
+    let mut state = u64::from_le_bytes(hash.0[..8].try_into().expect("8 bytes"));
+    (0..ns.block_bytes() / 8)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+async fn demo(store: RedisStore, shared_tokens: u32) -> Result<()> {
+    let ns = demo_namespace();
+    store
+        .ping()
+        .await
+        .with_context(|| format!("cannot reach Redis at {}", store.config().redacted_url()))?;
+    let hasher = PrefixHasher::new(&ns, None);
+    let system: Vec<u32> = (0..shared_tokens).map(|i| (i * 7919) % 151_936).collect();
+    let prompt = |question: u32| -> Vec<u32> {
+        let mut p = system.clone();
+        p.extend((0..100).map(|i| 100_000 + question * 1000 + i));
+        p
+    };
+
+    println!(
+        "namespace {} ({} per block of {} tokens)",
+        ns.label,
+        human(ns.block_bytes()),
+        ns.block_size
+    );
+    for (worker, question) in [("A", 1), ("B", 2)] {
+        let tokens = prompt(question);
+        let hashes = hasher.hash_prefix(&tokens);
+        let t = Instant::now();
+        let hit = store.lookup(&ns, &hashes).await?;
+        let lookup_time = t.elapsed();
+        let t = Instant::now();
+        let fetched = store.fetch_prefix(&ns, &hashes[..hit]).await?;
+        let fetch_time = t.elapsed();
+        for (block, h) in fetched.iter().zip(&hashes) {
+            if block.payload != synthetic_kv(&ns, h) {
+                bail!("fetched block {h} differs from what was put");
+            }
+        }
+        let missing: Vec<(BlockHash, Bytes)> = hashes[fetched.len()..]
+            .iter()
+            .map(|h| (*h, synthetic_kv(&ns, h)))
+            .collect();
+        let t = Instant::now();
+        let outcomes = store.put(&ns, &missing).await?;
+        let put_time = t.elapsed();
+        let stored = outcomes
+            .iter()
+            .filter(|o| **o == PutOutcome::Stored)
+            .count();
+        let bytes = fetched.len() as u64 * ns.block_bytes();
+        println!(
+            "worker {worker}: prompt {} tokens = {} full blocks; lookup {hit} hit in {lookup_time:.2?}; \
+             fetched {} blocks ({}) in {fetch_time:.2?}, verified; put {stored} new blocks in {put_time:.2?}",
+            tokens.len(),
+            hashes.len(),
+            fetched.len(),
+            human(bytes),
+        );
+    }
+    let first = block_key(&ns.label, &hasher.hash_prefix(&system)[0]);
+    println!("\nlook at it with redis-cli:");
+    println!(
+        "  redis-cli --scan --pattern 'kvshelf:v1:{}:*' | head",
+        ns.label
+    );
+    println!("  redis-cli GETRANGE {first} 0 511");
+    println!("  redis-cli PTTL {first}");
+    println!("  kvshelf purge {} --yes", ns.label);
+    Ok(())
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+    } else {
+        format!("{} KiB", bytes / 1024)
+    }
+}
