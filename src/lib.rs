@@ -49,3 +49,8 @@ pub use error::Error;
 pub use hashing::{BlockHash, PrefixHasher};
 pub use namespace::{Dtype, Layout, Namespace};
 pub use store::{PutOutcome, RedisStore, StoreConfig};
+
+/// The README's Rust example, compiled as a doctest so it stays true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

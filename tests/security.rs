@@ -1,0 +1,203 @@
+//! Redis access control and TLS: the ACL rule documented in `docs/operations.md` is enough
+//! for every store operation, a wrong password is refused, and `rediss://` works with a
+//! private CA.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use kvshelf::{PrefixHasher, StoreConfig};
+use support::{RedisServer, namespace, payload, redis_cli, store_with};
+
+/// The `ACL SETUSER kvshelf …` line of docs/operations.md, with the password replaced.
+fn documented_acl_rule(password: &str) -> Vec<String> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
+            .unwrap();
+    let line = doc
+        .lines()
+        .find(|l| l.trim_start().starts_with("ACL SETUSER kvshelf "))
+        .expect("docs/operations.md documents the ACL rule");
+    line.split_whitespace()
+        .map(|w| w.trim_matches('\''))
+        .map(|w| {
+            if w.starts_with('>') {
+                format!(">{password}")
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect()
+}
+
+async fn exercise_every_operation(cfg: StoreConfig) {
+    let s = store_with(cfg);
+    let ns = namespace("acl");
+    let tokens: Vec<u32> = (0..3 * ns.block_size).collect();
+    let hs = PrefixHasher::new(&ns, None).hash_prefix(&tokens);
+    let blocks: Vec<_> = hs.iter().map(|h| (*h, payload(&ns, 1))).collect();
+    s.ping().await.unwrap();
+    s.put(&ns, &blocks).await.unwrap();
+    assert_eq!(s.lookup(&ns, &hs).await.unwrap(), 3);
+    assert_eq!(s.fetch_prefix(&ns, &hs).await.unwrap().len(), 3);
+    assert!(s.pin(&ns.label, &hs[0]).await.unwrap());
+    assert!(s.unpin(&ns.label, &hs[0]).await.unwrap());
+    assert!(s.ttl(&ns.label, &hs[0]).await.unwrap().is_some());
+    let key = kvshelf::store::block_key(&ns.label, &hs[0]);
+    assert!(s.inspect(&key).await.unwrap().is_some());
+    assert_eq!(s.count(&ns.label).await.unwrap(), 3);
+    assert_eq!(
+        s.count_by_namespace().await.unwrap().get(&ns.label),
+        Some(&3)
+    );
+    assert!(s.info("memory").await.unwrap().contains("used_memory"));
+    assert_eq!(s.delete(&ns.label, &hs[2..]).await.unwrap(), 1);
+    assert_eq!(s.purge(&ns.label).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn the_documented_acl_rule_is_enough_and_passwords_are_checked() {
+    let server = RedisServer::start(&[]);
+    let rule = documented_acl_rule("s3cret-pw");
+    let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+    assert_eq!(
+        redis_cli(&server.url(), &args).as_deref().map(str::trim),
+        Some("OK")
+    );
+
+    let url = format!("redis://kvshelf:s3cret-pw@127.0.0.1:{}", server.port);
+    exercise_every_operation(StoreConfig {
+        url,
+        ..Default::default()
+    })
+    .await;
+
+    // The rule confines the user to kvshelf's keys and commands.
+    let user_url = format!("redis://kvshelf:s3cret-pw@127.0.0.1:{}", server.port);
+    let denied = redis_cli(&user_url, &["SET", "other:key", "x"]).unwrap_or_default();
+    assert!(denied.contains("NOPERM"), "{denied}");
+    let denied = redis_cli(&user_url, &["FLUSHALL"]).unwrap_or_default();
+    assert!(denied.contains("NOPERM"), "{denied}");
+
+    let wrong = store_with(StoreConfig {
+        url: format!("redis://kvshelf:wrong@127.0.0.1:{}", server.port),
+        reconnect_retries: 0,
+        ..Default::default()
+    });
+    let err = wrong.ping().await.unwrap_err();
+    assert!(!err.is_caller_error(), "{err}");
+    assert!(
+        !format!("{err}").contains("wrong"),
+        "the password never shows in errors"
+    );
+}
+
+/// A private CA and a server certificate for 127.0.0.1, made with the openssl CLI.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for the TLS test")
+            .status
+            .success();
+        assert!(ok, "openssl {args:?} failed");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kvshelf test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+#[tokio::test]
+async fn rediss_urls_work_with_a_private_ca() {
+    let dir = std::env::temp_dir().join(format!("kvshelf-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir);
+    let port = support::free_port();
+    let p = |f: &str| dir.join(f).display().to_string();
+    let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
+    let server = RedisServer::start_on(
+        support::free_port(),
+        &[
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let tls = |ca_file: Option<&str>| StoreConfig {
+        url: format!("rediss://127.0.0.1:{port}"),
+        tls_ca_file: ca_file.map(Into::into),
+        reconnect_retries: 0,
+        connection_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    exercise_every_operation(tls(Some(&ca))).await;
+
+    // Without our CA the server's certificate is not trusted: the connection is refused.
+    assert!(store_with(tls(None)).ping().await.is_err());
+    // Plain-text Redis protocol on the TLS port does not work either.
+    let plain = store_with(StoreConfig {
+        url: format!("redis://127.0.0.1:{port}"),
+        reconnect_retries: 0,
+        response_timeout: Duration::from_millis(500),
+        ..Default::default()
+    });
+    assert!(plain.ping().await.is_err());
+    drop(server);
+}
