@@ -5,6 +5,15 @@
 //! url = "redis://127.0.0.1:6379"
 //! ttl = "1h"
 //!
+//! [server]
+//! listen = "0.0.0.0:7070"
+//! l1_bytes = 1073741824
+//!
+//! [[tenants]]
+//! name = "team-a"
+//! token = "a-secret-token"
+//! salt = "team-a-salt"
+//!
 //! [[namespaces]]
 //! label = "qwen2.5-0.5b"
 //! model_id = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -15,7 +24,9 @@
 //!
 //! Flags and environment variables override the file (see `kvshelf --help`).
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,10 +38,105 @@ use crate::store::StoreConfig;
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Where blocks live. Default: see [`StoreConfig`].
-    pub store: StoreConfig,
-    /// The namespaces this deployment serves. Default: none.
+    /// Redis. Default: none, and `kvshelf serve` then runs on the embedded in-process store
+    /// (not shared across hosts, not kept across restarts).
+    pub store: Option<StoreConfig>,
+    /// The sidecar's listener, timeouts, limits and tiers. Default: see [`ServerConfig`].
+    pub server: ServerConfig,
+    /// The namespaces this deployment serves. Default: none (`kvshelf serve` then serves a
+    /// small `demo` namespace, and says so).
     pub namespaces: Vec<Namespace>,
+    /// API tokens. Default: none, and the API is open with no tenant salt. With any token
+    /// configured, every `/v1` request and RPC needs one.
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// One API token and the tenant it stands for.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// The bearer token (`Authorization: Bearer <token>`). Never logged.
+    pub token: String,
+    /// Salt mixed into this tenant's hash root, so its blocks are invisible to others.
+    /// Default: none (shares blocks with every unsalted tenant).
+    #[serde(default)]
+    pub salt: Option<String>,
+    /// May purge namespaces. Default: false.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl std::fmt::Debug for TenantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantConfig")
+            .field("name", &self.name)
+            .field("token", &"***")
+            .field("salt", &self.salt.as_ref().map(|_| "***"))
+            .field("admin", &self.admin)
+            .finish()
+    }
+}
+
+/// The sidecar's own settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address for HTTP and gRPC (one port). Default: `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// Longest a lookup waits for the backend before answering "miss". Default: 100ms.
+    #[serde(with = "humantime_serde")]
+    pub lookup_timeout: Duration,
+    /// Longest a fetch waits for the backend for one chunk of blocks before ending the
+    /// stream as a miss. Default: 100ms.
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Longest a synchronous put waits for the backend before the blocks count as
+    /// dropped. Default: 2s.
+    #[serde(with = "humantime_serde")]
+    pub put_timeout: Duration,
+    /// Blocks are read from the backend in chunks of about this many bytes, so a fetch's
+    /// memory stays bounded whatever its length. Default: 8 MiB.
+    pub fetch_chunk_bytes: u64,
+    /// Largest request body. Default: 256 MiB.
+    pub max_body_bytes: u64,
+    /// Most blocks one request may name. Default: 4096.
+    pub max_blocks_per_request: usize,
+    /// Requests served at once; more get 429 / RESOURCE_EXHAUSTED. Default: 256.
+    pub max_concurrent_requests: usize,
+    /// Byte bound of the L1 tier (0 turns it off). Default: 1 GiB.
+    pub l1_bytes: u64,
+    /// Longest an L1 entry lives (never longer than the block's TTL in Redis). Default: 30s.
+    #[serde(with = "humantime_serde")]
+    pub l1_max_ttl: Duration,
+    /// Byte bound of the asynchronous put queue; puts beyond it are dropped. Default: 256 MiB.
+    pub put_queue_bytes: u64,
+    /// Byte bound of the embedded store, when no Redis is configured. Default: 1 GiB.
+    pub memory_store_bytes: u64,
+    /// On SIGTERM, how long in-flight requests and queued puts get to finish. Default: 30s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            lookup_timeout: Duration::from_millis(100),
+            fetch_timeout: Duration::from_millis(100),
+            put_timeout: Duration::from_secs(2),
+            fetch_chunk_bytes: 8 << 20,
+            max_body_bytes: 256 << 20,
+            max_blocks_per_request: 4096,
+            max_concurrent_requests: 256,
+            l1_bytes: 1 << 30,
+            l1_max_ttl: Duration::from_secs(30),
+            put_queue_bytes: 256 << 20,
+            memory_store_bytes: 1 << 30,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Config {
@@ -48,8 +154,17 @@ impl Config {
         Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
-    /// Checks every namespace, and that no label is used twice.
+    /// Checks every namespace, and that no label or token is used twice.
     pub fn validate(&self) -> Result<(), Error> {
+        let mut tokens = std::collections::HashSet::new();
+        for t in &self.tenants {
+            if t.token.is_empty() || !tokens.insert(&t.token) {
+                return Err(Error::Config(format!(
+                    "tenant {:?}: tokens must be non-empty and unique",
+                    t.name
+                )));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for ns in &self.namespaces {
             ns.validate()?;
@@ -72,7 +187,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn the_module_doc_example_parses() {
@@ -86,7 +200,11 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let cfg = Config::from_toml(&example).unwrap();
-        assert_eq!(cfg.store.ttl, Duration::from_secs(3600));
+        assert_eq!(cfg.store.unwrap().ttl, Duration::from_secs(3600));
+        assert_eq!(cfg.server.listen.port(), 7070);
+        assert_eq!(cfg.server.lookup_timeout, Duration::from_millis(100));
+        assert_eq!(cfg.tenants[0].salt.as_deref(), Some("team-a-salt"));
+        assert!(!format!("{:?}", cfg.tenants).contains("a-secret-token"));
         let ns = cfg.namespace("qwen2.5-0.5b").unwrap();
         assert_eq!(ns.block_bytes(), 192 * 1024);
         assert_eq!(ns.layout.order, "lkthd");

@@ -13,7 +13,14 @@
 //! | [`codec`] | the stored block: text header + raw tensor bytes, checksum (`docs/format.md`) |
 //! | [`store`] | Redis: key schema, write-once puts with TTL, gets, lookup, pin, purge |
 //! | [`error`] | the one classified error type |
-//! | `config` | the TOML configuration of the `kvshelf` binary (feature `cli`) |
+//! | [`frame`] | the framed binary stream that carries batches of blocks over HTTP |
+//! | `l1` | the byte-bounded in-process tier in front of the backend, single-flight loads |
+//! | `memory` | the embedded in-process store (no Redis) |
+//! | `backend` | Redis or the embedded store, behind one enum |
+//! | `shelf` | the sidecar's transport-agnostic core: tenants, fail-open, limits, put queue |
+//! | `server` | thin HTTP (axum) and gRPC (tonic) adapters on one port, health, metrics |
+//! | `client` | the Rust client workers use to call the sidecar (feature `client`) |
+//! | `config` | the TOML configuration of the sidecar (feature `server`) |
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kvshelf::Error> {
@@ -27,6 +34,7 @@
 //!                      order: "lkthd".into() },
 //!     block_size: 16,
 //!     lora_adapter: None,
+//!     ttl: None,
 //! };
 //! let hashes = PrefixHasher::new(&ns, None).hash_prefix(&[1, 2, 3 /* prompt token ids */]);
 //! let store = RedisStore::connect(StoreConfig::default()).await?;
@@ -36,12 +44,25 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "server")]
+pub mod backend;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod codec;
-#[cfg(feature = "cli")]
+#[cfg(feature = "server")]
 pub mod config;
 pub mod error;
+pub mod frame;
 pub mod hashing;
+#[cfg(feature = "server")]
+pub mod l1;
+#[cfg(feature = "server")]
+pub mod memory;
 pub mod namespace;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod shelf;
 pub mod store;
 
 pub use codec::{Block, CodecError, Header};
@@ -54,3 +75,10 @@ pub use store::{PutOutcome, RedisStore, StoreConfig};
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// The gRPC messages and service generated from `proto/kvshelf/v1/shelf.proto`.
+#[cfg(feature = "grpc")]
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("kvshelf.v1");
+}

@@ -226,6 +226,14 @@ pub struct Namespace {
     /// LoRA adapter id whose KV this is; `None` for the base model. Default: none.
     #[serde(default)]
     pub lora_adapter: Option<String>,
+    /// Time to live of this namespace's blocks, overriding the store's. Not hashed: it says
+    /// how long blocks are kept, not what they are. Default: none (the store's TTL).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ttl: Option<std::time::Duration>,
 }
 
 fn default_block_size() -> u32 {
@@ -303,6 +311,7 @@ pub(crate) mod tests {
             },
             block_size: 16,
             lora_adapter: None,
+            ttl: None,
         }
     }
 

@@ -134,6 +134,38 @@ pub enum PutOutcome {
     AlreadyPresent,
 }
 
+/// What a sidecar did with one block of a put.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PutResult {
+    /// Written.
+    Stored,
+    /// Already on the shelf: the first writer's bytes stay.
+    AlreadyPresent,
+    /// Accepted into the asynchronous queue.
+    Queued,
+    /// Not stored: the queue was full or the backend unavailable (counted).
+    Dropped,
+}
+
+impl From<PutOutcome> for PutResult {
+    fn from(o: PutOutcome) -> PutResult {
+        match o {
+            PutOutcome::Stored => PutResult::Stored,
+            PutOutcome::AlreadyPresent => PutResult::AlreadyPresent,
+        }
+    }
+}
+
+/// A block read from the store, and how long it has left there (`None`: pinned, no TTL).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hit {
+    /// The verified block.
+    pub block: Block,
+    /// Time to live left in the store after this read.
+    pub ttl: Option<Duration>,
+}
+
 /// A handle to the Redis store. Cheap to clone: clones share one multiplexed connection,
 /// which reconnects by itself after Redis restarts.
 #[derive(Clone)]
@@ -179,6 +211,11 @@ impl RedisStore {
         &self.cfg
     }
 
+    /// The TTL of blocks of `ns`: its own, else the store's.
+    pub fn ttl_of(&self, ns: &Namespace) -> Duration {
+        ns.ttl.unwrap_or(self.cfg.ttl)
+    }
+
     /// Checks that Redis answers.
     pub async fn ping(&self) -> Result<(), Error> {
         let _: String = self.run(redis::pipe().cmd("PING")).await.map(one)?;
@@ -195,25 +232,11 @@ impl RedisStore {
         blocks: &[(BlockHash, Bytes)],
     ) -> Result<Vec<PutOutcome>, Error> {
         ns.validate()?;
-        let want = ns.block_bytes();
-        if let Some((i, (_, p))) = blocks
-            .iter()
-            .enumerate()
-            .find(|(_, (_, p))| p.len() as u64 != want)
-        {
-            return Err(Error::InvalidInput(format!(
-                "block {i} has {} bytes of payload; one block of namespace {:?} is {want} bytes \
-                 ({} x {:?})",
-                p.len(),
-                ns.label,
-                ns.kv_dtype,
-                ns.block_shape()
-            )));
-        }
+        check_payloads(ns, blocks)?;
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
-        let ttl_ms = ttl_millis(self.cfg.ttl);
+        let ttl_ms = ttl_millis(self.ttl_of(ns));
         let mut pipe = redis::pipe();
         for (hash, payload) in blocks {
             let value = codec::encode(&Header::for_block(ns, hash, payload), payload);
@@ -236,17 +259,17 @@ impl RedisStore {
 
     /// Gets blocks of `ns` by hash in one pipeline; `None` where a block is missing or was
     /// found bad (and deleted). A hit refreshes the TTL when `sliding_ttl` is on, without
-    /// unpinning pinned blocks.
+    /// unpinning pinned blocks, and reports the TTL the block has left.
     pub async fn get(
         &self,
         ns: &Namespace,
         hashes: &[BlockHash],
-    ) -> Result<Vec<Option<Block>>, Error> {
+    ) -> Result<Vec<Option<Hit>>, Error> {
         ns.validate()?;
         if hashes.is_empty() {
             return Ok(Vec::new());
         }
-        let ttl_ms = ttl_millis(self.cfg.ttl);
+        let ttl_ms = ttl_millis(self.ttl_of(ns));
         let mut pipe = redis::pipe();
         for hash in hashes {
             let key = block_key(&ns.label, hash);
@@ -255,13 +278,29 @@ impl RedisStore {
                 // XX: only keys that already have an expiry, so a pinned block stays pinned.
                 pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("XX").ignore();
             }
+            pipe.cmd("PTTL").arg(&key);
         }
-        let values: Vec<Option<Bytes>> = self.run(&pipe).await?;
-        let mut out = Vec::with_capacity(values.len());
+        let replies: Vec<redis::Value> = self.run(&pipe).await?;
+        let mut out = Vec::with_capacity(hashes.len());
         let mut bad = Vec::new();
-        for (hash, value) in hashes.iter().zip(values) {
+        let mut replies = replies.into_iter();
+        for hash in hashes {
+            let (value, pttl) = (replies.next(), replies.next());
+            let value: Option<Bytes> = value
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(redis::RedisError::from)?
+                .flatten();
+            let pttl: i64 = pttl
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(redis::RedisError::from)?
+                .unwrap_or(-2);
             out.push(match value.map(|v| verify(ns, hash, v)) {
-                Some(Ok(block)) => Some(block),
+                Some(Ok(block)) => Some(Hit {
+                    block,
+                    ttl: (pttl >= 0).then(|| Duration::from_millis(pttl as u64)),
+                }),
                 Some(Err(e)) => {
                     bad.push((hash, e));
                     None
@@ -283,7 +322,7 @@ impl RedisStore {
         hashes: &[BlockHash],
     ) -> Result<Vec<Block>, Error> {
         let got = self.get(ns, hashes).await?;
-        Ok(got.into_iter().map_while(|b| b).collect())
+        Ok(got.into_iter().map_while(|h| h.map(|h| h.block)).collect())
     }
 
     /// How many leading blocks of `hashes` are on the shelf, counted from the first with no
@@ -324,13 +363,22 @@ impl RedisStore {
         Ok(exists)
     }
 
-    /// Gives a pinned block back its TTL. Returns whether the block exists.
+    /// Gives a pinned block back the store's TTL. Returns whether the block exists.
     pub async fn unpin(&self, label: &str, hash: &BlockHash) -> Result<bool, Error> {
+        self.unpin_with(label, hash, self.cfg.ttl).await
+    }
+
+    /// Gives a pinned block back a TTL of `ttl`. Returns whether the block exists.
+    pub async fn unpin_with(
+        &self,
+        label: &str,
+        hash: &BlockHash,
+        ttl: Duration,
+    ) -> Result<bool, Error> {
         validate_label(label)?;
         let key = block_key(label, hash);
-        let ttl_ms = ttl_millis(self.cfg.ttl);
         let existed: bool = self
-            .run(redis::pipe().cmd("PEXPIRE").arg(&key).arg(ttl_ms))
+            .run(redis::pipe().cmd("PEXPIRE").arg(&key).arg(ttl_millis(ttl)))
             .await
             .map(one)?;
         Ok(existed)
@@ -479,10 +527,7 @@ impl RedisStore {
     async fn discard_bad(&self, ns: &Namespace, bad: &[(&BlockHash, codec::CodecError)]) {
         let keys: Vec<String> = bad.iter().map(|(h, _)| block_key(&ns.label, h)).collect();
         for (hash, err) in bad {
-            metrics::counter!("kvshelf_store_corrupt_blocks_total", "reason" => err.kind())
-                .increment(1);
-            tracing::warn!(namespace = %ns.label, block = %hash, error = %err,
-                "bad block on the shelf: deleting it and answering a miss");
+            count_bad(ns, hash, err);
         }
         let res: Result<u64, Error> = self
             .run(redis::pipe().cmd("UNLINK").arg(&keys))
@@ -518,7 +563,35 @@ fn one<T>(v: (T,)) -> T {
     v.0
 }
 
-fn verify(ns: &Namespace, hash: &BlockHash, value: Bytes) -> Result<Block, codec::CodecError> {
+/// Every payload must be exactly one block of the namespace's shape and dtype.
+pub(crate) fn check_payloads(ns: &Namespace, blocks: &[(BlockHash, Bytes)]) -> Result<(), Error> {
+    let want = ns.block_bytes();
+    match blocks.iter().position(|(_, p)| p.len() as u64 != want) {
+        None => Ok(()),
+        Some(i) => Err(Error::InvalidInput(format!(
+            "block {i} has {} bytes of payload; one block of namespace {:?} is {want} bytes \
+             ({} x {:?})",
+            blocks[i].1.len(),
+            ns.label,
+            ns.kv_dtype,
+            ns.block_shape()
+        ))),
+    }
+}
+
+/// Counts and logs a bad block found on the shelf.
+pub(crate) fn count_bad(ns: &Namespace, hash: &BlockHash, err: &codec::CodecError) {
+    metrics::counter!("kvshelf_store_corrupt_blocks_total", "reason" => err.kind()).increment(1);
+    tracing::warn!(namespace = %ns.label, block = %hash, error = %err,
+        "bad block on the shelf: deleting it and answering a miss");
+}
+
+/// Decodes a stored value and checks it is the block `ns` asked for under `hash`.
+pub(crate) fn verify(
+    ns: &Namespace,
+    hash: &BlockHash,
+    value: Bytes,
+) -> Result<Block, codec::CodecError> {
     let block = codec::decode(value)?;
     block.header.check(ns, hash)?;
     Ok(block)

@@ -41,6 +41,7 @@ fn ns(model: &str, dtype: Dtype, block_size: u32) -> Namespace {
         },
         block_size,
         lora_adapter: None,
+        ttl: None,
     }
 }
 

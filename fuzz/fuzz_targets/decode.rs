@@ -13,7 +13,9 @@
 #![no_main]
 
 use bytes::Bytes;
-use kvshelf::codec::{self, CodecError, HEADER_ALIGN, MAX_HEADER_LEN, MAX_PAYLOAD_LEN, PREAMBLE_LEN};
+use kvshelf::codec::{
+    self, CodecError, HEADER_ALIGN, MAX_HEADER_LEN, MAX_PAYLOAD_LEN, PREAMBLE_LEN,
+};
 use kvshelf::{BlockHash, Dtype, Header, Layout, Namespace};
 use libfuzzer_sys::fuzz_target;
 
@@ -34,6 +36,7 @@ fn sample_namespace() -> Namespace {
         },
         block_size: 16,
         lora_adapter: None,
+        ttl: None,
     }
 }
 
@@ -120,11 +123,16 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(b2.header, block.header, "re-encoded header differs");
                     assert_eq!(b2.payload, block.payload, "re-encoded payload differs");
                 }
-                Err(e) => panic!(
-                    "re-encoding a decoded block gives a value that does not decode: {e}\n\
-                     re-encoded header: {:?}",
-                    String::from_utf8_lossy(&block.header.encode())
-                ),
+                Err(e) => {
+                    let head = block.header.encode();
+                    panic!(
+                        "re-encoding a decoded block gives a value that does not decode: {e}\n\
+                         input header: {head_len} bytes, re-encoded header: {} bytes, \
+                         starting {:?}",
+                        head.len(),
+                        String::from_utf8_lossy(&head[..head.len().min(96)])
+                    )
+                }
             }
         }
         Err(e) => {

@@ -35,6 +35,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs the sidecar: HTTP and gRPC on one port, L1 in front of Redis. Without a Redis
+    /// URL it runs on an in-process store (not shared, not persistent) for trying it out.
+    Serve {
+        /// Address to listen on (HTTP and gRPC).
+        #[arg(long, env = "KVSHELF_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Two simulated workers share a prompt prefix through Redis: worker A puts the KV
     /// blocks of its prompt, worker B finds and fetches the shared prefix.
     Demo {
@@ -88,10 +95,17 @@ async fn main() -> Result<()> {
         None => Config::default(),
     };
     if let Some(url) = cli.redis {
-        cfg.store.url = url;
+        cfg.store.get_or_insert_with(Default::default).url = url;
     }
-    let store = || -> Result<RedisStore> { Ok(RedisStore::new(cfg.store.clone())?) };
+    let store_cfg = cfg.store.clone().unwrap_or_default();
+    let store = || -> Result<RedisStore> { Ok(RedisStore::new(store_cfg.clone())?) };
     match cli.command {
+        Command::Serve { listen } => {
+            if let Some(addr) = listen {
+                cfg.server.listen = addr;
+            }
+            serve(cfg).await
+        }
         Command::Demo { shared_tokens } => demo(store()?, shared_tokens).await,
         Command::Hash {
             namespace,
@@ -152,6 +166,60 @@ async fn main() -> Result<()> {
     }
 }
 
+async fn serve(cfg: Config) -> Result<()> {
+    let shelf = kvshelf::shelf::Shelf::new(&cfg)?;
+    match &cfg.store {
+        Some(store) => {
+            tracing::info!(redis = %store.redacted_url(), ttl = ?store.ttl, "backend: redis")
+        }
+        None => tracing::warn!(
+            "NO REDIS CONFIGURED: serving from an in-process store. Blocks are NOT shared with \
+             other hosts or sidecars and are LOST on restart. Set --redis / KVSHELF_REDIS_URL \
+             (or [store] url in the config file) to run kvshelf for real."
+        ),
+    }
+    if cfg.namespaces.is_empty() {
+        tracing::warn!(
+            "no namespaces configured: serving only the built-in `demo` namespace (2 KiB blocks)"
+        );
+    }
+    for ns in shelf.namespaces() {
+        tracing::info!(namespace = %ns.label, model = %ns.model_id, dtype = %ns.kv_dtype,
+            block_size = ns.block_size, block_bytes = ns.block_bytes, "namespace");
+    }
+    tracing::info!(tenants = cfg.tenants.len(), server = ?cfg.server, "configuration");
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "kvshelf serving HTTP and gRPC");
+    kvshelf::server::run(listener, shelf, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: draining in-flight requests and queued puts");
+}
+
 async fn stats(store: &RedisStore) -> Result<()> {
     let per_ns = store.count_by_namespace().await?;
     println!("{:<40} {:>10}", "namespace", "blocks");
@@ -193,6 +261,7 @@ fn demo_namespace() -> Namespace {
         },
         block_size: 16,
         lora_adapter: None,
+        ttl: None,
     }
 }
 

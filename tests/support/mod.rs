@@ -160,6 +160,7 @@ pub fn namespace(test: &str) -> Namespace {
         },
         block_size: 4,
         lora_adapter: None,
+        ttl: None,
     }
 }
 

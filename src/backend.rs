@@ -1,0 +1,117 @@
+//! The system of record behind a sidecar: Redis, or the embedded in-process store.
+//!
+//! An enum rather than a trait object: there are exactly two, both are ours, and a match
+//! keeps the async code free of boxed futures.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::Error;
+use crate::hashing::BlockHash;
+use crate::memory::MemoryStore;
+use crate::namespace::Namespace;
+use crate::store::{Hit, PutOutcome, RedisStore};
+
+/// Where blocks live.
+#[derive(Debug)]
+pub enum Backend {
+    /// Redis (or Redis Cluster): shared across hosts, the system of record.
+    Redis(RedisStore),
+    /// In this process only: for trying kvshelf out without Redis.
+    Memory(MemoryStore),
+}
+
+impl Backend {
+    /// `"redis"` or `"memory"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Redis(_) => "redis",
+            Backend::Memory(_) => "memory",
+        }
+    }
+
+    /// Checks that the backend answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        match self {
+            Backend::Redis(r) => r.ping().await,
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
+    /// Write-once put of full blocks.
+    pub async fn put(
+        &self,
+        ns: &Namespace,
+        blocks: &[(BlockHash, Bytes)],
+    ) -> Result<Vec<PutOutcome>, Error> {
+        match self {
+            Backend::Redis(r) => r.put(ns, blocks).await,
+            Backend::Memory(m) => m.put(ns, blocks),
+        }
+    }
+
+    /// Verified reads, sliding the TTL of hits.
+    pub async fn get(
+        &self,
+        ns: &Namespace,
+        hashes: &[BlockHash],
+    ) -> Result<Vec<Option<Hit>>, Error> {
+        match self {
+            Backend::Redis(r) => r.get(ns, hashes).await,
+            Backend::Memory(m) => m.get(ns, hashes),
+        }
+    }
+
+    /// Leading blocks present, in one round trip.
+    pub async fn lookup(&self, ns: &Namespace, hashes: &[BlockHash]) -> Result<usize, Error> {
+        match self {
+            Backend::Redis(r) => r.lookup(ns, hashes).await,
+            Backend::Memory(m) => m.lookup(ns, hashes),
+        }
+    }
+
+    /// Deletes blocks; returns how many existed.
+    pub async fn delete(&self, label: &str, hashes: &[BlockHash]) -> Result<u64, Error> {
+        match self {
+            Backend::Redis(r) => r.delete(label, hashes).await,
+            Backend::Memory(m) => m.delete(label, hashes),
+        }
+    }
+
+    /// Keeps a block forever; returns whether it exists.
+    pub async fn pin(&self, label: &str, hash: &BlockHash) -> Result<bool, Error> {
+        match self {
+            Backend::Redis(r) => r.pin(label, hash).await,
+            Backend::Memory(m) => m.set_expiry(label, hash, None),
+        }
+    }
+
+    /// Gives a pinned block back the TTL of `ns`; returns whether it exists.
+    pub async fn unpin(&self, ns: &Namespace, hash: &BlockHash) -> Result<bool, Error> {
+        match self {
+            Backend::Redis(r) => r.unpin_with(&ns.label, hash, r.ttl_of(ns)).await,
+            Backend::Memory(m) => m.set_expiry(&ns.label, hash, Some(m.default_ttl(Some(ns)))),
+        }
+    }
+
+    /// Time to live left: `None` missing, `Some(None)` pinned.
+    pub async fn ttl(
+        &self,
+        label: &str,
+        hash: &BlockHash,
+    ) -> Result<Option<Option<Duration>>, Error> {
+        match self {
+            Backend::Redis(r) => r.ttl(label, hash).await,
+            Backend::Memory(m) => m.ttl(label, hash),
+        }
+    }
+
+    /// Deletes every block of a namespace; returns how many.
+    pub async fn purge(&self, label: &str) -> Result<u64, Error> {
+        match self {
+            Backend::Redis(r) => r.purge(label).await,
+            Backend::Memory(m) => m.purge(label),
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! The Rust client workers use to call a kvshelf sidecar, over HTTP or gRPC.
+//!
+//! One [`Client`] holds one connection pool (HTTP keep-alive, or one multiplexed HTTP/2
+//! channel for gRPC) and is cheap to clone; create it once per worker. Every call has a
+//! timeout. The two protocols have the same methods and the same semantics.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvshelf::client::ClientError> {
+//! use kvshelf::client::{Client, ClientConfig, Protocol};
+//! let shelf = Client::new(ClientConfig {
+//!     url: "http://127.0.0.1:7070".into(),
+//!     protocol: Protocol::Grpc,
+//!     ..Default::default()
+//! })?;
+//! let prompt: Vec<u32> = vec![/* token ids */];
+//! let found = shelf.lookup_tokens("qwen2.5-0.5b", &prompt, true).await?;
+//! let fetched = shelf.fetch("qwen2.5-0.5b", &found.block_hashes[..found.hit_blocks]).await?;
+//! // prefill from token fetched.blocks.len() * block_size on, then put the new blocks
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use crate::frame::{self, Decoder, EndReason, Frame};
+use crate::hashing::BlockHash;
+use crate::proto;
+use crate::store::PutResult;
+
+/// Which protocol to speak.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 with JSON and the framed binary stream. Default.
+    #[default]
+    Http,
+    /// gRPC over HTTP/2.
+    Grpc,
+}
+
+/// How to reach the sidecar.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Base URL, for example `http://127.0.0.1:7070`. Default: that.
+    pub url: String,
+    /// Default: HTTP.
+    pub protocol: Protocol,
+    /// Bearer token, when the sidecar has tokens configured. Default: none.
+    pub token: Option<String>,
+    /// Longest a whole call may take. Default: 30s.
+    pub timeout: Duration,
+    /// Longest connecting may take. Default: 1s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            url: "http://127.0.0.1:7070".into(),
+            protocol: Protocol::Http,
+            token: None,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What can go wrong calling the sidecar.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The sidecar refused the request; `code` is the API's stable error code.
+    #[error("{code}: {message}")]
+    Api {
+        /// Stable machine-readable code (`docs/api.md`).
+        code: String,
+        /// Human-readable message.
+        message: String,
+    },
+    /// The sidecar could not be reached, or the call timed out.
+    #[error("transport: {0}")]
+    Transport(String),
+    /// The sidecar answered something this client does not understand.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// The answer to a lookup.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Lookup {
+    /// Leading blocks on the shelf.
+    pub hit_blocks: usize,
+    /// `hit_blocks × block_size`.
+    pub hit_tokens: usize,
+    /// The request's block hashes (computed by the sidecar when tokens were sent).
+    pub block_hashes: Vec<BlockHash>,
+    /// False when the backend did not answer in time (the answer is then a miss).
+    pub backend_ok: bool,
+}
+
+/// The result of a fetch: the leading run of blocks the sidecar returned, and why it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    /// Blocks in request order, from the first.
+    pub blocks: Vec<(BlockHash, Bytes)>,
+    /// Why the run ended.
+    pub reason: EndReason,
+}
+
+#[derive(Clone, Debug)]
+enum Transport {
+    Http { http: reqwest::Client, base: String },
+    Grpc(proto::shelf_client::ShelfClient<tonic::transport::Channel>),
+}
+
+/// A client of one sidecar. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    transport: Transport,
+    token: Option<String>,
+}
+
+fn transport_err(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Transport(e.to_string())
+}
+
+fn from_status(s: tonic::Status) -> ClientError {
+    match s
+        .metadata()
+        .get("kvshelf-error")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(code) => ClientError::Api {
+            code: code.to_owned(),
+            message: s.message().to_owned(),
+        },
+        None => ClientError::Transport(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+fn hash_of(b: &[u8]) -> Result<BlockHash, ClientError> {
+    <[u8; 32]>::try_from(b)
+        .map(BlockHash)
+        .map_err(|_| ClientError::Protocol("a block hash is not 32 bytes".into()))
+}
+
+impl Client {
+    /// A client for `cfg`. Connects lazily, on the first call.
+    pub fn new(cfg: ClientConfig) -> Result<Client, ClientError> {
+        let transport = match cfg.protocol {
+            Protocol::Http => Transport::Http {
+                http: reqwest::Client::builder()
+                    .timeout(cfg.timeout)
+                    .connect_timeout(cfg.connect_timeout)
+                    .tcp_nodelay(true)
+                    .build()
+                    .map_err(transport_err)?,
+                base: cfg.url.trim_end_matches('/').to_owned(),
+            },
+            Protocol::Grpc => {
+                let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())
+                    .map_err(transport_err)?
+                    .timeout(cfg.timeout)
+                    .connect_timeout(cfg.connect_timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                Transport::Grpc(
+                    proto::shelf_client::ShelfClient::new(channel)
+                        .max_decoding_message_size(usize::MAX)
+                        .max_encoding_message_size(usize::MAX),
+                )
+            }
+        };
+        Ok(Client {
+            transport,
+            token: cfg.token,
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = &self.token {
+            let value = format!("Bearer {t}").parse().expect("tokens are ascii");
+            req.metadata_mut().insert("authorization", value);
+        }
+        req
+    }
+
+    async fn http_send(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let rb = match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        };
+        let resp = rb.send().await.map_err(transport_err)?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        #[derive(Deserialize)]
+        struct ErrorBody {
+            error: String,
+            message: String,
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(transport_err)?;
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => Err(ClientError::Api {
+                code: e.error,
+                message: e.message,
+            }),
+            Err(_) => Err(ClientError::Protocol(format!(
+                "HTTP {status} without an error body"
+            ))),
+        }
+    }
+
+    async fn http_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> Result<T, ClientError> {
+        let Transport::Http { http, base } = &self.transport else {
+            unreachable!("http_json is only called on HTTP clients")
+        };
+        let resp = self
+            .http_send(http.post(format!("{base}{path}")).json(&body))
+            .await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Block hashes of every full block of `tokens` (with this token's tenant salt).
+    pub async fn hash(
+        &self,
+        namespace: &str,
+        tokens: &[u32],
+    ) -> Result<Vec<BlockHash>, ClientError> {
+        match &self.transport {
+            Transport::Http { .. } => {
+                #[derive(Deserialize)]
+                struct R {
+                    block_hashes: Vec<BlockHash>,
+                }
+                let r: R = self
+                    .http_json(
+                        "/v1/hash",
+                        serde_json::json!({ "namespace": namespace, "tokens": tokens }),
+                    )
+                    .await?;
+                Ok(r.block_hashes)
+            }
+            Transport::Grpc(c) => {
+                let req = self.request(proto::HashRequest {
+                    namespace: namespace.into(),
+                    tokens: tokens.to_vec(),
+                    extra_keys: vec![],
+                });
+                let r = c.clone().hash(req).await.map_err(from_status)?.into_inner();
+                r.block_hashes.iter().map(|b| hash_of(b)).collect()
+            }
+        }
+    }
+
+    /// How many leading blocks of the prompt `tokens` are on the shelf; `warm` also reads
+    /// them into the sidecar's L1.
+    pub async fn lookup_tokens(
+        &self,
+        namespace: &str,
+        tokens: &[u32],
+        warm: bool,
+    ) -> Result<Lookup, ClientError> {
+        self.lookup(namespace, Some(tokens), None, warm).await
+    }
+
+    /// How many leading blocks of `hashes` are on the shelf.
+    pub async fn lookup_hashes(
+        &self,
+        namespace: &str,
+        hashes: &[BlockHash],
+        warm: bool,
+    ) -> Result<Lookup, ClientError> {
+        self.lookup(namespace, None, Some(hashes), warm).await
+    }
+
+    async fn lookup(
+        &self,
+        namespace: &str,
+        tokens: Option<&[u32]>,
+        hashes: Option<&[BlockHash]>,
+        warm: bool,
+    ) -> Result<Lookup, ClientError> {
+        match &self.transport {
+            Transport::Http { .. } => {
+                let mut body = serde_json::json!({ "namespace": namespace, "warm": warm });
+                if let Some(t) = tokens {
+                    body["tokens"] = serde_json::json!(t);
+                }
+                if let Some(h) = hashes {
+                    body["block_hashes"] = serde_json::json!(h);
+                }
+                self.http_json("/v1/lookup", body).await
+            }
+            Transport::Grpc(c) => {
+                let req = self.request(proto::LookupRequest {
+                    namespace: namespace.into(),
+                    tokens: tokens.unwrap_or_default().to_vec(),
+                    extra_keys: vec![],
+                    block_hashes: hashes
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|h| Bytes::copy_from_slice(&h.0))
+                        .collect(),
+                    warm,
+                });
+                let r = c
+                    .clone()
+                    .lookup(req)
+                    .await
+                    .map_err(from_status)?
+                    .into_inner();
+                Ok(Lookup {
+                    hit_blocks: r.hit_blocks as usize,
+                    hit_tokens: r.hit_tokens as usize,
+                    block_hashes: r
+                        .block_hashes
+                        .iter()
+                        .map(|b| hash_of(b))
+                        .collect::<Result<_, _>>()?,
+                    backend_ok: r.backend_ok,
+                })
+            }
+        }
+    }
+
+    /// Fetches the leading run of `hashes` the sidecar can serve.
+    pub async fn fetch(
+        &self,
+        namespace: &str,
+        hashes: &[BlockHash],
+    ) -> Result<Fetched, ClientError> {
+        let mut blocks = Vec::with_capacity(hashes.len());
+        let mut end = None;
+        match &self.transport {
+            Transport::Http { http, base } => {
+                let body = serde_json::json!({ "namespace": namespace, "block_hashes": hashes });
+                let resp = self
+                    .http_send(http.post(format!("{base}/v1/fetch")).json(&body))
+                    .await?;
+                let mut stream = resp.bytes_stream();
+                let mut decoder = Decoder::new(u64::MAX);
+                while let Some(chunk) = stream.next().await {
+                    decoder.feed(&chunk.map_err(transport_err)?);
+                    while let Some(f) = decoder
+                        .next_frame()
+                        .map_err(|e| ClientError::Protocol(e.to_string()))?
+                    {
+                        match f {
+                            Frame::Block { hash, payload, .. } => blocks.push((hash, payload)),
+                            Frame::End { reason, .. } => end = Some(reason),
+                        }
+                    }
+                }
+                decoder
+                    .finish()
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            }
+            Transport::Grpc(c) => {
+                let req = self.request(proto::FetchRequest {
+                    namespace: namespace.into(),
+                    block_hashes: hashes
+                        .iter()
+                        .map(|h| Bytes::copy_from_slice(&h.0))
+                        .collect(),
+                });
+                let mut stream = c
+                    .clone()
+                    .fetch(req)
+                    .await
+                    .map_err(from_status)?
+                    .into_inner();
+                while let Some(msg) = stream.message().await.map_err(from_status)? {
+                    match msg.kind {
+                        Some(proto::fetch_response::Kind::Block(b)) => {
+                            blocks.push((hash_of(&b.block_hash)?, b.payload))
+                        }
+                        Some(proto::fetch_response::Kind::End(e)) => {
+                            end = Some(match proto::EndReason::try_from(e.reason) {
+                                Ok(proto::EndReason::Complete) => EndReason::Complete,
+                                Ok(proto::EndReason::BackendUnavailable) => {
+                                    EndReason::BackendUnavailable
+                                }
+                                _ => EndReason::Miss,
+                            })
+                        }
+                        None => return Err(ClientError::Protocol("empty fetch message".into())),
+                    }
+                }
+            }
+        }
+        let reason =
+            end.ok_or_else(|| ClientError::Protocol("fetch stream without an end".into()))?;
+        Ok(Fetched { blocks, reason })
+    }
+
+    /// Puts blocks, write-once. With `asynchronous` the sidecar answers once they are
+    /// queued (or dropped, when its queue is full).
+    pub async fn put(
+        &self,
+        namespace: &str,
+        blocks: &[(BlockHash, Bytes)],
+        asynchronous: bool,
+    ) -> Result<Vec<PutResult>, ClientError> {
+        match &self.transport {
+            Transport::Http { http, base } => {
+                // Frame heads and payloads go out as separate chunks: no copy of the tensors.
+                let mut parts: Vec<Bytes> = Vec::with_capacity(2 * blocks.len() + 2);
+                parts.push(Bytes::from_static(frame::STREAM_MAGIC));
+                for (i, (hash, payload)) in blocks.iter().enumerate() {
+                    parts.push(frame::block_head(i as u32, hash, payload.len()));
+                    parts.push(payload.clone());
+                }
+                parts.push(frame::end(blocks.len() as u32, EndReason::Complete));
+                let body = reqwest::Body::wrap_stream(futures_util::stream::iter(
+                    parts.into_iter().map(Ok::<_, std::convert::Infallible>),
+                ));
+                let url = format!("{base}/v1/put?namespace={namespace}&async={asynchronous}");
+                let rb = http
+                    .post(url)
+                    .header(reqwest::header::CONTENT_TYPE, frame::CONTENT_TYPE)
+                    .body(body);
+                #[derive(Deserialize)]
+                struct R {
+                    outcomes: Vec<PutResult>,
+                }
+                let r: R = self
+                    .http_send(rb)
+                    .await?
+                    .json()
+                    .await
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                Ok(r.outcomes)
+            }
+            Transport::Grpc(c) => {
+                let msg = proto::PutRequest {
+                    namespace: namespace.into(),
+                    r#async: asynchronous,
+                    blocks: blocks
+                        .iter()
+                        .map(|(h, p)| proto::PutBlock {
+                            block_hash: Bytes::copy_from_slice(&h.0),
+                            payload: p.clone(),
+                        })
+                        .collect(),
+                };
+                let req = self.request(futures_util::stream::iter([msg]));
+                let r = c.clone().put(req).await.map_err(from_status)?.into_inner();
+                r.outcomes
+                    .into_iter()
+                    .map(|o| match proto::PutOutcome::try_from(o) {
+                        Ok(proto::PutOutcome::Stored) => Ok(PutResult::Stored),
+                        Ok(proto::PutOutcome::AlreadyPresent) => Ok(PutResult::AlreadyPresent),
+                        Ok(proto::PutOutcome::Queued) => Ok(PutResult::Queued),
+                        Ok(proto::PutOutcome::Dropped) => Ok(PutResult::Dropped),
+                        _ => Err(ClientError::Protocol(format!("unknown put outcome {o}"))),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Deletes blocks; returns how many existed.
+    pub async fn delete(&self, namespace: &str, hashes: &[BlockHash]) -> Result<u64, ClientError> {
+        match &self.transport {
+            Transport::Http { .. } => {
+                #[derive(Deserialize)]
+                struct R {
+                    deleted: u64,
+                }
+                let body = serde_json::json!({ "namespace": namespace, "block_hashes": hashes });
+                Ok(self.http_json::<R>("/v1/delete", body).await?.deleted)
+            }
+            Transport::Grpc(c) => {
+                let req = self.request(proto::DeleteRequest {
+                    namespace: namespace.into(),
+                    block_hashes: hashes
+                        .iter()
+                        .map(|h| Bytes::copy_from_slice(&h.0))
+                        .collect(),
+                });
+                Ok(c.clone()
+                    .delete(req)
+                    .await
+                    .map_err(from_status)?
+                    .into_inner()
+                    .deleted)
+            }
+        }
+    }
+
+    /// Pins (`true`) or unpins a block; returns whether it exists.
+    pub async fn pin(
+        &self,
+        namespace: &str,
+        hash: &BlockHash,
+        pin: bool,
+    ) -> Result<bool, ClientError> {
+        match &self.transport {
+            Transport::Http { .. } => {
+                #[derive(Deserialize)]
+                struct R {
+                    found: bool,
+                }
+                let verb = if pin { "pin" } else { "unpin" };
+                let path = format!("/v1/blocks/{namespace}/{hash}/{verb}");
+                Ok(self
+                    .http_json::<R>(&path, serde_json::json!({}))
+                    .await?
+                    .found)
+            }
+            Transport::Grpc(c) => {
+                let req = self.request(proto::PinRequest {
+                    namespace: namespace.into(),
+                    block_hash: Bytes::copy_from_slice(&hash.0),
+                });
+                let mut c = c.clone();
+                let r = if pin {
+                    c.pin(req).await
+                } else {
+                    c.unpin(req).await
+                };
+                Ok(r.map_err(from_status)?.into_inner().found)
+            }
+        }
+    }
+
+    /// Deletes every block of a namespace (admin token needed when tokens are configured).
+    pub async fn purge(&self, namespace: &str) -> Result<u64, ClientError> {
+        match &self.transport {
+            Transport::Http { .. } => {
+                #[derive(Deserialize)]
+                struct R {
+                    deleted: u64,
+                }
+                let path = format!("/v1/namespaces/{namespace}/purge");
+                Ok(self
+                    .http_json::<R>(&path, serde_json::json!({}))
+                    .await?
+                    .deleted)
+            }
+            Transport::Grpc(c) => {
+                let req = self.request(proto::PurgeRequest {
+                    namespace: namespace.into(),
+                });
+                Ok(c.clone()
+                    .purge(req)
+                    .await
+                    .map_err(from_status)?
+                    .into_inner()
+                    .deleted)
+            }
+        }
+    }
+}

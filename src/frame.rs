@@ -1,0 +1,345 @@
+//! The framed binary stream that carries batches of blocks over HTTP (`docs/api.md`).
+//!
+//! ```text
+//! stream := "KVFRAME1" frame* end
+//! frame  := 0x01 u32le(index) hash[32] u64le(len) payload[len]
+//! end    := 0x02 u32le(blocks) u8(reason)
+//! ```
+//!
+//! Why not JSON or base64: tensor bytes travel as bytes. Why an explicit end frame: a
+//! stream that stops early because a block was missing must be told apart from a connection
+//! that broke, and the reason (miss or backend unavailable) tells a worker whether to retry.
+//! Frames are encoded as a small head plus the payload `Bytes` as is, so the server writes
+//! payloads to the socket without copying them into a frame buffer.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::hashing::BlockHash;
+
+/// Opens every framed stream.
+pub const STREAM_MAGIC: &[u8; 8] = b"KVFRAME1";
+/// Media type of a framed stream.
+pub const CONTENT_TYPE: &str = "application/x-kvshelf-frames";
+const BLOCK: u8 = 0x01;
+const END: u8 = 0x02;
+/// Bytes of a block frame before its payload.
+pub const BLOCK_HEAD_LEN: usize = 1 + 4 + 32 + 8;
+const END_LEN: usize = 1 + 4 + 1;
+
+/// Why a fetch stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EndReason {
+    /// Every requested block was sent.
+    Complete = 1,
+    /// A block was missing (never put, evicted, or corrupt): recompute from there.
+    Miss = 2,
+    /// The backend failed or timed out; treated as a miss.
+    BackendUnavailable = 3,
+}
+
+impl EndReason {
+    fn from_u8(b: u8) -> Option<EndReason> {
+        match b {
+            1 => Some(EndReason::Complete),
+            2 => Some(EndReason::Miss),
+            3 => Some(EndReason::BackendUnavailable),
+            _ => None,
+        }
+    }
+}
+
+/// One decoded frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A block and its position in the request.
+    Block {
+        /// Index of the block in the request (0-based).
+        index: u32,
+        /// The block's hash.
+        hash: BlockHash,
+        /// The tensor bytes.
+        payload: Bytes,
+    },
+    /// The end of the stream.
+    End {
+        /// Blocks sent before it.
+        blocks: u32,
+        /// Why the stream ended.
+        reason: EndReason,
+    },
+}
+
+/// The head of a block frame; the payload follows it on the wire as a separate chunk.
+pub fn block_head(index: u32, hash: &BlockHash, payload_len: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(BLOCK_HEAD_LEN);
+    b.put_u8(BLOCK);
+    b.put_u32_le(index);
+    b.put_slice(&hash.0);
+    b.put_u64_le(payload_len as u64);
+    b.freeze()
+}
+
+/// An end frame.
+pub fn end(blocks: u32, reason: EndReason) -> Bytes {
+    let mut b = BytesMut::with_capacity(END_LEN);
+    b.put_u8(END);
+    b.put_u32_le(blocks);
+    b.put_u8(reason as u8);
+    b.freeze()
+}
+
+/// A whole stream in one buffer (for clients building small put bodies and for tests).
+pub fn encode_stream<'a>(blocks: impl IntoIterator<Item = (&'a BlockHash, &'a [u8])>) -> Vec<u8> {
+    let mut out = STREAM_MAGIC.to_vec();
+    let mut n = 0u32;
+    for (hash, payload) in blocks {
+        out.extend_from_slice(&block_head(n, hash, payload.len()));
+        out.extend_from_slice(payload);
+        n += 1;
+    }
+    out.extend_from_slice(&end(n, EndReason::Complete));
+    out
+}
+
+/// Why bytes are not a valid framed stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The stream does not start with `KVFRAME1`.
+    #[error("not a kvshelf frame stream (it must start with \"KVFRAME1\")")]
+    BadMagic,
+    /// An unknown frame type byte.
+    #[error("unknown frame type 0x{0:02x} at byte {1}")]
+    UnknownFrame(u8, u64),
+    /// A payload longer than allowed.
+    #[error("block frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced payload length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// Bytes after the end frame, or an end frame whose count disagrees.
+    #[error("malformed stream end: {0}")]
+    BadEnd(String),
+    /// The stream stopped in the middle of a frame or without an end frame.
+    #[error("stream truncated: no end frame")]
+    Truncated,
+}
+
+/// Incremental decoder: feed it chunks as they arrive, take frames out as they complete.
+/// Memory is bounded by one frame (`max_payload` + head) plus one chunk.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: BytesMut,
+    seen_magic: bool,
+    ended: bool,
+    blocks: u32,
+    consumed: u64,
+    max_payload: u64,
+}
+
+impl Decoder {
+    /// A decoder refusing payloads over `max_payload` bytes.
+    pub fn new(max_payload: u64) -> Decoder {
+        Decoder {
+            buf: BytesMut::new(),
+            seen_magic: false,
+            ended: false,
+            blocks: 0,
+            consumed: 0,
+            max_payload,
+        }
+    }
+
+    /// Appends received bytes.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete frame, `Ok(None)` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if !self.seen_magic {
+            if self.buf.len() < STREAM_MAGIC.len() {
+                return if STREAM_MAGIC.starts_with(&self.buf) {
+                    Ok(None)
+                } else {
+                    Err(FrameError::BadMagic)
+                };
+            }
+            if &self.buf[..STREAM_MAGIC.len()] != STREAM_MAGIC {
+                return Err(FrameError::BadMagic);
+            }
+            self.buf.advance(STREAM_MAGIC.len());
+            self.consumed += STREAM_MAGIC.len() as u64;
+            self.seen_magic = true;
+        }
+        if self.ended {
+            return if self.buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(FrameError::BadEnd("bytes after the end frame".into()))
+            };
+        }
+        let Some(&kind) = self.buf.first() else {
+            return Ok(None);
+        };
+        match kind {
+            BLOCK => {
+                if self.buf.len() < BLOCK_HEAD_LEN {
+                    return Ok(None);
+                }
+                let len = u64::from_le_bytes(self.buf[37..45].try_into().expect("8 bytes"));
+                if len > self.max_payload {
+                    return Err(FrameError::TooLarge {
+                        len,
+                        max: self.max_payload,
+                    });
+                }
+                let total = BLOCK_HEAD_LEN + len as usize;
+                if self.buf.len() < total {
+                    self.buf.reserve(total - self.buf.len());
+                    return Ok(None);
+                }
+                let mut frame = self.buf.split_to(total);
+                frame.advance(1);
+                let index = frame.get_u32_le();
+                let mut hash = [0u8; 32];
+                frame.copy_to_slice(&mut hash);
+                frame.advance(8);
+                self.consumed += total as u64;
+                self.blocks += 1;
+                Ok(Some(Frame::Block {
+                    index,
+                    hash: BlockHash(hash),
+                    payload: frame.freeze(),
+                }))
+            }
+            END => {
+                if self.buf.len() < END_LEN {
+                    return Ok(None);
+                }
+                let mut frame = self.buf.split_to(END_LEN);
+                frame.advance(1);
+                let blocks = frame.get_u32_le();
+                let reason = EndReason::from_u8(frame.get_u8())
+                    .ok_or_else(|| FrameError::BadEnd("unknown end reason".into()))?;
+                if blocks != self.blocks {
+                    return Err(FrameError::BadEnd(format!(
+                        "end frame counts {blocks} blocks, the stream carried {}",
+                        self.blocks
+                    )));
+                }
+                self.consumed += END_LEN as u64;
+                self.ended = true;
+                Ok(Some(Frame::End { blocks, reason }))
+            }
+            other => Err(FrameError::UnknownFrame(other, self.consumed)),
+        }
+    }
+
+    /// Call when the input is exhausted: an error unless the end frame was seen.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        if self.ended && self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Truncated)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode_all(bytes: &[u8], chunk: usize) -> Result<Vec<Frame>, FrameError> {
+        let mut d = Decoder::new(1 << 20);
+        let mut out = Vec::new();
+        for c in bytes.chunks(chunk.max(1)) {
+            d.feed(c);
+            while let Some(f) = d.next_frame()? {
+                out.push(f);
+            }
+        }
+        d.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trip_in_any_chunking() {
+        let blocks: Vec<(BlockHash, Vec<u8>)> = (0..5u8)
+            .map(|i| (BlockHash([i; 32]), vec![i; 100 * i as usize]))
+            .collect();
+        let stream = encode_stream(blocks.iter().map(|(h, p)| (h, &p[..])));
+        for chunk in [1, 7, 45, 1000, stream.len()] {
+            let frames = decode_all(&stream, chunk).unwrap();
+            assert_eq!(frames.len(), 6);
+            for (i, f) in frames[..5].iter().enumerate() {
+                assert_eq!(
+                    f,
+                    &Frame::Block {
+                        index: i as u32,
+                        hash: blocks[i].0,
+                        payload: blocks[i].1.clone().into()
+                    }
+                );
+            }
+            assert_eq!(
+                frames[5],
+                Frame::End {
+                    blocks: 5,
+                    reason: EndReason::Complete
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(decode_all(b"KVFRAME2", 8), Err(FrameError::BadMagic));
+        assert_eq!(decode_all(b"KVFRAME1", 8), Err(FrameError::Truncated));
+        let mut s = encode_stream([(&BlockHash([1; 32]), &[1u8, 2, 3][..])]);
+        s.push(0);
+        assert!(matches!(decode_all(&s, 3), Err(FrameError::BadEnd(_))));
+        let mut s = STREAM_MAGIC.to_vec();
+        s.push(9);
+        assert!(matches!(
+            decode_all(&s, 3),
+            Err(FrameError::UnknownFrame(9, 8))
+        ));
+        let mut s = STREAM_MAGIC.to_vec();
+        s.extend_from_slice(&end(3, EndReason::Complete));
+        assert!(matches!(decode_all(&s, 3), Err(FrameError::BadEnd(_))));
+        let mut s = STREAM_MAGIC.to_vec();
+        s.extend_from_slice(&block_head(0, &BlockHash([0; 32]), 1 << 40));
+        assert!(matches!(
+            decode_all(&s, 64),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn prop_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), chunk in 1usize..64) {
+            let mut with_magic = STREAM_MAGIC.to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = decode_all(&bytes, chunk);
+            let _ = decode_all(&with_magic, chunk);
+        }
+
+        #[test]
+        fn prop_round_trip(payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..8), chunk in 1usize..97) {
+            let hashes: Vec<BlockHash> = (0..payloads.len()).map(|i| BlockHash([i as u8; 32])).collect();
+            let stream = encode_stream(hashes.iter().zip(payloads.iter().map(|p| &p[..])));
+            let frames = decode_all(&stream, chunk).unwrap();
+            prop_assert_eq!(frames.len(), payloads.len() + 1);
+            for (f, p) in frames.iter().zip(&payloads) {
+                let is_same = matches!(f, Frame::Block { payload, .. } if payload[..] == p[..]);
+                prop_assert!(is_same);
+            }
+        }
+    }
+}

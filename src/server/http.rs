@@ -1,0 +1,417 @@
+//! The HTTP adapter (`docs/api.md`): JSON for control messages, `application/octet-stream`
+//! for one block, the framed stream (`crate::frame`) for batches. Bodies are read and
+//! parsed here (not by axum extractors) so that every malformed request gets the same JSON
+//! error shape: `{"error": code, "message": …}`.
+
+use std::convert::Infallible;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::frame::{self, Decoder, Frame};
+use crate::hashing::BlockHash;
+use crate::shelf::{ApiError, Caller, FetchItem, LookupInput, PutResult, Shelf};
+
+/// The HTTP routes.
+pub fn routes(shelf: Shelf) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/namespaces", get(namespaces))
+        .route("/v1/stats", get(stats))
+        .route("/v1/hash", post(hash))
+        .route("/v1/lookup", post(lookup))
+        .route("/v1/fetch", post(fetch))
+        .route("/v1/put", post(put_batch))
+        .route("/v1/delete", post(delete_batch))
+        .route(
+            "/v1/blocks/{namespace}/{hash}",
+            get(get_block).put(put_block).delete(delete_block),
+        )
+        .route("/v1/blocks/{namespace}/{hash}/pin", post(pin))
+        .route("/v1/blocks/{namespace}/{hash}/unpin", post(unpin))
+        .route("/v1/namespaces/{namespace}/purge", post(purge))
+        .with_state(shelf)
+        // The body limit is enforced while reading, in `read_body`, so that the error has
+        // the API's shape; axum's own default limit (2 MiB) would cut tensor uploads.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+/// The one table from API error to HTTP status.
+pub fn status_of(e: &ApiError) -> StatusCode {
+    match e {
+        ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+        ApiError::UnknownNamespace(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+        ApiError::InvalidRequest(_) | ApiError::Library(_) => StatusCode::BAD_REQUEST,
+        ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        ApiError::TooManyBlocks { .. } => StatusCode::BAD_REQUEST,
+        ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        ApiError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// An [`ApiError`] as an HTTP response.
+pub struct HttpError(pub ApiError);
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        HttpError(e)
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = status_of(&self.0);
+        metrics::counter!("kvshelf_http_errors_total", "code" => self.0.code()).increment(1);
+        if super::is_server_side(&self.0) {
+            tracing::warn!(code = self.0.code(), error = %self.0, "request failed");
+        }
+        let body = serde_json::json!({ "error": self.0.code(), "message": self.0.to_string() });
+        let mut resp = (status, axum::Json(body)).into_response();
+        if matches!(self.0, ApiError::Overloaded) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self.0, ApiError::Unauthenticated) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+type Result<T> = std::result::Result<T, HttpError>;
+
+fn caller(shelf: &Shelf, headers: &HeaderMap) -> std::result::Result<Caller, ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    shelf.authenticate(bearer.map(str::trim))
+}
+
+async fn read_body(shelf: &Shelf, body: Body) -> std::result::Result<Bytes, ApiError> {
+    let limit = shelf.config().max_body_bytes;
+    axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::PayloadTooLarge { limit }
+            } else {
+                ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
+            }
+        })
+}
+
+async fn read_json<T: DeserializeOwned>(
+    shelf: &Shelf,
+    body: Body,
+) -> std::result::Result<T, ApiError> {
+    let bytes = read_body(shelf, body).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))
+}
+
+fn parse_query<T: DeserializeOwned>(uri: &Uri) -> std::result::Result<T, ApiError> {
+    Query::<T>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| ApiError::InvalidRequest(format!("bad query string: {}", e.body_text())))
+}
+
+fn parse_hash(s: &str) -> std::result::Result<BlockHash, ApiError> {
+    s.parse().map_err(ApiError::Library)
+}
+
+fn parse_extras(extras: Vec<Vec<String>>) -> std::result::Result<Vec<Vec<Vec<u8>>>, ApiError> {
+    extras
+        .into_iter()
+        .map(|block| {
+            block
+                .into_iter()
+                .map(|k| {
+                    hex::decode(&k).map_err(|_| {
+                        ApiError::InvalidRequest(format!("extra key {k:?} is not hex"))
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+async fn readyz(State(shelf): State<Shelf>) -> Response {
+    let ready = shelf.ready().await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({ "ready": ready, "backend": shelf.backend_kind() });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(shelf): State<Shelf>) -> Response {
+    let stats = shelf.stats().await;
+    metrics::gauge!("kvshelf_l1_bytes").set(stats.l1_bytes as f64);
+    metrics::gauge!("kvshelf_put_queue_bytes").set(stats.put_queue_bytes as f64);
+    let text = super::metrics_handle().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn namespaces(State(shelf): State<Shelf>, headers: HeaderMap) -> Result<Response> {
+    caller(&shelf, &headers)?;
+    Ok(axum::Json(serde_json::json!({ "namespaces": shelf.namespaces() })).into_response())
+}
+
+async fn stats(State(shelf): State<Shelf>, headers: HeaderMap) -> Result<Response> {
+    caller(&shelf, &headers)?;
+    Ok(axum::Json(shelf.stats().await).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HashBody {
+    namespace: String,
+    tokens: Vec<u32>,
+    #[serde(default)]
+    extra_keys: Vec<Vec<String>>,
+}
+
+async fn hash(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let req: HashBody = read_json(&shelf, body).await?;
+    let extras = parse_extras(req.extra_keys)?;
+    let hashes = shelf.hash(&who, &req.namespace, &req.tokens, &extras)?;
+    Ok(axum::Json(serde_json::json!({ "block_hashes": hashes })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupBody {
+    namespace: String,
+    tokens: Option<Vec<u32>>,
+    #[serde(default)]
+    extra_keys: Vec<Vec<String>>,
+    block_hashes: Option<Vec<BlockHash>>,
+    #[serde(default)]
+    warm: bool,
+}
+
+async fn lookup(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let req: LookupBody = read_json(&shelf, body).await?;
+    let input = match (req.tokens, req.block_hashes) {
+        (Some(t), None) => LookupInput::Tokens(t, parse_extras(req.extra_keys)?),
+        (None, Some(h)) => LookupInput::Hashes(h),
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "give exactly one of tokens and block_hashes".into(),
+            )
+            .into());
+        }
+    };
+    let result = shelf.lookup(&who, &req.namespace, input, req.warm).await?;
+    Ok(axum::Json(result).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlocksBody {
+    namespace: String,
+    block_hashes: Vec<BlockHash>,
+}
+
+async fn fetch(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let req: BlocksBody = read_json(&shelf, body).await?;
+    let rx = shelf.fetch(&who, &req.namespace, req.block_hashes).await?;
+    // Each block goes out as a small frame head followed by the payload `Bytes` itself:
+    // the tensor bytes are not copied into a frame buffer on their way to the socket.
+    let head = futures_util::stream::once(async {
+        Ok::<_, Infallible>(Bytes::from_static(frame::STREAM_MAGIC))
+    });
+    let frames = tokio_stream::wrappers::ReceiverStream::new(rx).flat_map(|item| {
+        let parts = match item {
+            FetchItem::Block {
+                index,
+                hash,
+                payload,
+            } => {
+                vec![frame::block_head(index, &hash, payload.len()), payload]
+            }
+            FetchItem::End { blocks, reason } => vec![frame::end(blocks, reason)],
+        };
+        futures_util::stream::iter(parts.into_iter().map(Ok::<_, Infallible>))
+    });
+    let body = Body::from_stream(head.chain(frames));
+    Ok(([(header::CONTENT_TYPE, frame::CONTENT_TYPE)], body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutQuery {
+    namespace: Option<String>,
+    #[serde(default, rename = "async")]
+    asynchronous: bool,
+}
+
+async fn put_batch(
+    State(shelf): State<Shelf>,
+    headers: HeaderMap,
+    uri: Uri,
+    body: Body,
+) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let q: PutQuery = parse_query(&uri)?;
+    let label = q.namespace.ok_or_else(|| {
+        ApiError::InvalidRequest("the namespace query parameter is required".into())
+    })?;
+    let ns = shelf.namespace(&label)?;
+    let bytes = read_body(&shelf, body).await?;
+    // Validate the whole stream before writing anything: a malformed body changes nothing.
+    let mut decoder = Decoder::new(ns.block_bytes());
+    decoder.feed(&bytes);
+    let mut blocks = Vec::new();
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(Frame::Block { hash, payload, .. })) => blocks.push((hash, payload)),
+            Ok(Some(Frame::End { .. })) => {}
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ApiError::InvalidRequest(format!("malformed frame stream: {e}")).into());
+            }
+        }
+    }
+    decoder
+        .finish()
+        .map_err(|e| ApiError::InvalidRequest(format!("malformed frame stream: {e}")))?;
+    let outcomes = shelf.put(&who, &label, blocks, q.asynchronous).await?;
+    Ok(axum::Json(serde_json::json!({ "outcomes": outcomes })).into_response())
+}
+
+async fn get_block(
+    State(shelf): State<Shelf>,
+    headers: HeaderMap,
+    Path((namespace, hash)): Path<(String, String)>,
+) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let payload = shelf.get_one(&who, &namespace, parse_hash(&hash)?).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        payload,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AsyncQuery {
+    #[serde(default, rename = "async")]
+    asynchronous: bool,
+}
+
+async fn put_block(
+    State(shelf): State<Shelf>,
+    headers: HeaderMap,
+    Path((namespace, hash)): Path<(String, String)>,
+    uri: Uri,
+    body: Body,
+) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let q: AsyncQuery = parse_query(&uri)?;
+    let hash = parse_hash(&hash)?;
+    shelf.namespace(&namespace)?;
+    let payload = read_body(&shelf, body).await?;
+    let outcome = shelf
+        .put(&who, &namespace, vec![(hash, payload)], q.asynchronous)
+        .await?
+        .remove(0);
+    let status = match outcome {
+        PutResult::Stored => StatusCode::CREATED,
+        PutResult::Queued => StatusCode::ACCEPTED,
+        PutResult::AlreadyPresent | PutResult::Dropped => StatusCode::OK,
+    };
+    Ok((
+        status,
+        axum::Json(serde_json::json!({ "outcome": outcome })),
+    )
+        .into_response())
+}
+
+async fn delete_block(
+    State(shelf): State<Shelf>,
+    headers: HeaderMap,
+    Path((namespace, hash)): Path<(String, String)>,
+) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let deleted = shelf
+        .delete(&who, &namespace, &[parse_hash(&hash)?])
+        .await?;
+    Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+async fn delete_batch(
+    State(shelf): State<Shelf>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let req: BlocksBody = read_json(&shelf, body).await?;
+    let deleted = shelf
+        .delete(&who, &req.namespace, &req.block_hashes)
+        .await?;
+    Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+async fn pin_or_unpin(
+    shelf: Shelf,
+    headers: HeaderMap,
+    namespace: String,
+    hash: String,
+    pin: bool,
+) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let found = shelf
+        .pin(&who, &namespace, &parse_hash(&hash)?, pin)
+        .await?;
+    Ok(axum::Json(serde_json::json!({ "found": found })).into_response())
+}
+
+async fn pin(
+    State(shelf): State<Shelf>,
+    headers: HeaderMap,
+    Path((namespace, hash)): Path<(String, String)>,
+) -> Result<Response> {
+    pin_or_unpin(shelf, headers, namespace, hash, true).await
+}
+
+async fn unpin(
+    State(shelf): State<Shelf>,
+    headers: HeaderMap,
+    Path((namespace, hash)): Path<(String, String)>,
+) -> Result<Response> {
+    pin_or_unpin(shelf, headers, namespace, hash, false).await
+}
+
+async fn purge(
+    State(shelf): State<Shelf>,
+    headers: HeaderMap,
+    Path(namespace): Path<String>,
+) -> Result<Response> {
+    let who = caller(&shelf, &headers)?;
+    let deleted = shelf.purge(&who, &namespace).await?;
+    Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
+}

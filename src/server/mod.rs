@@ -1,0 +1,125 @@
+//! The sidecar's transports: HTTP (axum) and gRPC (tonic) on ONE listener, plus health,
+//! readiness and Prometheus metrics.
+//!
+//! Both adapters are thin over [`crate::shelf::Shelf`]; each maps [`ApiError`] to its
+//! protocol's statuses in one function (`http::status_of`, `grpc::status_of`).
+//!
+//! [`run`] takes an already-bound listener, so tests run servers on port 0.
+
+pub mod grpc;
+pub mod http;
+
+use std::future::Future;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::shelf::{ApiError, Shelf};
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .install_recorder()
+            .expect("no other metrics recorder is installed");
+        describe_metrics();
+        handle
+    })
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "kvshelf_lookup_blocks_total",
+        "Blocks asked about by lookups, by result (hit, miss)."
+    );
+    describe_counter!(
+        "kvshelf_fetch_blocks_total",
+        "Blocks served by fetches, by tier (l1_hit, backend_hit, coalesced, miss)."
+    );
+    describe_counter!(
+        "kvshelf_fetch_bytes_total",
+        "Payload bytes streamed to fetchers."
+    );
+    describe_counter!(
+        "kvshelf_backend_block_reads_total",
+        "Blocks read from the backend (after L1 and coalescing)."
+    );
+    describe_counter!(
+        "kvshelf_put_blocks_total",
+        "Blocks put, by result (stored, already_present, queued, dropped_queue_full, dropped_backend)."
+    );
+    describe_counter!(
+        "kvshelf_backend_failures_total",
+        "Backend calls that failed or timed out and were answered as misses or dropped puts."
+    );
+    describe_counter!(
+        "kvshelf_store_corrupt_blocks_total",
+        "Blocks that failed verification on read, were deleted and answered as misses."
+    );
+    describe_counter!(
+        "kvshelf_l1_evictions_total",
+        "Entries evicted from L1 to keep its byte bound."
+    );
+    describe_counter!(
+        "kvshelf_rejected_requests_total",
+        "Requests refused by a limit, by reason."
+    );
+    describe_counter!(
+        "kvshelf_http_errors_total",
+        "HTTP error responses, by code."
+    );
+    describe_counter!("kvshelf_grpc_errors_total", "gRPC error statuses, by code.");
+    describe_gauge!(
+        "kvshelf_backend_up",
+        "1 when the backend answered the last readiness check."
+    );
+    describe_gauge!("kvshelf_l1_bytes", "Bytes held in L1.");
+    describe_gauge!(
+        "kvshelf_put_queue_bytes",
+        "Bytes waiting in the asynchronous put queue."
+    );
+    describe_histogram!(
+        "kvshelf_request_duration_seconds",
+        "Time to serve lookups, fetches and puts."
+    );
+}
+
+/// HTTP routes and the gRPC service (with gRPC health checking) in one router.
+pub fn router(shelf: Shelf) -> axum::Router {
+    metrics_handle();
+    let grpc = grpc::routes(shelf.clone());
+    http::routes(shelf).merge(grpc)
+}
+
+/// Serves HTTP/1.1, HTTP/2 and gRPC on `listener` until `shutdown` resolves, then lets
+/// in-flight requests finish and flushes queued puts (up to the configured grace period).
+pub async fn run(
+    listener: TcpListener,
+    shelf: Shelf,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = shelf.config().shutdown_grace;
+    let app = router(shelf.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    });
+    let mut serve = std::pin::pin!(serve.into_future());
+    tokio::select! {
+        res = &mut serve => res?,
+        _ = async { let _ = stop_rx.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+        }
+    }
+    shelf.drain(grace).await;
+    Ok(())
+}
+
+/// Classifies an error for logs: 5xx-like failures are worth a warning, caller errors not.
+fn is_server_side(e: &ApiError) -> bool {
+    matches!(e, ApiError::BackendUnavailable(_))
+}

@@ -1,0 +1,903 @@
+//! The sidecar's transport-agnostic core: namespaces and tenants, the L1 tier in front of
+//! the backend, fail-open timeouts, the asynchronous put queue, limits and metrics.
+//!
+//! The HTTP and gRPC adapters in [`crate::server`] are thin: they parse a request, call one
+//! method here, and map [`ApiError`] to a status in exactly one table each.
+//!
+//! Fail open (DESIGN contract 5): a backend that is down, slow or full never becomes an error
+//! on the worker's data path. Lookup answers 0 and fetch ends its stream with
+//! `backend_unavailable` within the configured timeout; puts are dropped and counted. Only
+//! operator actions (delete, pin, purge) report the backend's failure, since pretending
+//! those succeeded would mislead.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::backend::Backend;
+use crate::config::{Config, ServerConfig};
+use crate::error::Error;
+use crate::frame::EndReason;
+use crate::hashing::{BlockHash, PrefixHasher};
+use crate::l1::{L1, Served};
+use crate::memory::MemoryStore;
+use crate::namespace::{Dtype, Layout, Namespace};
+pub use crate::store::PutResult;
+use crate::store::RedisStore;
+
+/// Errors of the sidecar API, each with a stable machine-readable code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// No or unknown bearer token where tokens are configured.
+    #[error("missing or unknown bearer token")]
+    Unauthenticated,
+    /// The token may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The namespace label is well-formed but not configured on this sidecar.
+    #[error("namespace {0:?} is not configured on this sidecar (GET /v1/namespaces lists them)")]
+    UnknownNamespace(String),
+    /// A malformed request: bad JSON, protobuf or frames, a bad hash, a wrong payload size.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The body is larger than `max_body_bytes`.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// The request names more blocks than `max_blocks_per_request`.
+    #[error("request names {count} blocks; at most {limit} are allowed")]
+    TooManyBlocks {
+        /// Blocks named.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// More concurrent requests than `max_concurrent_requests`.
+    #[error("too many concurrent requests; retry shortly")]
+    Overloaded,
+    /// The single block asked for is not on the shelf.
+    #[error("block not found")]
+    NotFound,
+    /// The backend failed an operator action (delete, pin, purge), which does not fail open.
+    #[error("backend unavailable: {0}")]
+    BackendUnavailable(String),
+    /// A library error caused by the request (invalid namespace, input or dtype).
+    #[error(transparent)]
+    Library(Error),
+}
+
+impl ApiError {
+    /// The stable code: the key of both transports' status tables.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated => "unauthenticated",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::UnknownNamespace(_) => "unknown_namespace",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::TooManyBlocks { .. } => "too_many_blocks",
+            ApiError::Overloaded => "overloaded",
+            ApiError::NotFound => "not_found",
+            ApiError::BackendUnavailable(_) => "backend_unavailable",
+            ApiError::Library(e) => e.code(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        if e.is_caller_error() {
+            ApiError::Library(e)
+        } else {
+            ApiError::BackendUnavailable(e.to_string())
+        }
+    }
+}
+
+/// Who is calling: the tenant their token selects.
+#[derive(Clone, Debug, Default)]
+pub struct Caller {
+    tenant: Option<Arc<Tenant>>,
+}
+
+#[derive(Debug)]
+struct Tenant {
+    name: String,
+    salt: Option<Vec<u8>>,
+    admin: bool,
+}
+
+impl Caller {
+    fn salt(&self) -> Option<&[u8]> {
+        self.tenant.as_ref().and_then(|t| t.salt.as_deref())
+    }
+
+    /// The tenant's name, for logs.
+    pub fn tenant_name(&self) -> Option<&str> {
+        self.tenant.as_ref().map(|t| t.name.as_str())
+    }
+}
+
+/// What a lookup is asked about.
+#[derive(Debug)]
+pub enum LookupInput {
+    /// Token ids (hashed here with the caller's salt) and optional per-block extra keys.
+    Tokens(Vec<u32>, Vec<Vec<Vec<u8>>>),
+    /// Block hashes the caller computed (or got from `hash`).
+    Hashes(Vec<BlockHash>),
+}
+
+/// The answer to a lookup.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LookupResult {
+    /// Leading blocks present.
+    pub hit_blocks: usize,
+    /// `hit_blocks × block_size`.
+    pub hit_tokens: usize,
+    /// The hashes of the request.
+    pub block_hashes: Vec<BlockHash>,
+    /// False when the backend did not answer in time: the answer is then a miss.
+    pub backend_ok: bool,
+}
+
+/// One item of a fetch stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchItem {
+    /// The next block of the leading run.
+    Block {
+        /// Index in the request.
+        index: u32,
+        /// Its hash.
+        hash: BlockHash,
+        /// Its tensor bytes.
+        payload: Bytes,
+    },
+    /// The stream's last item.
+    End {
+        /// Blocks sent.
+        blocks: u32,
+        /// Why it ended.
+        reason: EndReason,
+    },
+}
+
+/// A snapshot of the sidecar's state.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Stats {
+    /// `redis` or `memory`.
+    pub backend: &'static str,
+    /// Whether the backend answered a ping just now.
+    pub backend_ready: bool,
+    /// Bytes in L1.
+    pub l1_bytes: u64,
+    /// L1's bound.
+    pub l1_capacity_bytes: u64,
+    /// Entries in L1.
+    pub l1_entries: u64,
+    /// Bytes waiting in the asynchronous put queue.
+    pub put_queue_bytes: u64,
+    /// The queue's bound.
+    pub put_queue_capacity_bytes: u64,
+    /// The configured namespaces.
+    pub namespaces: Vec<NamespaceInfo>,
+}
+
+/// A namespace as clients need to know it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NamespaceInfo {
+    /// Label.
+    pub label: String,
+    /// Model id.
+    pub model_id: String,
+    /// Model revision.
+    pub model_revision: String,
+    /// KV dtype.
+    pub kv_dtype: Dtype,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Payload bytes of one block.
+    pub block_bytes: u64,
+    /// Shape of one block, axes in `layout_order`.
+    pub block_shape: Vec<u64>,
+    /// Axis order.
+    pub layout_order: String,
+}
+
+impl NamespaceInfo {
+    fn of(ns: &Namespace) -> NamespaceInfo {
+        NamespaceInfo {
+            label: ns.label.clone(),
+            model_id: ns.model_id.clone(),
+            model_revision: ns.model_revision.clone(),
+            kv_dtype: ns.kv_dtype,
+            block_size: ns.block_size,
+            block_bytes: ns.block_bytes(),
+            block_shape: ns.block_shape(),
+            layout_order: ns.layout.order.clone(),
+        }
+    }
+}
+
+struct QueuedPut {
+    ns: Namespace,
+    blocks: Vec<(BlockHash, Bytes)>,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// The sidecar core. Cheap to clone.
+#[derive(Clone)]
+pub struct Shelf {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    l1: Option<L1>,
+    namespaces: HashMap<String, Namespace>,
+    tenants: HashMap<String, Arc<Tenant>>,
+    cfg: ServerConfig,
+    requests: Arc<Semaphore>,
+    queue_tx: std::sync::Mutex<Option<mpsc::UnboundedSender<QueuedPut>>>,
+    queue_budget: Arc<Semaphore>,
+    queue_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    backend_was_ok: AtomicBool,
+}
+
+impl std::fmt::Debug for Shelf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shelf")
+            .field("backend", &self.inner.backend.kind())
+            .field("namespaces", &self.inner.namespaces.len())
+            .finish()
+    }
+}
+
+/// The namespace `kvshelf serve` offers when none is configured: small blocks (2 KiB) so
+/// that the API can be tried with `curl` and `head -c 2048 /dev/urandom`.
+pub fn demo_namespace() -> Namespace {
+    Namespace {
+        label: "demo".into(),
+        model_id: "kvshelf/demo".into(),
+        model_revision: String::new(),
+        kv_dtype: Dtype::Float16,
+        layout: Layout {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 8,
+            tp_size: 1,
+            tp_rank: 0,
+            order: "lkthd".into(),
+        },
+        block_size: 16,
+        lora_adapter: None,
+        ttl: None,
+    }
+}
+
+impl Shelf {
+    /// Builds the core from a validated config. Must run inside a tokio runtime (it starts
+    /// the put queue's worker).
+    pub fn new(cfg: &Config) -> Result<Shelf, Error> {
+        cfg.validate()?;
+        let server = cfg.server.clone();
+        let (backend, l1) = match &cfg.store {
+            Some(store) => {
+                let l1 = (server.l1_bytes > 0).then(|| L1::new(server.l1_bytes, server.l1_max_ttl));
+                (Backend::Redis(RedisStore::new(store.clone())?), l1)
+            }
+            None => {
+                let defaults = crate::store::StoreConfig::default();
+                // The embedded store is already in this process: an L1 would only copy it.
+                let m = MemoryStore::new(
+                    server.memory_store_bytes,
+                    defaults.ttl,
+                    defaults.sliding_ttl,
+                );
+                (Backend::Memory(m), None)
+            }
+        };
+        let mut namespaces: HashMap<String, Namespace> = cfg
+            .namespaces
+            .iter()
+            .map(|n| (n.label.clone(), n.clone()))
+            .collect();
+        if namespaces.is_empty() {
+            let demo = demo_namespace();
+            namespaces.insert(demo.label.clone(), demo);
+        }
+        let tenants = cfg
+            .tenants
+            .iter()
+            .map(|t| {
+                let tenant = Tenant {
+                    name: t.name.clone(),
+                    salt: t.salt.as_ref().map(|s| s.as_bytes().to_vec()),
+                    admin: t.admin,
+                };
+                (t.token.clone(), Arc::new(tenant))
+            })
+            .collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shelf = Shelf {
+            inner: Arc::new(Inner {
+                backend,
+                l1,
+                namespaces,
+                tenants,
+                requests: Arc::new(Semaphore::new(server.max_concurrent_requests)),
+                queue_budget: Arc::new(Semaphore::new(
+                    server.put_queue_bytes.min(Semaphore::MAX_PERMITS as u64) as usize,
+                )),
+                cfg: server,
+                queue_tx: std::sync::Mutex::new(Some(tx)),
+                queue_done: tokio::sync::Mutex::new(None),
+                backend_was_ok: AtomicBool::new(true),
+            }),
+        };
+        let worker = tokio::spawn(put_queue_worker(shelf.clone(), rx));
+        *shelf.inner.queue_done.try_lock().expect("fresh mutex") = Some(worker);
+        Ok(shelf)
+    }
+
+    /// The settings this core runs with.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.cfg
+    }
+
+    /// `redis` or `memory`.
+    pub fn backend_kind(&self) -> &'static str {
+        self.inner.backend.kind()
+    }
+
+    /// The caller a bearer token stands for. Without configured tokens everyone is the
+    /// anonymous caller (no salt); with tokens, a missing or unknown one is refused.
+    pub fn authenticate(&self, bearer: Option<&str>) -> Result<Caller, ApiError> {
+        if self.inner.tenants.is_empty() {
+            return Ok(Caller::default());
+        }
+        let token = bearer.ok_or(ApiError::Unauthenticated)?;
+        // Compare against every token, so response time does not depend on which matched.
+        let mut found = None;
+        for (t, tenant) in &self.inner.tenants {
+            if constant_time_eq(t.as_bytes(), token.as_bytes()) {
+                found = Some(tenant.clone());
+            }
+        }
+        found
+            .map(|tenant| Caller {
+                tenant: Some(tenant),
+            })
+            .ok_or(ApiError::Unauthenticated)
+    }
+
+    /// Takes one of the `max_concurrent_requests` slots, or refuses at once.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.inner
+            .requests
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                metrics::counter!("kvshelf_rejected_requests_total", "reason" => "overloaded")
+                    .increment(1);
+                ApiError::Overloaded
+            })
+    }
+
+    /// A configured namespace.
+    pub fn namespace(&self, label: &str) -> Result<&Namespace, ApiError> {
+        crate::namespace::validate_label(label)?;
+        self.inner
+            .namespaces
+            .get(label)
+            .ok_or_else(|| ApiError::UnknownNamespace(label.to_owned()))
+    }
+
+    /// Every configured namespace, sorted by label.
+    pub fn namespaces(&self) -> Vec<NamespaceInfo> {
+        let mut v: Vec<_> = self
+            .inner
+            .namespaces
+            .values()
+            .map(NamespaceInfo::of)
+            .collect();
+        v.sort_by(|a, b| a.label.cmp(&b.label));
+        v
+    }
+
+    fn check_count(&self, count: usize) -> Result<(), ApiError> {
+        let limit = self.inner.cfg.max_blocks_per_request;
+        if count > limit {
+            return Err(ApiError::TooManyBlocks { count, limit });
+        }
+        Ok(())
+    }
+
+    /// Hashes of every full block of `tokens`, with the caller's salt.
+    pub fn hash(
+        &self,
+        caller: &Caller,
+        label: &str,
+        tokens: &[u32],
+        extras: &[Vec<Vec<u8>>],
+    ) -> Result<Vec<BlockHash>, ApiError> {
+        let ns = self.namespace(label)?;
+        self.check_count(tokens.len() / ns.block_size as usize)?;
+        let hasher = PrefixHasher::new(ns, caller.salt());
+        Ok(hasher.hash_prefix_with_extras(tokens, extras)?)
+    }
+
+    /// How many leading blocks are on the shelf: leading L1 entries, then ONE backend
+    /// round trip for the rest. With `warm`, the hit blocks are read into L1 before the
+    /// answer, so a fetch right after is served locally.
+    pub async fn lookup(
+        &self,
+        caller: &Caller,
+        label: &str,
+        input: LookupInput,
+        warm: bool,
+    ) -> Result<LookupResult, ApiError> {
+        let _permit = self.admit()?;
+        let started = Instant::now();
+        let ns = self.namespace(label)?.clone();
+        let hashes = match input {
+            LookupInput::Tokens(tokens, extras) => self.hash(caller, label, &tokens, &extras)?,
+            LookupInput::Hashes(h) => {
+                self.check_count(h.len())?;
+                h
+            }
+        };
+        let in_l1 = match &self.inner.l1 {
+            Some(l1) => hashes.iter().take_while(|h| l1.contains(label, h)).count(),
+            None => 0,
+        };
+        let rest = &hashes[in_l1..];
+        let (found, backend_ok) = if rest.is_empty() {
+            (0, true)
+        } else {
+            match self
+                .fail_open(
+                    "lookup",
+                    self.inner.cfg.lookup_timeout,
+                    self.inner.backend.lookup(&ns, rest),
+                )
+                .await?
+            {
+                Some(n) => (n, true),
+                None => (0, false),
+            }
+        };
+        let hit_blocks = in_l1 + found;
+        if warm && hit_blocks > in_l1 && self.inner.l1.is_some() {
+            let (tx, mut rx) = mpsc::channel(64);
+            let warmer = self.clone();
+            let to_warm = hashes[in_l1..hit_blocks].to_vec();
+            let ns2 = ns.clone();
+            tokio::spawn(async move { warmer.stream_blocks(ns2, to_warm, tx).await });
+            while rx.recv().await.is_some() {}
+        }
+        metrics::counter!("kvshelf_lookup_blocks_total", "namespace" => ns.label.clone(), "result" => "hit")
+            .increment(hit_blocks as u64);
+        metrics::counter!("kvshelf_lookup_blocks_total", "namespace" => ns.label.clone(), "result" => "miss")
+            .increment((hashes.len() - hit_blocks) as u64);
+        metrics::histogram!("kvshelf_request_duration_seconds", "op" => "lookup")
+            .record(started.elapsed().as_secs_f64());
+        Ok(LookupResult {
+            hit_blocks,
+            hit_tokens: hit_blocks * ns.block_size as usize,
+            block_hashes: hashes,
+            backend_ok,
+        })
+    }
+
+    /// Streams the leading run of `hashes` that can be served, then an end item. Errors
+    /// (unknown namespace, too many blocks, overload) come before any item; after that the
+    /// stream fails open. Memory is bounded: the stream reads one chunk of about
+    /// `fetch_chunk_bytes` at a time and waits for the consumer.
+    pub async fn fetch(
+        &self,
+        _caller: &Caller,
+        label: &str,
+        hashes: Vec<BlockHash>,
+    ) -> Result<mpsc::Receiver<FetchItem>, ApiError> {
+        let permit = self.admit()?;
+        let ns = self.namespace(label)?.clone();
+        self.check_count(hashes.len())?;
+        let chunk = self.chunk_blocks(&ns);
+        let (tx, rx) = mpsc::channel(chunk);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let started = Instant::now();
+            me.stream_blocks(ns, hashes, tx).await;
+            metrics::histogram!("kvshelf_request_duration_seconds", "op" => "fetch")
+                .record(started.elapsed().as_secs_f64());
+        });
+        Ok(rx)
+    }
+
+    /// One block, or `NotFound`.
+    pub async fn get_one(
+        &self,
+        caller: &Caller,
+        label: &str,
+        hash: BlockHash,
+    ) -> Result<Bytes, ApiError> {
+        let mut rx = self.fetch(caller, label, vec![hash]).await?;
+        match rx.recv().await {
+            Some(FetchItem::Block { payload, .. }) => Ok(payload),
+            _ => Err(ApiError::NotFound),
+        }
+    }
+
+    fn chunk_blocks(&self, ns: &Namespace) -> usize {
+        (self.inner.cfg.fetch_chunk_bytes / ns.block_bytes().max(1)).clamp(1, 1024) as usize
+    }
+
+    async fn stream_blocks(
+        &self,
+        ns: Namespace,
+        hashes: Vec<BlockHash>,
+        tx: mpsc::Sender<FetchItem>,
+    ) {
+        let mut sent = 0u32;
+        let mut reason = EndReason::Complete;
+        'chunks: for chunk in hashes.chunks(self.chunk_blocks(&ns)) {
+            let (served, backend_ok) = self.read_blocks(&ns, chunk).await;
+            for (hash, payload) in chunk.iter().zip(served) {
+                let Some(payload) = payload else {
+                    reason = if backend_ok {
+                        EndReason::Miss
+                    } else {
+                        EndReason::BackendUnavailable
+                    };
+                    break 'chunks;
+                };
+                metrics::counter!("kvshelf_fetch_bytes_total", "namespace" => ns.label.clone())
+                    .increment(payload.len() as u64);
+                let item = FetchItem::Block {
+                    index: sent,
+                    hash: *hash,
+                    payload,
+                };
+                if tx.send(item).await.is_err() {
+                    return; // the client went away
+                }
+                sent += 1;
+            }
+        }
+        let _ = tx
+            .send(FetchItem::End {
+                blocks: sent,
+                reason,
+            })
+            .await;
+    }
+
+    /// Reads one chunk through L1 (coalescing concurrent misses) or straight from the
+    /// embedded store. Returns the payloads and whether the backend answered.
+    async fn read_blocks(
+        &self,
+        ns: &Namespace,
+        hashes: &[BlockHash],
+    ) -> (Vec<Option<Bytes>>, bool) {
+        let backend_ok = AtomicBool::new(true);
+        let label = ns.label.clone();
+        let load = |hs: Vec<BlockHash>| {
+            let backend_ok = &backend_ok;
+            async move {
+                metrics::counter!("kvshelf_backend_block_reads_total", "namespace" => ns.label.clone())
+                    .increment(hs.len() as u64);
+                match self
+                    .fail_open(
+                        "fetch",
+                        self.inner.cfg.fetch_timeout,
+                        self.inner.backend.get(ns, &hs),
+                    )
+                    .await
+                {
+                    Ok(Some(hits)) => Ok(hits),
+                    Ok(None) | Err(_) => {
+                        backend_ok.store(false, Ordering::Relaxed);
+                        Ok(Vec::new())
+                    }
+                }
+            }
+        };
+        let served: Vec<Served> = match &self.inner.l1 {
+            Some(l1) => l1.get_or_load(&label, hashes, load).await,
+            None => load(hashes.to_vec())
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|h| h.map_or(Served::Miss, |h| Served::Loaded(h.block.payload)))
+                .chain(std::iter::repeat(Served::Miss))
+                .take(hashes.len())
+                .collect(),
+        };
+        let mut out = Vec::with_capacity(served.len());
+        for s in served {
+            let result = match &s {
+                Served::Hit(_) => "l1_hit",
+                Served::Loaded(_) => "backend_hit",
+                Served::Coalesced(_) => "coalesced",
+                Served::Miss => "miss",
+            };
+            metrics::counter!("kvshelf_fetch_blocks_total", "namespace" => label.clone(), "result" => result)
+                .increment(1);
+            out.push(s.into_payload());
+        }
+        (out, backend_ok.load(Ordering::Relaxed))
+    }
+
+    /// Puts blocks. Synchronous: written before the answer (or dropped if the backend fails
+    /// or is slower than `put_timeout`). With `asynchronous`: queued, answered at once; a
+    /// full queue drops them. Invalid blocks refuse the whole request and write nothing.
+    pub async fn put(
+        &self,
+        _caller: &Caller,
+        label: &str,
+        blocks: Vec<(BlockHash, Bytes)>,
+        asynchronous: bool,
+    ) -> Result<Vec<PutResult>, ApiError> {
+        let _permit = self.admit()?;
+        let ns = self.namespace(label)?.clone();
+        self.check_count(blocks.len())?;
+        crate::store::check_payloads(&ns, &blocks)?;
+        if asynchronous {
+            return Ok(self.enqueue(ns, blocks));
+        }
+        Ok(self.put_now(&ns, &blocks).await)
+    }
+
+    async fn put_now(&self, ns: &Namespace, blocks: &[(BlockHash, Bytes)]) -> Vec<PutResult> {
+        if blocks.is_empty() {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        let outcome = self
+            .fail_open(
+                "put",
+                self.inner.cfg.put_timeout,
+                self.inner.backend.put(ns, blocks),
+            )
+            .await;
+        let results: Vec<PutResult> = match outcome {
+            Ok(Some(outcomes)) => outcomes.into_iter().map(PutResult::from).collect(),
+            Ok(None) | Err(_) => vec![PutResult::Dropped; blocks.len()],
+        };
+        for ((hash, payload), r) in blocks.iter().zip(&results) {
+            if let (PutResult::Stored, Some(l1)) = (r, &self.inner.l1) {
+                // Only our own write: a block already present may hold another writer's bytes.
+                l1.insert(&ns.label, hash, payload.clone(), Some(self.ttl_of(ns)));
+            }
+            let result = match r {
+                PutResult::Stored => "stored",
+                PutResult::AlreadyPresent => "already_present",
+                PutResult::Queued => "queued",
+                PutResult::Dropped => "dropped_backend",
+            };
+            metrics::counter!("kvshelf_put_blocks_total", "namespace" => ns.label.clone(), "result" => result)
+                .increment(1);
+        }
+        metrics::histogram!("kvshelf_request_duration_seconds", "op" => "put")
+            .record(started.elapsed().as_secs_f64());
+        results
+    }
+
+    fn ttl_of(&self, ns: &Namespace) -> Duration {
+        match &self.inner.backend {
+            Backend::Redis(r) => r.ttl_of(ns),
+            Backend::Memory(m) => m.default_ttl(Some(ns)),
+        }
+    }
+
+    fn enqueue(&self, ns: Namespace, blocks: Vec<(BlockHash, Bytes)>) -> Vec<PutResult> {
+        let bytes: usize = blocks.iter().map(|(_, p)| p.len()).sum();
+        let n = blocks.len();
+        let permit = u32::try_from(bytes).ok().and_then(|b| {
+            self.inner
+                .queue_budget
+                .clone()
+                .try_acquire_many_owned(b)
+                .ok()
+        });
+        let sender = self.inner.queue_tx.lock().expect("queue lock").clone();
+        let queued = match (permit, sender) {
+            (Some(permit), Some(tx)) => tx
+                .send(QueuedPut {
+                    ns: ns.clone(),
+                    blocks,
+                    _budget: permit,
+                })
+                .is_ok(),
+            _ => false,
+        };
+        let result = if queued {
+            "queued"
+        } else {
+            "dropped_queue_full"
+        };
+        metrics::counter!("kvshelf_put_blocks_total", "namespace" => ns.label.clone(), "result" => result)
+            .increment(n as u64);
+        let r = if queued {
+            PutResult::Queued
+        } else {
+            PutResult::Dropped
+        };
+        vec![r; n]
+    }
+
+    /// Stops taking asynchronous puts and waits (up to `grace`) for the queued ones.
+    pub async fn drain(&self, grace: Duration) {
+        drop(self.inner.queue_tx.lock().expect("queue lock").take());
+        if let Some(worker) = self.inner.queue_done.lock().await.take()
+            && tokio::time::timeout(grace, worker).await.is_err()
+        {
+            tracing::warn!("queued puts did not finish within the grace period; dropping them");
+        }
+    }
+
+    /// Deletes blocks (and this sidecar's L1 copies). Returns how many existed.
+    pub async fn delete(
+        &self,
+        _caller: &Caller,
+        label: &str,
+        hashes: &[BlockHash],
+    ) -> Result<u64, ApiError> {
+        let _permit = self.admit()?;
+        self.namespace(label)?;
+        self.check_count(hashes.len())?;
+        if let Some(l1) = &self.inner.l1 {
+            hashes.iter().for_each(|h| l1.remove(label, h));
+        }
+        Ok(self.inner.backend.delete(label, hashes).await?)
+    }
+
+    /// Pins (`true`) or unpins a block. Returns whether it exists.
+    pub async fn pin(
+        &self,
+        _caller: &Caller,
+        label: &str,
+        hash: &BlockHash,
+        pin: bool,
+    ) -> Result<bool, ApiError> {
+        let _permit = self.admit()?;
+        let ns = self.namespace(label)?;
+        if let Some(l1) = &self.inner.l1 {
+            l1.remove(label, hash);
+        }
+        Ok(if pin {
+            self.inner.backend.pin(label, hash).await?
+        } else {
+            self.inner.backend.unpin(ns, hash).await?
+        })
+    }
+
+    /// Time to live left of a block: `None` missing, `Some(None)` pinned.
+    pub async fn ttl(
+        &self,
+        label: &str,
+        hash: &BlockHash,
+    ) -> Result<Option<Option<Duration>>, ApiError> {
+        self.namespace(label)?;
+        Ok(self.inner.backend.ttl(label, hash).await?)
+    }
+
+    /// Deletes every block of a namespace. Needs an admin token when tokens are configured.
+    pub async fn purge(&self, caller: &Caller, label: &str) -> Result<u64, ApiError> {
+        let _permit = self.admit()?;
+        self.namespace(label)?;
+        if !self.inner.tenants.is_empty() && !caller.tenant.as_ref().is_some_and(|t| t.admin) {
+            return Err(ApiError::Forbidden(
+                "purging a namespace needs an admin token".into(),
+            ));
+        }
+        if let Some(l1) = &self.inner.l1 {
+            l1.remove_namespace(label);
+        }
+        let n = self.inner.backend.purge(label).await?;
+        tracing::info!(namespace = label, deleted = n, tenant = ?caller.tenant_name(), "namespace purged");
+        Ok(n)
+    }
+
+    /// Whether the backend answers within the lookup timeout.
+    pub async fn ready(&self) -> bool {
+        let ok = matches!(
+            tokio::time::timeout(self.inner.cfg.lookup_timeout, self.inner.backend.ping()).await,
+            Ok(Ok(()))
+        );
+        metrics::gauge!("kvshelf_backend_up").set(if ok { 1.0 } else { 0.0 });
+        ok
+    }
+
+    /// A snapshot of this sidecar's state.
+    pub async fn stats(&self) -> Stats {
+        let (l1_bytes, l1_capacity_bytes, l1_entries) =
+            self.inner.l1.as_ref().map_or((0, 0, 0), |l1| l1.usage());
+        let capacity = self
+            .inner
+            .cfg
+            .put_queue_bytes
+            .min(Semaphore::MAX_PERMITS as u64);
+        Stats {
+            backend: self.inner.backend.kind(),
+            backend_ready: self.ready().await,
+            l1_bytes,
+            l1_capacity_bytes,
+            l1_entries,
+            put_queue_bytes: capacity - self.inner.queue_budget.available_permits() as u64,
+            put_queue_capacity_bytes: capacity,
+            namespaces: self.namespaces(),
+        }
+    }
+
+    /// Runs a backend call under `timeout`. Caller errors pass through; a backend that
+    /// fails or is late gives `Ok(None)`, counted and logged (once per outage).
+    async fn fail_open<T>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<Option<T>, ApiError> {
+        let kind = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(v)) => {
+                if !self.inner.backend_was_ok.swap(true, Ordering::Relaxed) {
+                    tracing::info!(op, "backend answers again");
+                }
+                return Ok(Some(v));
+            }
+            Ok(Err(e)) if e.is_caller_error() => return Err(e.into()),
+            Ok(Err(e)) => {
+                if self.inner.backend_was_ok.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(op, error = %e, "backend failed; answering misses and dropping puts until it is back");
+                }
+                e.code()
+            }
+            Err(_) => {
+                if self.inner.backend_was_ok.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        op,
+                        ?timeout,
+                        "backend too slow; answering misses and dropping puts until it is back"
+                    );
+                }
+                "timeout"
+            }
+        };
+        metrics::counter!("kvshelf_backend_failures_total", "op" => op, "kind" => kind)
+            .increment(1);
+        Ok(None)
+    }
+}
+
+async fn put_queue_worker(shelf: Shelf, mut rx: mpsc::UnboundedReceiver<QueuedPut>) {
+    // A few puts in flight at once keep Redis busy without letting the queue's memory
+    // (bounded by its byte budget) turn into unbounded concurrency.
+    let in_flight = Arc::new(Semaphore::new(4));
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Some(job) = rx.recv().await {
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let shelf = shelf.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            shelf.put_now(&job.ns, &job.blocks).await;
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
