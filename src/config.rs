@@ -200,7 +200,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let cfg = Config::from_toml(&example).unwrap();
-        assert_eq!(cfg.store.unwrap().ttl, Duration::from_secs(3600));
+        assert_eq!(cfg.store.as_ref().unwrap().ttl, Duration::from_secs(3600));
         assert_eq!(cfg.server.listen.port(), 7070);
         assert_eq!(cfg.server.lookup_timeout, Duration::from_millis(100));
         assert_eq!(cfg.tenants[0].salt.as_deref(), Some("team-a-salt"));

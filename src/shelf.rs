@@ -168,6 +168,32 @@ pub enum FetchItem {
     },
 }
 
+/// The items of one fetch, in order, ending with [`FetchItem::End`]. The request keeps its
+/// concurrency slot until this is dropped (the response has been sent, or the client left).
+#[derive(Debug)]
+pub struct FetchStream {
+    rx: mpsc::Receiver<FetchItem>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl FetchStream {
+    /// The next item; `None` after the end item.
+    pub async fn recv(&mut self) -> Option<FetchItem> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_util::Stream for FetchStream {
+    type Item = FetchItem;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<FetchItem>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
 /// A snapshot of the sidecar's state.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Stats {
@@ -505,7 +531,7 @@ impl Shelf {
         _caller: &Caller,
         label: &str,
         hashes: Vec<BlockHash>,
-    ) -> Result<mpsc::Receiver<FetchItem>, ApiError> {
+    ) -> Result<FetchStream, ApiError> {
         let permit = self.admit()?;
         let ns = self.namespace(label)?.clone();
         self.check_count(hashes.len())?;
@@ -513,13 +539,15 @@ impl Shelf {
         let (tx, rx) = mpsc::channel(chunk);
         let me = self.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let started = Instant::now();
             me.stream_blocks(ns, hashes, tx).await;
             metrics::histogram!("kvshelf_request_duration_seconds", "op" => "fetch")
                 .record(started.elapsed().as_secs_f64());
         });
-        Ok(rx)
+        Ok(FetchStream {
+            rx,
+            _permit: permit,
+        })
     }
 
     /// One block, or `NotFound`.

@@ -60,8 +60,8 @@ async fn put_then_get_returns_the_same_bytes() {
     let got = s.get(&ns, &hs).await.unwrap();
     for ((_, want), got) in blocks.iter().zip(got) {
         let got = got.expect("hit");
-        assert_eq!(&got.payload, want);
-        assert_eq!(got.header.tokens, ns.block_size);
+        assert_eq!(&got.block.payload, want);
+        assert_eq!(got.block.header.tokens, ns.block_size);
     }
 }
 
@@ -88,7 +88,7 @@ async fn concurrent_puts_of_one_block_keep_the_first_writer() {
     assert_eq!(winners.len(), 1, "exactly one writer stores the block");
     let got = s.get(&ns, &[h]).await.unwrap().remove(0).unwrap();
     assert_eq!(
-        got.payload, winners[0],
+        got.block.payload, winners[0],
         "the stored bytes are the winner's, intact"
     );
 }

@@ -150,7 +150,7 @@ impl proto::shelf_server::Shelf for GrpcShelf {
                 .await
         };
         let rx = run.await.map_err(|e| status_of(&e))?;
-        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
+        let stream = rx.map(|item| {
             use proto::fetch_response::Kind;
             let kind = match item {
                 FetchItem::Block {
@@ -184,8 +184,10 @@ impl proto::shelf_server::Shelf for GrpcShelf {
             let (mut blocks, mut bytes) = (Vec::new(), 0u64);
             let mut first = true;
             while let Some(msg) = stream.next().await {
-                let msg = msg.map_err(|s| {
-                    ApiError::InvalidRequest(format!("put stream: {}", s.message()))
+                let msg = msg.map_err(|s| match s.code() {
+                    // tonic refuses a message over the decoding limit (max_body_bytes).
+                    tonic::Code::OutOfRange => ApiError::PayloadTooLarge { limit },
+                    _ => ApiError::InvalidRequest(format!("put stream: {}", s.message())),
                 })?;
                 if first {
                     label = msg.namespace.clone();

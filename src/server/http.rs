@@ -243,7 +243,7 @@ async fn fetch(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Re
     let head = futures_util::stream::once(async {
         Ok::<_, Infallible>(Bytes::from_static(frame::STREAM_MAGIC))
     });
-    let frames = tokio_stream::wrappers::ReceiverStream::new(rx).flat_map(|item| {
+    let frames = rx.flat_map(|item| {
         let parts = match item {
             FetchItem::Block {
                 index,
@@ -291,7 +291,9 @@ async fn put_batch(
             Ok(Some(Frame::End { .. })) => {}
             Ok(None) => break,
             Err(e) => {
-                return Err(ApiError::InvalidRequest(format!("malformed frame stream: {e}")).into());
+                return Err(
+                    ApiError::InvalidRequest(format!("malformed frame stream: {e}")).into(),
+                );
             }
         }
     }

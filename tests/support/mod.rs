@@ -192,3 +192,119 @@ pub fn payload(ns: &Namespace, seed: u8) -> bytes::Bytes {
         .collect::<Vec<u8>>()
         .into()
 }
+
+impl RedisServer {
+    /// The redis-server process id (to pause it with SIGSTOP, or kill it).
+    pub fn pid(&self) -> u32 {
+        let info = redis_cli(&self.url(), &["INFO", "server"]).expect("redis answers");
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|p| p.trim().parse().ok())
+            .expect("INFO server has process_id")
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, …) to redis-server.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid_cached())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    fn pid_cached(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pid"))
+            .unwrap_or_else(|_| {
+                let pid = self.pid().to_string();
+                std::fs::write(self.dir.join("pid"), &pid).unwrap();
+                pid
+            })
+            .trim()
+            .to_owned()
+    }
+}
+
+/// A running sidecar on a free port, stopped when dropped.
+pub struct Sidecar {
+    pub addr: std::net::SocketAddr,
+    pub shelf: kvshelf::shelf::Shelf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Sidecar {
+    pub async fn start(cfg: kvshelf::config::Config) -> Sidecar {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shelf = kvshelf::shelf::Shelf::new(&cfg).expect("valid config");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(kvshelf::server::run(listener, shelf.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Sidecar {
+            addr,
+            shelf,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn client(
+        &self,
+        protocol: kvshelf::client::Protocol,
+        token: Option<&str>,
+    ) -> kvshelf::client::Client {
+        kvshelf::client::Client::new(kvshelf::client::ClientConfig {
+            url: self.url(),
+            protocol,
+            token: token.map(Into::into),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// Stops like SIGTERM would: in-flight requests and queued puts finish first.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+
+    /// The value of a Prometheus counter line, e.g. `kvshelf_backend_block_reads_total{namespace="x"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A sidecar config on Redis `url` serving `namespaces`.
+pub fn sidecar_config(url: Option<String>, namespaces: Vec<Namespace>) -> kvshelf::config::Config {
+    kvshelf::config::Config {
+        store: url.map(|url| StoreConfig {
+            url,
+            ..Default::default()
+        }),
+        namespaces,
+        ..Default::default()
+    }
+}
