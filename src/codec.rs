@@ -51,7 +51,9 @@ pub struct Header {
     pub namespace: String,
     /// Tokens covered by the block (the namespace's block size).
     pub tokens: u32,
-    /// Element type of the tensor.
+    /// Element type of the tensor, by its canonical name only (no aliases): a header that
+    /// decodes always re-encodes to the same length or shorter.
+    #[serde(deserialize_with = "canonical_dtype")]
     pub dtype: Dtype,
     /// Memory order of the axes (a permutation of `lkthd`, see [`crate::Layout`]).
     pub order: String,
@@ -95,6 +97,10 @@ impl Header {
         out.extend_from_slice(&json);
         out.resize(len - 1, b' ');
         out.push(b'\n');
+        debug_assert!(
+            len <= MAX_HEADER_LEN,
+            "labels are at most 64 bytes, so headers fit"
+        );
         out
     }
 
@@ -133,6 +139,14 @@ impl Header {
         }
         Ok(())
     }
+}
+
+fn canonical_dtype<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Dtype, D::Error> {
+    let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+    Dtype::ALL
+        .into_iter()
+        .find(|t| t.name() == s)
+        .ok_or_else(|| serde::de::Error::custom(format!("dtype {s:?} is not a canonical name")))
 }
 
 /// A decoded block: its header and its payload, a zero-copy slice of the stored value.
@@ -401,6 +415,26 @@ mod tests {
         bad_json[PREAMBLE_LEN] = b'[';
         assert!(matches!(
             decode(bad_json.into()),
+            Err(CodecError::MalformedHeader(_))
+        ));
+    }
+
+    #[test]
+    fn dtype_aliases_are_refused_in_headers() {
+        // Found by the fuzzer: a 4096-byte header with the alias "fp8" decoded, but
+        // re-encoded with the canonical name it was 4160 bytes, which decode refuses.
+        let (ns, hash, payload) = sample();
+        let value = encode(&Header::for_block(&ns, &hash, &payload), &payload).to_vec();
+        let text = String::from_utf8(value[..PREAMBLE_LEN + 300].to_vec()).unwrap_or_default();
+        assert!(text.contains("\"dtype\":\"bfloat16\""));
+        let mut aliased = value.clone();
+        let at = value
+            .windows(10)
+            .position(|w| w == b"\"bfloat16\"")
+            .unwrap();
+        aliased[at..at + 10].copy_from_slice(b"\"bf16\"    ");
+        assert!(matches!(
+            decode(aliased.into()),
             Err(CodecError::MalformedHeader(_))
         ));
     }

@@ -205,10 +205,8 @@ impl L1 {
         let mut loaded = if to_load.is_empty() {
             Vec::new()
         } else {
-            match load(to_load).await {
-                Ok(hits) => hits,
-                Err(_) => Vec::new(), // the caller's loader reports its own failure
-            }
+            // A failed load is a miss for every block of it; the loader reports the failure.
+            load(to_load).await.unwrap_or_default()
         }
         .into_iter();
 

@@ -50,7 +50,7 @@ impl RedisServer {
         args.extend(extra.iter().map(|s| s.to_string()));
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         let script = format!(
-            "redis-server {} >'{}/redis.log' 2>&1 & pid=$!; read _; kill $pid",
+            "redis-server {} >'{}/redis.log' 2>&1 & pid=$!; read _; kill $pid; wait $pid",
             quoted.join(" "),
             dir.display()
         );
