@@ -20,6 +20,7 @@
 //! | `shelf` | the sidecar's transport-agnostic core: tenants, fail-open, limits, put queue |
 //! | `server` | thin HTTP (axum) and gRPC (tonic) adapters on one port, health, metrics |
 //! | `client` | the Rust client workers use to call the sidecar (feature `client`) |
+//! | `bench` | `kvshelf bench`: every fetch path side by side against the same Redis |
 //! | `config` | the TOML configuration of the sidecar (feature `server`) |
 //!
 //! ```no_run
@@ -46,6 +47,8 @@
 
 #[cfg(feature = "server")]
 pub mod backend;
+#[cfg(feature = "cli")]
+pub mod bench;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod codec;

@@ -65,6 +65,12 @@ pub enum ApiError {
     /// The single block asked for is not on the shelf.
     #[error("block not found")]
     NotFound,
+    /// No endpoint at this path (HTTP only).
+    #[error("{0}")]
+    NoSuchRoute(String),
+    /// The endpoint exists but not with this method (HTTP only).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// The backend failed an operator action (delete, pin, purge), which does not fail open.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),
@@ -85,6 +91,8 @@ impl ApiError {
             ApiError::TooManyBlocks { .. } => "too_many_blocks",
             ApiError::Overloaded => "overloaded",
             ApiError::NotFound => "not_found",
+            ApiError::NoSuchRoute(_) => "no_such_route",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
             ApiError::Library(e) => e.code(),
         }
@@ -578,8 +586,16 @@ impl Shelf {
         let mut reason = EndReason::Complete;
         'chunks: for chunk in hashes.chunks(self.chunk_blocks(&ns)) {
             let (served, backend_ok) = self.read_blocks(&ns, chunk).await;
-            for (hash, payload) in chunk.iter().zip(served) {
-                let Some(payload) = payload else {
+            for (hash, served) in chunk.iter().zip(served) {
+                let tier = match &served {
+                    Served::Hit(_) => "l1_hit",
+                    Served::Loaded(_) => "backend_hit",
+                    Served::Coalesced(_) => "coalesced",
+                    Served::Miss => "miss",
+                };
+                metrics::counter!("kvshelf_fetch_blocks_total", "namespace" => ns.label.clone(), "result" => tier)
+                    .increment(1);
+                let Some(payload) = served.into_payload() else {
                     reason = if backend_ok {
                         EndReason::Miss
                     } else {
@@ -610,11 +626,7 @@ impl Shelf {
 
     /// Reads one chunk through L1 (coalescing concurrent misses) or straight from the
     /// embedded store. Returns the payloads and whether the backend answered.
-    async fn read_blocks(
-        &self,
-        ns: &Namespace,
-        hashes: &[BlockHash],
-    ) -> (Vec<Option<Bytes>>, bool) {
+    async fn read_blocks(&self, ns: &Namespace, hashes: &[BlockHash]) -> (Vec<Served>, bool) {
         let backend_ok = AtomicBool::new(true);
         let label = ns.label.clone();
         let load = |hs: Vec<BlockHash>| {
@@ -649,19 +661,7 @@ impl Shelf {
                 .take(hashes.len())
                 .collect(),
         };
-        let mut out = Vec::with_capacity(served.len());
-        for s in served {
-            let result = match &s {
-                Served::Hit(_) => "l1_hit",
-                Served::Loaded(_) => "backend_hit",
-                Served::Coalesced(_) => "coalesced",
-                Served::Miss => "miss",
-            };
-            metrics::counter!("kvshelf_fetch_blocks_total", "namespace" => label.clone(), "result" => result)
-                .increment(1);
-            out.push(s.into_payload());
-        }
-        (out, backend_ok.load(Ordering::Relaxed))
+        (served, backend_ok.load(Ordering::Relaxed))
     }
 
     /// Puts blocks. Synchronous: written before the answer (or dropped if the backend fails
@@ -785,7 +785,7 @@ impl Shelf {
         if let Some(l1) = &self.inner.l1 {
             hashes.iter().for_each(|h| l1.remove(label, h));
         }
-        Ok(self.inner.backend.delete(label, hashes).await?)
+        self.bounded(self.inner.backend.delete(label, hashes)).await
     }
 
     /// Pins (`true`) or unpins a block. Returns whether it exists.
@@ -801,11 +801,11 @@ impl Shelf {
         if let Some(l1) = &self.inner.l1 {
             l1.remove(label, hash);
         }
-        Ok(if pin {
-            self.inner.backend.pin(label, hash).await?
+        if pin {
+            self.bounded(self.inner.backend.pin(label, hash)).await
         } else {
-            self.inner.backend.unpin(ns, hash).await?
-        })
+            self.bounded(self.inner.backend.unpin(ns, hash)).await
+        }
     }
 
     /// Time to live left of a block: `None` missing, `Some(None)` pinned.
@@ -815,7 +815,7 @@ impl Shelf {
         hash: &BlockHash,
     ) -> Result<Option<Option<Duration>>, ApiError> {
         self.namespace(label)?;
-        Ok(self.inner.backend.ttl(label, hash).await?)
+        self.bounded(self.inner.backend.ttl(label, hash)).await
     }
 
     /// Deletes every block of a namespace. Needs an admin token when tokens are configured.
@@ -833,6 +833,22 @@ impl Shelf {
         let n = self.inner.backend.purge(label).await?;
         tracing::info!(namespace = label, deleted = n, tenant = ?caller.tenant_name(), "namespace purged");
         Ok(n)
+    }
+
+    /// An operator action (delete, pin, unpin, ttl) under `put_timeout`: these report the
+    /// backend's failure instead of failing open, but they never hold a request slot for
+    /// longer than a put would.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, ApiError> {
+        let timeout = self.inner.cfg.put_timeout;
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ApiError::BackendUnavailable(format!(
+                "no answer within {timeout:?}"
+            ))),
+        }
     }
 
     /// Whether the backend answers within the lookup timeout.

@@ -144,7 +144,9 @@ pub enum PutResult {
     AlreadyPresent,
     /// Accepted into the asynchronous queue.
     Queued,
-    /// Not stored: the queue was full or the backend unavailable (counted).
+    /// Not confirmed stored: the queue was full, or the backend failed or did not answer in
+    /// time (counted). A put to a backend that was merely slow may still land later, which
+    /// is harmless: puts are write-once and expire.
     Dropped,
 }
 

@@ -339,7 +339,22 @@ async fn every_error_code_through_both_protocols() {
         (
             auth(http.get(format!("{base}/v1/blocks/{}/zz", ns.label))),
             400,
-            "invalid_input",
+            "invalid_request",
+        ),
+        (
+            auth(http.get(format!("{base}/v1/nothing"))),
+            404,
+            "no_such_route",
+        ),
+        (
+            auth(http.post(format!("{base}/v1/lookupx"))),
+            404,
+            "no_such_route",
+        ),
+        (
+            auth(http.get(format!("{base}/v1/lookup"))),
+            405,
+            "method_not_allowed",
         ),
         (
             auth(

@@ -49,6 +49,36 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         shared_tokens: u32,
     },
+    /// Measures fetch throughput and latency of every path (plain redis-rs, the library, the
+    /// sidecar over HTTP and gRPC) against the same Redis, in one run.
+    Bench {
+        /// Value size (a 16-token block of a 0.5B or 8B model, a 256-token chunk of 8B).
+        #[arg(long, value_enum, default_value = "2MiB")]
+        size: kvshelf::bench::ValueSize,
+        /// Blocks per request.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Requests per path.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Paths to measure, in order; ratios are against the first.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "redis-rs,library,http,grpc"
+        )]
+        paths: Vec<kvshelf::bench::BenchPath>,
+        /// Keep the sidecar's L1 on (measures L1 hits instead of Redis reads).
+        #[arg(long)]
+        l1: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prints the block hashes and Redis keys of a prompt.
     Hash {
         /// Namespace label from the config file.
@@ -107,6 +137,36 @@ async fn main() -> Result<()> {
             serve(cfg).await
         }
         Command::Demo { shared_tokens } => demo(store()?, shared_tokens).await,
+        Command::Bench {
+            size,
+            batch,
+            concurrency,
+            requests,
+            paths,
+            l1,
+            json,
+        } => {
+            let bench = kvshelf::bench::BenchConfig {
+                redis_url: store_cfg.url.clone(),
+                size,
+                batch,
+                concurrency,
+                requests,
+                paths,
+                l1,
+            };
+            let results = kvshelf::bench::run(&bench, |path, done| {
+                eprint!("\r{path:?}: {done}/{requests} requests   ");
+            })
+            .await?;
+            eprintln!();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", kvshelf::bench::table(&results));
+            }
+            Ok(())
+        }
         Command::Hash {
             namespace,
             tokens,

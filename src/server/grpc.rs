@@ -19,7 +19,10 @@ pub fn status_of(e: &ApiError) -> Status {
     let code = match e {
         ApiError::Unauthenticated => Code::Unauthenticated,
         ApiError::Forbidden(_) => Code::PermissionDenied,
-        ApiError::UnknownNamespace(_) | ApiError::NotFound => Code::NotFound,
+        ApiError::UnknownNamespace(_) | ApiError::NotFound | ApiError::NoSuchRoute(_) => {
+            Code::NotFound
+        }
+        ApiError::MethodNotAllowed(_) => Code::Unimplemented,
         ApiError::InvalidRequest(_) | ApiError::Library(_) => Code::InvalidArgument,
         ApiError::PayloadTooLarge { .. } | ApiError::TooManyBlocks { .. } => Code::InvalidArgument,
         ApiError::Overloaded => Code::ResourceExhausted,

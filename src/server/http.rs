@@ -45,12 +45,40 @@ pub fn routes(shelf: Shelf) -> Router {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
+/// Any path no route matches: gRPC's UNIMPLEMENTED for gRPC requests, a JSON 404 otherwise.
+pub async fn unknown_route(headers: HeaderMap, uri: Uri) -> Response {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented(format!("no such method: {}", uri.path())).into_http();
+    }
+    HttpError(ApiError::NoSuchRoute(format!(
+        "no such endpoint: {}",
+        uri.path()
+    )))
+    .into_response()
+}
+
+/// A known path with the wrong method.
+pub async fn method_not_allowed(uri: Uri) -> Response {
+    HttpError(ApiError::MethodNotAllowed(format!(
+        "{} does not take this method",
+        uri.path()
+    )))
+    .into_response()
+}
+
 /// The one table from API error to HTTP status.
 pub fn status_of(e: &ApiError) -> StatusCode {
     match e {
         ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
         ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-        ApiError::UnknownNamespace(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+        ApiError::UnknownNamespace(_) | ApiError::NotFound | ApiError::NoSuchRoute(_) => {
+            StatusCode::NOT_FOUND
+        }
+        ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         ApiError::InvalidRequest(_) | ApiError::Library(_) => StatusCode::BAD_REQUEST,
         ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         ApiError::TooManyBlocks { .. } => StatusCode::BAD_REQUEST,
@@ -133,7 +161,9 @@ fn parse_query<T: DeserializeOwned>(uri: &Uri) -> std::result::Result<T, ApiErro
 }
 
 fn parse_hash(s: &str) -> std::result::Result<BlockHash, ApiError> {
-    s.parse().map_err(ApiError::Library)
+    // The same code as a bad hash in a JSON body: the request is malformed.
+    s.parse()
+        .map_err(|_| ApiError::InvalidRequest(format!("block hash {s:?} is not 64 hex digits")))
 }
 
 fn parse_extras(extras: Vec<Vec<String>>) -> std::result::Result<Vec<Vec<Vec<u8>>>, ApiError> {

@@ -91,7 +91,12 @@ fn describe_metrics() {
 pub fn router(shelf: Shelf) -> axum::Router {
     metrics_handle();
     let grpc = grpc::routes(shelf.clone());
-    http::routes(shelf).merge(grpc)
+    // tonic's router answers every unknown path with gRPC's UNIMPLEMENTED; replace that
+    // fallback so plain HTTP clients get the API's JSON 404 instead.
+    http::routes(shelf)
+        .merge(grpc)
+        .fallback(http::unknown_route)
+        .method_not_allowed_fallback(http::method_not_allowed)
 }
 
 /// Serves HTTP/1.1, HTTP/2 and gRPC on `listener` until `shutdown` resolves, then lets
