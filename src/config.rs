@@ -211,6 +211,21 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses_with_its_documented_defaults() {
+        let cfg = Config::from_toml(include_str!("../examples/kvshelf.toml")).unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            cfg.server, defaults.server,
+            "the example shows the defaults"
+        );
+        let store = cfg.store.unwrap();
+        assert_eq!(store.ttl, crate::store::StoreConfig::default().ttl);
+        assert_eq!(cfg.namespaces.len(), 2);
+        assert_eq!(cfg.namespaces[1].layout.kv_heads_per_rank(), 4);
+        assert_eq!(cfg.namespaces[1].ttl, Some(Duration::from_secs(6 * 3600)));
+    }
+
+    #[test]
     fn bad_configs_are_refused() {
         assert!(Config::from_toml("[store]\nurl = 1").is_err());
         assert!(Config::from_toml("[stor]").is_err());
