@@ -45,6 +45,8 @@ COPY --from=builder /out/kvshelf /usr/local/bin/kvshelf
 
 USER 10001:10001
 EXPOSE 7070
+# Plain log lines in `docker logs` (kvshelf's logger honours NO_COLOR).
+ENV NO_COLOR=1
 
 # Liveness: GET /healthz over bash's /dev/tcp, so the check needs no curl (bash is part of
 # every Debian image). It does not look at Redis: an unreachable Redis makes the sidecar

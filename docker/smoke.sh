@@ -61,7 +61,7 @@ finish() {
   local rc=$?
   if ((failed > 0 || rc != 0)); then
     info "--- service status and logs (for the failure above) ---"
-    dc --profile cluster ps 2>&1 | sed 's/^/  /'
+    dc --profile cluster ps -a 2>&1 | sed 's/^/  /'
     dc --profile cluster logs --no-color --tail=40 2>&1 | sed 's/^/  /'
   fi
   if [[ "${KVSHELF_SMOKE_KEEP:-0}" == 1 ]]; then
@@ -85,7 +85,12 @@ trap 'info "interrupted"; exit 130' INT TERM
 # Stops the run at the first failed step that later steps depend on.
 need() { "$@" || exit 1; }
 
-cid() { dc ps -q "$1" 2>/dev/null | head -n 1; }
+# A service's container, running or exited, by compose's labels: `compose ps -q` of compose
+# v2 leaves out exited containers (the one-shot services), v1 does not.
+cid() {
+  docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
+    --filter "label=com.docker.compose.service=$1" 2>/dev/null | head -n 1
+}
 
 # Waits until a service's container is healthy (bounded).
 wait_healthy() {

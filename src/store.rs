@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, Block, Header};
@@ -38,9 +40,12 @@ pub fn namespace_pattern(label: &str) -> String {
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
-    /// Default: `redis://127.0.0.1:6379`.
+    /// `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS. With
+    /// `cluster`, one or more seed nodes separated by commas. Default: `redis://127.0.0.1:6379`.
     pub url: String,
+    /// Talk to a Redis Cluster: keys spread over every slot (no hash tags), commands are
+    /// grouped per key and sent to each node concurrently. Default: false.
+    pub cluster: bool,
     /// PEM file of the CA certificates to trust for `rediss://`, instead of the system's.
     /// Default: none (the system trust store).
     pub tls_ca_file: Option<PathBuf>,
@@ -71,6 +76,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: "redis://127.0.0.1:6379".into(),
+            cluster: false,
             tls_ca_file: None,
             ttl: Duration::from_secs(3600),
             sliding_ttl: true,
@@ -85,7 +91,11 @@ impl Default for StoreConfig {
 impl StoreConfig {
     /// The URL with any password replaced by `***`, for logs.
     pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+        self.url
+            .split(',')
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -93,6 +103,7 @@ impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreConfig")
             .field("url", &self.redacted_url())
+            .field("cluster", &self.cluster)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("ttl", &self.ttl)
             .field("sliding_ttl", &self.sliding_ttl)
@@ -132,6 +143,8 @@ pub enum PutOutcome {
     Stored,
     /// The block was already on the shelf; the first writer's bytes stay (write-once).
     AlreadyPresent,
+    /// Cluster only: the node that owns this block's slot did not answer; not stored.
+    Unavailable,
 }
 
 /// What a sidecar did with one block of a put.
@@ -155,6 +168,7 @@ impl From<PutOutcome> for PutResult {
         match o {
             PutOutcome::Stored => PutResult::Stored,
             PutOutcome::AlreadyPresent => PutResult::AlreadyPresent,
+            PutOutcome::Unavailable => PutResult::Dropped,
         }
     }
 }
@@ -168,12 +182,35 @@ pub struct Hit {
     pub ttl: Option<Duration>,
 }
 
-/// A handle to the Redis store. Cheap to clone: clones share one multiplexed connection,
-/// which reconnects by itself after Redis restarts.
+/// A handle to the Redis store. Cheap to clone: clones share one multiplexed connection
+/// (one per node on a cluster), which reconnects by itself after Redis restarts.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     cfg: Arc<StoreConfig>,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(Arc<LazyCluster>),
+}
+
+/// A cluster connection made on first use, so a store can be created while the cluster
+/// is down (fail open at start-up too); once made, it follows slot moves and reconnects.
+struct LazyCluster {
+    client: ClusterClient,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl LazyCluster {
+    async fn get(&self) -> Result<ClusterConnection, Error> {
+        Ok(self
+            .conn
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await?
+            .clone())
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -188,17 +225,32 @@ impl RedisStore {
     /// A store for `cfg`. It connects lazily, so it can be created while Redis is down;
     /// the first command (or [`ping`](Self::ping)) connects.
     pub fn new(cfg: StoreConfig) -> Result<Self, Error> {
-        let client = client_for(&cfg)?;
-        let manager_cfg = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(cfg.response_timeout))
-            .set_connection_timeout(Some(cfg.connection_timeout))
-            .set_number_of_retries(cfg.reconnect_retries)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_cfg)?;
+        let conn = if cfg.cluster {
+            Conn::Cluster(Arc::new(LazyCluster {
+                client: cluster_client_for(&cfg)?,
+                conn: tokio::sync::OnceCell::new(),
+            }))
+        } else {
+            let client = client_for(&cfg)?;
+            let manager_cfg = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(cfg.response_timeout))
+                .set_connection_timeout(Some(cfg.connection_timeout))
+                .set_number_of_retries(cfg.reconnect_retries)
+                .set_max_delay(Duration::from_secs(2));
+            Conn::Single(ConnectionManager::new_lazy_with_config(
+                client,
+                manager_cfg,
+            )?)
+        };
         Ok(RedisStore {
             conn,
             cfg: Arc::new(cfg),
         })
+    }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     /// A store for `cfg` that has checked Redis answers.
@@ -239,22 +291,25 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let ttl_ms = ttl_millis(self.ttl_of(ns));
-        let mut pipe = redis::pipe();
-        for (hash, payload) in blocks {
-            let value = codec::encode(&Header::for_block(ns, hash, payload), payload);
-            pipe.cmd("SET")
-                .arg(block_key(&ns.label, hash))
-                .arg(&value[..])
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_ms);
-        }
-        let replies: Vec<Option<String>> = self.run(&pipe).await?;
+        let replies = self
+            .per_key(blocks.len(), |i, pipe| {
+                let (hash, payload) = &blocks[i];
+                let value = codec::encode(&Header::for_block(ns, hash, payload), payload);
+                pipe.cmd("SET")
+                    .arg(block_key(&ns.label, hash))
+                    .arg(&value[..])
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms);
+                1
+            })
+            .await?;
         Ok(replies
             .into_iter()
-            .map(|r| match r {
-                Some(_) => PutOutcome::Stored,
-                None => PutOutcome::AlreadyPresent,
+            .map(|r| match r.as_deref() {
+                Ok([redis::Value::Nil]) => PutOutcome::AlreadyPresent,
+                Ok(_) => PutOutcome::Stored,
+                Err(_) => PutOutcome::Unavailable,
             })
             .collect())
     }
@@ -272,32 +327,32 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let ttl_ms = ttl_millis(self.ttl_of(ns));
-        let mut pipe = redis::pipe();
-        for hash in hashes {
-            let key = block_key(&ns.label, hash);
-            pipe.get(&key);
-            if self.cfg.sliding_ttl {
-                // XX: only keys that already have an expiry, so a pinned block stays pinned.
-                pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("XX").ignore();
-            }
-            pipe.cmd("PTTL").arg(&key);
-        }
-        let replies: Vec<redis::Value> = self.run(&pipe).await?;
+        let sliding = self.cfg.sliding_ttl;
+        let replies = self
+            .per_key(hashes.len(), |i, pipe| {
+                let key = block_key(&ns.label, &hashes[i]);
+                pipe.get(&key);
+                if sliding {
+                    // XX: only keys that already have an expiry, so a pinned block stays pinned.
+                    pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("XX").ignore();
+                }
+                pipe.cmd("PTTL").arg(&key);
+                2
+            })
+            .await?;
         let mut out = Vec::with_capacity(hashes.len());
         let mut bad = Vec::new();
-        let mut replies = replies.into_iter();
-        for hash in hashes {
-            let (value, pttl) = (replies.next(), replies.next());
-            let value: Option<Bytes> = value
-                .map(redis::from_redis_value)
-                .transpose()
-                .map_err(redis::RedisError::from)?
-                .flatten();
-            let pttl: i64 = pttl
-                .map(redis::from_redis_value)
-                .transpose()
-                .map_err(redis::RedisError::from)?
-                .unwrap_or(-2);
+        for (hash, reply) in hashes.iter().zip(replies) {
+            // On a cluster, a block whose node did not answer is a miss.
+            let Ok(mut reply) = reply else {
+                out.push(None);
+                continue;
+            };
+            let pttl: i64 =
+                redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil)).unwrap_or(-2);
+            let value: Option<Bytes> =
+                redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil))
+                    .map_err(redis::RedisError::from)?;
             out.push(match value.map(|v| verify(ns, hash, v)) {
                 Some(Ok(block)) => Some(Hit {
                     block,
@@ -335,12 +390,17 @@ impl RedisStore {
         if hashes.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for hash in hashes {
-            pipe.exists(block_key(&ns.label, hash));
-        }
-        let present: Vec<bool> = self.run(&pipe).await?;
-        Ok(present.iter().take_while(|p| **p).count())
+        let replies = self
+            .per_key(hashes.len(), |i, pipe| {
+                pipe.exists(block_key(&ns.label, &hashes[i]));
+                1
+            })
+            .await?;
+        // A block whose cluster node did not answer ends the run like a missing one.
+        Ok(replies
+            .iter()
+            .take_while(|r| matches!(r.as_deref(), Ok([redis::Value::Int(1)])))
+            .count())
     }
 
     /// Deletes blocks (`UNLINK`: Redis frees the memory off its main thread). Returns how
@@ -350,10 +410,18 @@ impl RedisStore {
         if hashes.is_empty() {
             return Ok(0);
         }
-        let keys: Vec<String> = hashes.iter().map(|h| block_key(label, h)).collect();
-        self.run(redis::pipe().cmd("UNLINK").arg(&keys))
-            .await
-            .map(one)
+        let replies = self
+            .per_key(hashes.len(), |i, pipe| {
+                pipe.cmd("UNLINK").arg(block_key(label, &hashes[i]));
+                1
+            })
+            .await?;
+        let mut deleted = 0;
+        for r in replies {
+            deleted += redis::from_redis_value::<u64>(r?.pop().unwrap_or(redis::Value::Nil))
+                .map_err(redis::RedisError::from)?;
+        }
+        Ok(deleted)
     }
 
     /// Keeps a block forever (`PERSIST`): the explicit way to keep a system prompt. Returns
@@ -413,12 +481,7 @@ impl RedisStore {
         let mut removed = 0;
         self.scan(
             &namespace_pattern(label),
-            |store, keys| async move {
-                store
-                    .run(redis::pipe().cmd("UNLINK").arg(&keys))
-                    .await
-                    .map(one::<u64>)
-            },
+            |store, keys| async move { store.unlink_keys(&keys).await },
             |n| removed += n,
         )
         .await?;
@@ -460,10 +523,12 @@ impl RedisStore {
     }
 
     /// The text of `INFO <section>` (for example `memory` or `stats`), for operators.
+    /// On a cluster, the `INFO` of one primary node.
     pub async fn info(&self, section: &str) -> Result<String, Error> {
-        self.run(redis::pipe().cmd("INFO").arg(section))
-            .await
-            .map(one)
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg(section);
+        let v = self.on_node(&Node::AnyPrimary, cmd).await?;
+        Ok(redis::from_redis_value(v).map_err(redis::RedisError::from)?)
     }
 
     /// Reads the header of the block stored under a raw key, as an operator would with
@@ -488,8 +553,8 @@ impl RedisStore {
         Ok(Some((header, ttl)))
     }
 
-    /// Runs `SCAN MATCH pattern` to the end, handing each batch of keys to `batch` and its
-    /// result to `sink`.
+    /// Runs `SCAN MATCH pattern` to the end (on every primary of a cluster), handing each
+    /// batch of keys to `batch` and its result to `sink`.
     async fn scan<T, F, Fut>(
         &self,
         pattern: &str,
@@ -500,27 +565,135 @@ impl RedisStore {
         F: Fn(RedisStore, Vec<String>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .run(
-                    redis::pipe()
-                        .cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(1000),
+        for node in self.scan_nodes().await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, keys): (u64, Vec<String>) =
+                    redis::from_redis_value(self.on_node(&node, cmd).await?)
+                        .map_err(redis::RedisError::from)?;
+                if !keys.is_empty() {
+                    sink(batch(self.clone(), keys).await?);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes a full `SCAN` must visit: the one Redis, or every primary of the cluster.
+    async fn scan_nodes(&self) -> Result<Vec<Node>, Error> {
+        match &self.conn {
+            Conn::Single(_) => Ok(vec![Node::AnyPrimary]),
+            Conn::Cluster(_) => {
+                let text: String = redis::from_redis_value(
+                    self.on_node(
+                        &Node::AnyPrimary,
+                        redis::cmd("CLUSTER").arg("NODES").clone(),
+                    )
+                    .await?,
                 )
-                .await
-                .map(one)?;
-            if !keys.is_empty() {
-                sink(batch(self.clone(), keys).await?);
+                .map_err(redis::RedisError::from)?;
+                Ok(cluster_primaries(&text)
+                    .into_iter()
+                    .map(|(host, port)| Node::At(host, port))
+                    .collect())
             }
-            if next == 0 {
-                return Ok(());
+        }
+    }
+
+    /// Sends one command to one node.
+    async fn on_node(&self, node: &Node, cmd: redis::Cmd) -> Result<redis::Value, Error> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd);
+                self.run(&pipe).await.map(one)
             }
-            cursor = next;
+            Conn::Cluster(c) => {
+                let routing = match node {
+                    Node::AnyPrimary => SingleNodeRoutingInfo::RandomPrimary,
+                    Node::At(host, port) => SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    },
+                };
+                let mut conn = c.get().await?;
+                Ok(conn
+                    .route_command(cmd, RoutingInfo::SingleNode(routing))
+                    .await?)
+            }
+        }
+    }
+
+    /// Unlinks keys, grouped per key so that a cluster routes each to its node.
+    async fn unlink_keys(&self, keys: &[String]) -> Result<u64, Error> {
+        let replies = self
+            .per_key(keys.len(), |i, pipe| {
+                pipe.cmd("UNLINK").arg(&keys[i]);
+                1
+            })
+            .await?;
+        let mut deleted = 0;
+        for r in replies {
+            deleted += redis::from_redis_value::<u64>(r?.pop().unwrap_or(redis::Value::Nil))
+                .map_err(redis::RedisError::from)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Runs `n` small pipelines, the `i`-th built by `build(i, pipe)`, which returns how many
+    /// replies it expects. All commands of one pipeline touch ONE key, hence one slot.
+    ///
+    /// On one Redis the pipelines travel together as ONE pipeline: one round trip, and an
+    /// error fails the whole call. On a cluster, redis-rs refuses pipelines that cross
+    /// slots, so each is sent on its own, all concurrently: each node still receives its
+    /// share back to back on its multiplexed connection (one round trip per node), and a
+    /// node that does not answer fails only its own keys (unless all fail).
+    async fn per_key(
+        &self,
+        n: usize,
+        mut build: impl FnMut(usize, &mut redis::Pipeline) -> usize,
+    ) -> Result<Vec<Result<Vec<redis::Value>, Error>>, Error> {
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                let counts: Vec<usize> = (0..n).map(|i| build(i, &mut pipe)).collect();
+                let replies: Vec<redis::Value> = self.run(&pipe).await?;
+                let mut replies = replies.into_iter();
+                Ok(counts
+                    .into_iter()
+                    .map(|c| Ok(replies.by_ref().take(c).collect()))
+                    .collect())
+            }
+            Conn::Cluster(c) => {
+                let conn = c.get().await?;
+                let calls = (0..n).map(|i| {
+                    let mut pipe = redis::pipe();
+                    build(i, &mut pipe);
+                    let mut conn = conn.clone();
+                    async move {
+                        pipe.query_async::<Vec<redis::Value>>(&mut conn)
+                            .await
+                            .map_err(Error::from)
+                    }
+                });
+                let results = futures_util::future::join_all(calls).await;
+                if n > 0 && results.iter().all(Result::is_err) {
+                    let first = results.into_iter().find_map(Result::err);
+                    return Err(first.expect("n > 0 results, all errors"));
+                }
+                Ok(results)
+            }
         }
     }
 
@@ -531,21 +704,22 @@ impl RedisStore {
         for (hash, err) in bad {
             count_bad(ns, hash, err);
         }
-        let res: Result<u64, Error> = self
-            .run(redis::pipe().cmd("UNLINK").arg(&keys))
-            .await
-            .map(one);
-        if let Err(e) = res {
+        if let Err(e) = self.unlink_keys(&keys).await {
             tracing::warn!(error = %e, "could not delete bad blocks");
         }
     }
 
-    /// Sends a pipeline, resending it when the connection dropped under it.
+    /// Sends a pipeline (on a cluster: one whose commands share a slot), resending it when
+    /// the connection dropped under it.
     async fn run<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, Error> {
         let mut attempt = 0;
         loop {
-            let mut conn = self.conn.clone();
-            match pipe.query_async::<T>(&mut conn).await {
+            let sent = match &self.conn {
+                Conn::Single(conn) => pipe.query_async::<T>(&mut conn.clone()).await,
+                // The cluster client retries and reconnects on its own (`reconnect_retries`).
+                Conn::Cluster(c) => return Ok(pipe.query_async::<T>(&mut c.get().await?).await?),
+            };
+            match sent {
                 Ok(v) => return Ok(v),
                 Err(e)
                     if attempt < self.cfg.command_retries
@@ -558,6 +732,32 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// Where a command goes.
+enum Node {
+    /// The one Redis, or any primary of a cluster.
+    AnyPrimary,
+    /// One cluster node.
+    At(String, u16),
+}
+
+/// `host:port` of every primary in a `CLUSTER NODES` reply that is not failing.
+fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            if !flags.contains("master") || flags.contains("fail") {
+                return None;
+            }
+            // `ip:port@cport[,hostname]`
+            let addr = fields.get(1)?.split('@').next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
 }
 
 /// The single reply of a one-command pipeline.
@@ -603,6 +803,31 @@ fn ttl_millis(ttl: Duration) -> u64 {
     (ttl.as_millis() as u64).max(1)
 }
 
+fn cluster_client_for(cfg: &StoreConfig) -> Result<ClusterClient, Error> {
+    let seeds: Vec<&str> = cfg
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+        .connection_timeout(cfg.connection_timeout)
+        .response_timeout(cfg.response_timeout)
+        .retries(cfg.reconnect_retries as u32);
+    if let Some(path) = &cfg.tls_ca_file {
+        #[cfg(feature = "tls")]
+        {
+            builder = builder.certs(tls_certs(path)?);
+        }
+        #[cfg(not(feature = "tls"))]
+        return tls_client(cfg, path).map(|_| unreachable!("always an error without tls"));
+    }
+    builder
+        .build()
+        .map_err(|e| Error::Config(format!("redis cluster urls {}: {e}", cfg.redacted_url())))
+}
+
 fn client_for(cfg: &StoreConfig) -> Result<redis::Client, Error> {
     let bad_url =
         |e: redis::RedisError| Error::Config(format!("redis url {}: {e}", cfg.redacted_url()));
@@ -617,17 +842,23 @@ fn tls_client(
     cfg: &StoreConfig,
     ca_file: &std::path::Path,
 ) -> Result<redis::RedisResult<redis::Client>, Error> {
+    Ok(redis::Client::build_with_tls(
+        cfg.url.as_str(),
+        tls_certs(ca_file)?,
+    ))
+}
+
+/// The CA certificates to trust for `rediss://`.
+#[cfg(feature = "tls")]
+fn tls_certs(ca_file: &std::path::Path) -> Result<redis::TlsCertificates, Error> {
     // One process-wide crypto provider; ignore the error that says one is installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let pem = std::fs::read(ca_file)
         .map_err(|e| Error::Config(format!("tls_ca_file {}: {e}", ca_file.display())))?;
-    Ok(redis::Client::build_with_tls(
-        cfg.url.as_str(),
-        redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem),
-        },
-    ))
+    Ok(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    })
 }
 
 #[cfg(not(feature = "tls"))]

@@ -308,3 +308,89 @@ pub fn sidecar_config(url: Option<String>, namespaces: Vec<Namespace>) -> kvshel
         ..Default::default()
     }
 }
+
+/// A Redis Cluster of `n` primaries (no replicas) on free loopback ports.
+pub struct RedisCluster {
+    pub nodes: Vec<Option<RedisServer>>,
+    pub ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                RedisServer::start(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ])
+            })
+            .collect();
+        let ports: Vec<u16> = nodes.iter().map(|s| s.port).collect();
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(ports.iter().map(|p| format!("127.0.0.1:{p}")));
+        args.extend([
+            "--cluster-replicas".into(),
+            "0".into(),
+            "--cluster-yes".into(),
+        ]);
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for s in &nodes {
+            while !redis_cli(&s.url(), &["CLUSTER", "INFO"])
+                .is_some_and(|i| i.contains("cluster_state:ok"))
+            {
+                assert!(Instant::now() < deadline, "cluster did not become ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster {
+            nodes: nodes.into_iter().map(Some).collect(),
+            ports,
+        }
+    }
+
+    /// Seed URLs for `StoreConfig { cluster: true, url, .. }`.
+    pub fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node that holds `key` (asked of every live node).
+    pub fn owner(&self, key: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| {
+            n.as_ref().is_some_and(|n| {
+                redis_cli(&n.url(), &["EXISTS", key]).is_some_and(|o| o.trim() == "1")
+            })
+        })
+    }
+
+    /// Keys stored on node `i`.
+    pub fn dbsize(&self, i: usize) -> u64 {
+        let n = self.nodes[i].as_ref().expect("node running");
+        redis_cli(&n.url(), &["DBSIZE"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Kills node `i`.
+    pub fn stop(&mut self, i: usize) {
+        self.nodes[i].take();
+    }
+}

@@ -1,0 +1,147 @@
+//! The store and the sidecar on a real 3-primary Redis Cluster: keys spread over every
+//! node, every operation works across slots, and a lost primary costs only its own blocks.
+
+mod support;
+
+use std::time::Duration;
+
+use kvshelf::client::Protocol;
+use kvshelf::frame::EndReason;
+use kvshelf::store::block_key;
+use kvshelf::{BlockHash, PrefixHasher, PutOutcome, RedisStore, StoreConfig};
+use support::{RedisCluster, Sidecar, namespace, payload};
+
+fn cluster_store(cluster: &RedisCluster) -> RedisStore {
+    RedisStore::new(StoreConfig {
+        url: cluster.url(),
+        cluster: true,
+        connection_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(500),
+        reconnect_retries: 1,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn every_store_operation_works_across_slots_and_nodes() {
+    let cluster = RedisCluster::start(3);
+    let s = cluster_store(&cluster);
+    assert!(s.is_cluster());
+    s.ping().await.unwrap();
+    let ns = namespace("cluster-ops");
+    let hashes =
+        PrefixHasher::new(&ns, None).hash_prefix(&(0..64 * ns.block_size).collect::<Vec<_>>());
+    let blocks: Vec<_> = hashes.iter().map(|h| (*h, payload(&ns, 1))).collect();
+    assert_eq!(
+        s.put(&ns, &blocks).await.unwrap(),
+        vec![PutOutcome::Stored; 64]
+    );
+    assert_eq!(
+        s.put(&ns, &blocks[..2]).await.unwrap(),
+        vec![PutOutcome::AlreadyPresent; 2]
+    );
+    for i in 0..3 {
+        assert!(
+            cluster.dbsize(i) > 5,
+            "no hash tag pins a namespace to one shard"
+        );
+    }
+    assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 64);
+    let got = s.fetch_prefix(&ns, &hashes).await.unwrap();
+    assert_eq!(got.len(), 64);
+    assert!(got.iter().all(|b| b.payload == blocks[0].1));
+    assert!(s.pin(&ns.label, &hashes[5]).await.unwrap());
+    assert_eq!(s.ttl(&ns.label, &hashes[5]).await.unwrap(), Some(None));
+    assert!(s.unpin(&ns.label, &hashes[5]).await.unwrap());
+    assert_eq!(
+        s.count(&ns.label).await.unwrap(),
+        64,
+        "SCAN visits every primary"
+    );
+    assert_eq!(
+        s.count_by_namespace().await.unwrap().get(&ns.label),
+        Some(&64)
+    );
+    assert!(s.info("memory").await.unwrap().contains("used_memory"));
+    let key = block_key(&ns.label, &hashes[9]);
+    assert!(s.inspect(&key).await.unwrap().is_some());
+    assert_eq!(s.delete(&ns.label, &hashes[60..]).await.unwrap(), 4);
+    assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 60);
+    assert_eq!(s.purge(&ns.label).await.unwrap(), 60);
+    assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 0);
+    for i in 0..3 {
+        assert_eq!(cluster.dbsize(i), 0);
+    }
+}
+
+#[tokio::test]
+async fn losing_one_primary_costs_only_its_blocks() {
+    let mut cluster = RedisCluster::start(3);
+    let ns = namespace("cluster-loss");
+    let mut cfg = support::sidecar_config(None, vec![ns.clone()]);
+    cfg.store = Some(StoreConfig {
+        url: cluster.url(),
+        cluster: true,
+        connection_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(500),
+        reconnect_retries: 1,
+        ..Default::default()
+    });
+    cfg.server.l1_bytes = 0; // every read goes to the cluster
+    cfg.server.lookup_timeout = Duration::from_secs(3);
+    cfg.server.fetch_timeout = Duration::from_secs(3);
+    let side = Sidecar::start(cfg).await;
+    let c = side.client(Protocol::Http, None);
+    let hashes =
+        PrefixHasher::new(&ns, None).hash_prefix(&(0..30 * ns.block_size).collect::<Vec<_>>());
+    let blocks: Vec<(BlockHash, _)> = hashes.iter().map(|h| (*h, payload(&ns, 2))).collect();
+    c.put(&ns.label, &blocks, false).await.unwrap();
+    let owners: Vec<usize> = hashes
+        .iter()
+        .map(|h| {
+            cluster
+                .owner(&block_key(&ns.label, h))
+                .expect("stored somewhere")
+        })
+        .collect();
+
+    // Inject: primary 0 dies (no replica takes over).
+    let lost = 0;
+    cluster.stop(lost);
+    let mut hits = 0;
+    for (h, owner) in hashes.iter().zip(&owners) {
+        let one = c.lookup_hashes(&ns.label, &[*h], false).await.unwrap();
+        let fetched = c.fetch(&ns.label, &[*h]).await.unwrap();
+        if *owner == lost {
+            assert_eq!(one.hit_blocks, 0, "a block on the lost node is a miss");
+            assert!(fetched.blocks.is_empty());
+        } else {
+            assert_eq!(one.hit_blocks, 1, "a block on a live node still hits");
+            assert_eq!(
+                fetched.blocks,
+                vec![(*h, payload(&ns, 2))],
+                "with its exact bytes"
+            );
+            assert_eq!(fetched.reason, EndReason::Complete);
+            hits += 1;
+        }
+    }
+    assert_eq!(hits, owners.iter().filter(|o| **o != lost).count());
+    assert!(hits > 0 && hits < 30);
+    // The prefix is served up to the first block that lived on the lost node.
+    let first_lost = owners.iter().position(|o| *o == lost).unwrap();
+    let run = c.fetch(&ns.label, &hashes).await.unwrap();
+    assert_eq!(
+        (run.blocks.len(), run.reason),
+        (first_lost, EndReason::Miss),
+        "{owners:?}"
+    );
+    assert_eq!(
+        c.lookup_hashes(&ns.label, &hashes, false)
+            .await
+            .unwrap()
+            .hit_blocks,
+        first_lost
+    );
+}
