@@ -155,26 +155,8 @@ pub struct LookupResult {
     pub backend_ok: bool,
 }
 
-/// One item of a fetch stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FetchItem {
-    /// The next block of the leading run.
-    Block {
-        /// Index in the request.
-        index: u32,
-        /// Its hash.
-        hash: BlockHash,
-        /// Its tensor bytes.
-        payload: Bytes,
-    },
-    /// The stream's last item.
-    End {
-        /// Blocks sent.
-        blocks: u32,
-        /// Why it ended.
-        reason: EndReason,
-    },
-}
+/// One item of a fetch stream: the frames of `crate::frame`, which both transports carry.
+pub use crate::frame::Frame as FetchItem;
 
 /// The items of one fetch, in order, ending with [`FetchItem::End`]. The request keeps its
 /// concurrency slot until this is dropped (the response has been sent, or the client left).
