@@ -103,23 +103,105 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The URL of the Redis shared by this test process.
+/// The URL of the Redis shared by this test process, from (in order):
+/// 1. `KVSHELF_TEST_REDIS_URL`, when set;
+/// 2. a container started with testcontainers, when a Docker engine is present — image
+///    `KVSHELF_TEST_REDIS_IMAGE` (default `redis:7.4`: always a pinned tag, since
+///    testcontainers-modules' Redis would default to `redis:5.0`);
+/// 3. a local `redis-server` on a free port.
+///
+/// When the image was named explicitly and cannot be started, the tests fail: CI names its
+/// locally built image, and a silent fallback would hide that the container path broke.
+/// With the default image on a machine that cannot pull it, the local server is used.
 pub fn redis_url() -> String {
     static SHARED: OnceLock<(String, Option<RedisServer>)> = OnceLock::new();
     SHARED
-        .get_or_init(|| match std::env::var("KVSHELF_TEST_REDIS_URL") {
-            Ok(url) if !url.is_empty() => (url, None),
-            _ => {
-                assert!(
-                    which("redis-server"),
-                    "no Redis for the tests: set KVSHELF_TEST_REDIS_URL or install redis-server"
-                );
-                let server = RedisServer::start(&[]);
-                (server.url(), Some(server))
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("KVSHELF_TEST_REDIS_URL")
+                && !url.is_empty()
+            {
+                return (url, None);
             }
+            if docker_available() {
+                match container::start() {
+                    Ok(url) => return (url, None),
+                    Err(e) if std::env::var_os("KVSHELF_TEST_REDIS_IMAGE").is_some() => {
+                        panic!("KVSHELF_TEST_REDIS_IMAGE is set but its container did not start: {e}")
+                    }
+                    Err(e) => eprintln!("testcontainers: {e}; using a local redis-server"),
+                }
+            }
+            assert!(
+                which("redis-server"),
+                "no Redis for the tests: set KVSHELF_TEST_REDIS_URL, run a Docker engine, or install redis-server"
+            );
+            let server = RedisServer::start(&[]);
+            (server.url(), Some(server))
         })
         .0
         .clone()
+}
+
+fn docker_available() -> bool {
+    std::env::var_os("KVSHELF_TEST_NO_DOCKER").is_none()
+        && (std::env::var_os("DOCKER_HOST").is_some() || Path::new("/var/run/docker.sock").exists())
+}
+
+/// Redis in a container, through testcontainers.
+mod container {
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::SyncRunner;
+    use testcontainers::{Container, GenericImage, ImageExt};
+
+    /// The container lives as long as the test process: it is stopped by the next test run
+    /// (see `remove_orphans`) or by CI, since statics are never dropped.
+    static CONTAINER: OnceLock<Container<GenericImage>> = OnceLock::new();
+
+    pub fn start() -> Result<String, String> {
+        remove_orphans();
+        let image = std::env::var("KVSHELF_TEST_REDIS_IMAGE").unwrap_or_else(|_| "redis:7.4".into());
+        let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+        let request = GenericImage::new(name, tag)
+            .with_exposed_port(6379.tcp())
+            .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
+            .with_cmd([
+                "redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                "--maxmemory", "1gb", "--maxmemory-policy", "volatile-lfu",
+            ])
+            .with_label("kvshelf.test", "1")
+            .with_label("kvshelf.test.pid", std::process::id().to_string())
+            .with_startup_timeout(Duration::from_secs(60));
+        // The blocking runner drives its own runtime: start it off the test's tokio thread.
+        let container = std::thread::spawn(move || request.start())
+            .join()
+            .map_err(|_| "the testcontainers thread panicked".to_string())?
+            .map_err(|e| format!("cannot start {image}: {e}"))?;
+        let port = container
+            .get_host_port_ipv4(6379.tcp())
+            .map_err(|e| format!("no port for {image}: {e}"))?;
+        let _ = CONTAINER.set(container);
+        Ok(format!("redis://127.0.0.1:{port}"))
+    }
+
+    /// Removes test containers whose test process is gone.
+    fn remove_orphans() {
+        let Ok(out) = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter", "label=kvshelf.test=1", "--format", "{{.ID}} {{.Label \"kvshelf.test.pid\"}}"])
+            .output()
+        else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut it = line.split_whitespace();
+            let (Some(id), Some(pid)) = (it.next(), it.next()) else { continue };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+    }
 }
 
 /// Runs `redis-cli -u url args…` and returns its stdout, or `None` if it failed.
