@@ -116,6 +116,137 @@ pub struct PathResult {
     pub p999_ms: f64,
 }
 
+/// A ceiling measured in the same run: what Redis's own client or the wire can carry.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ceiling {
+    /// What was measured.
+    pub name: String,
+    /// Payload GB/s.
+    pub gbps: f64,
+    /// Median request latency, milliseconds (None for the TCP stream).
+    pub p50_ms: Option<f64>,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: Option<f64>,
+}
+
+/// `redis-benchmark -t set,get` with the same value size and client count, parsed from its
+/// CSV output, and a loopback TCP stream (the wire's ceiling, measured in-process like
+/// iperf3 would: one sender, one receiver, 1 MiB reads).
+pub async fn ceilings(cfg: &BenchConfig) -> anyhow::Result<Vec<Ceiling>> {
+    let ns = cfg.size.namespace();
+    let size = ns.block_bytes();
+    let info = redis::IntoConnectionInfo::into_connection_info(cfg.redis_url.as_str())?;
+    let (host, port) = match info.addr() {
+        redis::ConnectionAddr::Tcp(h, p)
+        | redis::ConnectionAddr::TcpTls {
+            host: h, port: p, ..
+        } => (h.clone(), *p),
+        other => anyhow::bail!("redis-benchmark needs a TCP address, not {other:?}"),
+    };
+    let requests = (cfg.requests * cfg.batch).max(50);
+    let out = tokio::process::Command::new("redis-benchmark")
+        .args([
+            "-h",
+            &host,
+            "-p",
+            &port.to_string(),
+            "-t",
+            "set,get",
+            "--csv",
+        ])
+        .args([
+            "-d",
+            &size.to_string(),
+            "-n",
+            &requests.to_string(),
+            "-c",
+            &cfg.concurrency.to_string(),
+        ])
+        .args(["-P", &cfg.batch.to_string()])
+        .output()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("redis-benchmark (from redis-tools) is needed for the ceiling: {e}")
+        })?;
+    anyhow::ensure!(
+        out.status.success(),
+        "redis-benchmark failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut result = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let cols: Vec<&str> = line.split(',').map(|c| c.trim_matches('"')).collect();
+        if let [test @ ("GET" | "SET"), rps, _, _, p50, _, p99, ..] = cols[..] {
+            let rps: f64 = rps.parse()?;
+            result.push(Ceiling {
+                name: format!("redis-benchmark {test}"),
+                gbps: rps * size as f64 / 1e9,
+                p50_ms: p50.parse().ok(),
+                p99_ms: p99.parse().ok(),
+            });
+        }
+    }
+    anyhow::ensure!(
+        result.len() == 2,
+        "could not parse redis-benchmark's CSV output"
+    );
+    result.push(Ceiling {
+        name: "loopback TCP".into(),
+        gbps: loopback_gbps(Duration::from_secs(2)).await?,
+        p50_ms: None,
+        p99_ms: None,
+    });
+    Ok(result)
+}
+
+async fn loopback_gbps(duration: Duration) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reader = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = sock.read(&mut buf).await?;
+            if n == 0 {
+                return anyhow::Ok(total);
+            }
+            total += n as u64;
+        }
+    });
+    let mut sock = tokio::net::TcpStream::connect(addr).await?;
+    sock.set_nodelay(true)?;
+    let chunk = vec![0x5au8; 8 << 20];
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        sock.write_all(&chunk).await?;
+    }
+    sock.shutdown().await?;
+    drop(sock);
+    let total = reader.await??;
+    Ok(total as f64 / started.elapsed().as_secs_f64() / 1e9)
+}
+
+/// The ceilings as a table.
+pub fn ceiling_table(ceilings: &[Ceiling]) -> String {
+    let mut out = format!(
+        "{:<22} {:>8} {:>9} {:>9}\n",
+        "ceiling", "GB/s", "p50 ms", "p99 ms"
+    );
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    for c in ceilings {
+        out.push_str(&format!(
+            "{:<22} {:>8.3} {:>9} {:>9}\n",
+            c.name,
+            c.gbps,
+            ms(c.p50_ms),
+            ms(c.p99_ms)
+        ));
+    }
+    out
+}
+
 enum Runner {
     RedisRs(redis::aio::MultiplexedConnection, Vec<String>),
     Library(RedisStore),

@@ -75,6 +75,10 @@ enum Command {
         /// Keep the sidecar's L1 on (measures L1 hits instead of Redis reads).
         #[arg(long)]
         l1: bool,
+        /// Also measure the ceilings: redis-benchmark GET/SET of the same size and a
+        /// loopback TCP stream (needs redis-benchmark on PATH).
+        #[arg(long)]
+        ceilings: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -144,6 +148,7 @@ async fn main() -> Result<()> {
             requests,
             paths,
             l1,
+            ceilings,
             json,
         } => {
             let bench = kvshelf::bench::BenchConfig {
@@ -160,10 +165,20 @@ async fn main() -> Result<()> {
             })
             .await?;
             eprintln!();
+            let ceilings = if ceilings {
+                kvshelf::bench::ceilings(&bench).await?
+            } else {
+                Vec::new()
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&results)?);
+                let doc = serde_json::json!({ "paths": results, "ceilings": ceilings });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 print!("{}", kvshelf::bench::table(&results));
+                if !ceilings.is_empty() {
+                    println!();
+                    print!("{}", kvshelf::bench::ceiling_table(&ceilings));
+                }
             }
             Ok(())
         }
