@@ -162,14 +162,24 @@ mod container {
 
     pub fn start() -> Result<String, String> {
         remove_orphans();
-        let image = std::env::var("KVSHELF_TEST_REDIS_IMAGE").unwrap_or_else(|_| "redis:7.4".into());
+        let image =
+            std::env::var("KVSHELF_TEST_REDIS_IMAGE").unwrap_or_else(|_| "redis:7.4".into());
         let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
         let request = GenericImage::new(name, tag)
             .with_exposed_port(6379.tcp())
             .with_wait_for(WaitFor::message_on_stdout("Ready to accept connections"))
             .with_cmd([
-                "redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no",
-                "--maxmemory", "1gb", "--maxmemory-policy", "volatile-lfu",
+                "redis-server",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory",
+                "1gb",
+                "--maxmemory-policy",
+                "volatile-lfu",
             ])
             .with_label("kvshelf.test", "1")
             .with_label("kvshelf.test.pid", std::process::id().to_string())
@@ -189,16 +199,27 @@ mod container {
     /// Removes test containers whose test process is gone.
     fn remove_orphans() {
         let Ok(out) = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", "label=kvshelf.test=1", "--format", "{{.ID}} {{.Label \"kvshelf.test.pid\"}}"])
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                "label=kvshelf.test=1",
+                "--format",
+                "{{.ID}} {{.Label \"kvshelf.test.pid\"}}",
+            ])
             .output()
         else {
             return;
         };
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let mut it = line.split_whitespace();
-            let (Some(id), Some(pid)) = (it.next(), it.next()) else { continue };
+            let (Some(id), Some(pid)) = (it.next(), it.next()) else {
+                continue;
+            };
             if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+                let _ = std::process::Command::new("docker")
+                    .args(["rm", "-f", id])
+                    .output();
             }
         }
     }
