@@ -30,6 +30,8 @@
 # mirror (debootstrap itself is installed with apt-get when missing).
 set -euo pipefail
 
+# A relative KVSHELF_BIN is relative to where the script was started.
+if [[ -n "${KVSHELF_BIN:-}" && "$KVSHELF_BIN" != /* ]]; then KVSHELF_BIN=$PWD/$KVSHELF_BIN; fi
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 
@@ -55,10 +57,11 @@ docker info >/dev/null 2>&1 || die "cannot talk to the Docker daemon"
 
 t_start=$(now)
 work=""
+old_base_id=""
 cleanup() {
   if [[ -n "$work" && -d "$work" ]]; then
     # Never leave a mount behind in a directory we are about to delete.
-    for m in proc dev/pts dev; do
+    for m in proc sys dev/pts dev; do
       mountpoint -q "$work/rootfs/$m" 2>/dev/null && umount -l "$work/rootfs/$m" || true
     done
     rm -rf --one-file-system "$work"
@@ -98,6 +101,7 @@ build_base() {
   [[ -n "$https_proxy" ]] && export https_proxy
   log "base image $redis_image: debootstrap $suite from $mirror (security: $security)"
 
+  old_base_id=$(docker image inspect -f '{{.Id}}' "$redis_image" 2>/dev/null || true)
   work=$(mktemp -d /var/tmp/kvshelf-rootfs.XXXXXX)
   local root="$work/rootfs" t0
   t0=$(now)
@@ -150,6 +154,7 @@ EOF
   : >"$root/etc/resolv.conf"
   : >"$root/etc/hostname"
   # Redis' working directory, as in the official image (cluster nodes write nodes.conf there).
+  # No EXPOSE 6379: the kvshelf image is built on this one and would inherit it.
   install -d -m 0755 "$root/data"
   chroot "$root" chown redis:redis /data
   local version
@@ -162,7 +167,6 @@ EOF
     --change 'ENV LANG=C.UTF-8' \
     --change 'WORKDIR /data' \
     --change 'USER redis' \
-    --change 'EXPOSE 6379' \
     --change "LABEL org.opencontainers.image.title=kvshelf-ci-redis org.opencontainers.image.description=\"Debian $suite + redis-server $version (debootstrap)\" org.opencontainers.image.version=$version" \
     --change 'CMD ["redis-server", "--protected-mode", "no"]' \
     --message "debootstrap $suite from $mirror" \
@@ -195,12 +199,22 @@ ctx=$(mktemp -d /var/tmp/kvshelf-ctx.XXXXXX)
 trap 'cleanup; rm -rf "$ctx"' EXIT
 cp "$bin" "$ctx/kvshelf"
 cp docker/Dockerfile.local "$ctx/Dockerfile"
+old_id=$(docker image inspect -f '{{.Id}}' "$kvshelf_image" 2>/dev/null || true)
 t0=$(now)
-docker build --quiet --build-arg "BASE_IMAGE=$redis_image" \
+docker build --quiet --force-rm --build-arg "BASE_IMAGE=$redis_image" \
   --label "org.opencontainers.image.title=kvshelf" \
   --label "org.opencontainers.image.version=$("$bin" --version | awk '{print $2}')" \
   -t "$kvshelf_image" "$ctx" >/dev/null
 log "built $kvshelf_image in $(($(now) - t0))s"
+# The image this run replaced is now untagged: drop it rather than pile up one per run
+# (kept if a container still uses it).
+new_id=$(docker image inspect -f '{{.Id}}' "$kvshelf_image")
+if [[ -n "$old_id" && "$old_id" != "$new_id" ]]; then
+  docker rmi "$old_id" >/dev/null 2>&1 || true
+fi
+if [[ -n "$old_base_id" && "$old_base_id" != "$(docker image inspect -f '{{.Id}}' "$redis_image")" ]]; then
+  docker rmi "$old_base_id" >/dev/null 2>&1 || true
+fi
 
 # The images must do what the compose file expects of them.
 docker run --rm --entrypoint redis-server "$redis_image" --version >/dev/null \

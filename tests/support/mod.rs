@@ -184,16 +184,20 @@ mod container {
             .with_label("kvshelf.test", "1")
             .with_label("kvshelf.test.pid", std::process::id().to_string())
             .with_startup_timeout(Duration::from_secs(60));
-        // The blocking runner drives its own runtime: start it off the test's tokio thread.
-        let container = std::thread::spawn(move || request.start())
-            .join()
-            .map_err(|_| "the testcontainers thread panicked".to_string())?
-            .map_err(|e| format!("cannot start {image}: {e}"))?;
-        let port = container
-            .get_host_port_ipv4(6379.tcp())
-            .map_err(|e| format!("no port for {image}: {e}"))?;
-        let _ = CONTAINER.set(container);
-        Ok(format!("redis://127.0.0.1:{port}"))
+        // The blocking runner drives its own runtime, and every blocking call (start, port,
+        // drop) panics on a tokio thread: do them all on a plain thread of our own.
+        std::thread::spawn(move || {
+            let container = request
+                .start()
+                .map_err(|e| format!("cannot start {image}: {e}"))?;
+            let port = container
+                .get_host_port_ipv4(6379.tcp())
+                .map_err(|e| format!("no port for {image}: {e}"))?;
+            let _ = CONTAINER.set(container);
+            Ok(format!("redis://127.0.0.1:{port}"))
+        })
+        .join()
+        .map_err(|_| "the testcontainers thread panicked".to_string())?
     }
 
     /// Removes test containers whose test process is gone.
