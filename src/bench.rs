@@ -247,6 +247,111 @@ pub fn ceiling_table(ceilings: &[Ceiling]) -> String {
     out
 }
 
+/// Lookup latency for one prefix length.
+#[derive(Clone, Debug, Serialize)]
+pub struct LookupResult {
+    /// Blocks in the prefix looked up.
+    pub prefix_blocks: usize,
+    /// Through the library (one pipelined round trip to Redis).
+    pub library_p50_ms: f64,
+    /// 99th percentile.
+    pub library_p99_ms: f64,
+    /// Through the sidecar over HTTP, by block hashes.
+    pub http_p50_ms: f64,
+    /// 99th percentile.
+    pub http_p99_ms: f64,
+}
+
+/// Lookup latency against prefix length (1 … 4096 blocks, all present), sequential
+/// requests, `requests` per length and path.
+pub async fn lookup_latency(redis_url: &str, requests: usize) -> anyhow::Result<Vec<LookupResult>> {
+    let mut ns = ValueSize::K192.namespace();
+    // Tiny blocks: lookups never read payloads, and 4096 of them must fit any Redis.
+    ns.label = "bench-lookup".into();
+    ns.layout.num_layers = 1;
+    ns.layout.head_dim = 8;
+    let store = RedisStore::connect(StoreConfig {
+        url: redis_url.to_owned(),
+        ..Default::default()
+    })
+    .await?;
+    let tokens: Vec<u32> = (0..4096 * ns.block_size).collect();
+    let hashes = PrefixHasher::new(&ns, None).hash_prefix(&tokens);
+    for chunk in hashes.chunks(512) {
+        let blocks: Vec<(BlockHash, Bytes)> = chunk.iter().map(|h| (*h, payload(&ns, h))).collect();
+        store.put(&ns, &blocks).await?;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut cfg = Config {
+        store: Some(store.config().clone()),
+        namespaces: vec![ns.clone()],
+        ..Default::default()
+    };
+    cfg.server.l1_bytes = 0;
+    let shelf = crate::shelf::Shelf::new(&cfg)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::server::run(listener, shelf, async {
+        let _ = stop_rx.await;
+    }));
+    let client = Client::new(ClientConfig {
+        url: format!("http://{addr}"),
+        ..Default::default()
+    })?;
+    let mut out = Vec::new();
+    for len in [1usize, 16, 64, 256, 1024, 4096] {
+        let prefix = &hashes[..len];
+        let (mut lib, mut http) = (Vec::new(), Vec::new());
+        for _ in 0..requests {
+            let t = Instant::now();
+            anyhow::ensure!(
+                store.lookup(&ns, prefix).await? == len,
+                "lookup lost blocks"
+            );
+            lib.push(t.elapsed());
+            let t = Instant::now();
+            anyhow::ensure!(
+                client
+                    .lookup_hashes(&ns.label, prefix, false)
+                    .await?
+                    .hit_blocks
+                    == len
+            );
+            http.push(t.elapsed());
+        }
+        let pct = |v: &mut Vec<Duration>, p: f64| {
+            v.sort_unstable();
+            v[((v.len() as f64 * p) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
+        };
+        out.push(LookupResult {
+            prefix_blocks: len,
+            library_p50_ms: pct(&mut lib, 0.5),
+            library_p99_ms: pct(&mut lib, 0.99),
+            http_p50_ms: pct(&mut http, 0.5),
+            http_p99_ms: pct(&mut http, 0.99),
+        });
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    store.purge(&ns.label).await?;
+    Ok(out)
+}
+
+/// Lookup latencies as a table.
+pub fn lookup_table(rows: &[LookupResult]) -> String {
+    let mut out = format!(
+        "{:>13} {:>12} {:>12} {:>12} {:>12}\n",
+        "prefix blocks", "lib p50 ms", "lib p99 ms", "http p50 ms", "http p99 ms"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:>13} {:>12.3} {:>12.3} {:>12.3} {:>12.3}\n",
+            r.prefix_blocks, r.library_p50_ms, r.library_p99_ms, r.http_p50_ms, r.http_p99_ms
+        ));
+    }
+    out
+}
+
 enum Runner {
     RedisRs(redis::aio::MultiplexedConnection, Vec<String>),
     Library(RedisStore),

@@ -75,6 +75,9 @@ enum Command {
         /// Keep the sidecar's L1 on (measures L1 hits instead of Redis reads).
         #[arg(long)]
         l1: bool,
+        /// Measure lookup latency against prefix length (1 … 4096 blocks) instead.
+        #[arg(long)]
+        lookup: bool,
         /// Also measure the ceilings: redis-benchmark GET/SET of the same size and a
         /// loopback TCP stream (needs redis-benchmark on PATH).
         #[arg(long)]
@@ -148,9 +151,19 @@ async fn main() -> Result<()> {
             requests,
             paths,
             l1,
+            lookup,
             ceilings,
             json,
         } => {
+            if lookup {
+                let rows = kvshelf::bench::lookup_latency(&store_cfg.url, requests).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", kvshelf::bench::lookup_table(&rows));
+                }
+                return Ok(());
+            }
             let bench = kvshelf::bench::BenchConfig {
                 redis_url: store_cfg.url.clone(),
                 size,
