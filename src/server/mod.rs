@@ -109,6 +109,14 @@ pub async fn run(
     let grace = shelf.config().shutdown_grace;
     let app = router(shelf.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // TCP_NODELAY: a fetch ends with a small end frame after large payloads; with Nagle on,
+    // that frame can wait for the client's delayed ACK (40 ms on Linux).
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stop_tx.send(());

@@ -433,6 +433,10 @@ impl RedisCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "1000",
+                    // A cache must keep serving the slots it has when a primary is lost;
+                    // with full coverage required the whole cluster would refuse queries.
+                    "--cluster-require-full-coverage",
+                    "no",
                 ])
             })
             .collect();
