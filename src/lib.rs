@@ -22,6 +22,7 @@
 //! | `client` | the Rust client workers use to call the sidecar (feature `client`) |
 //! | `bench` | `kvshelf bench`: every fetch path side by side against the same Redis |
 //! | `config` | the TOML configuration of the sidecar (feature `server`) |
+//! | `worker` | a small Llama-style model on CPU that reuses prefill KV via the sidecar (feature `worker`) |
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kvshelf::Error> {
@@ -67,6 +68,8 @@ pub mod server;
 #[cfg(feature = "server")]
 pub mod shelf;
 pub mod store;
+#[cfg(feature = "worker")]
+pub mod worker;
 
 pub use codec::{Block, CodecError, Header};
 pub use error::Error;
