@@ -11,6 +11,9 @@
 #      with the KVSHELF/1 header and names the namespace
 #   6. the `cluster` profile forms a 3-master Redis Cluster: `cluster info` says
 #      cluster_state:ok, all 16384 slots assigned, 3 nodes
+#   7. its two sidecars (kvshelf-cluster-a/-b, store from docker/cluster.toml) become healthy;
+#      12 blocks put through cluster-a come back byte for byte through cluster-b, and their
+#      keys are spread over more than one master (counted on each node; DBSIZE shown)
 # and then `down -v`, also on failure or Ctrl-C. Prints PASS/FAIL lines and a closing
 # "smoke: N passed, N failed"; exits non-zero on any failure.
 #
@@ -20,6 +23,7 @@
 #   KVSHELF_IMAGE            [kvshelf-ci/kvshelf:local]
 #   KVSHELF_SMOKE_PROJECT    compose project name               [kvshelf-smoke]
 #   KVSHELF_REDIS_PORT, KVSHELF_A_PORT, KVSHELF_B_PORT  host ports [16379, 17070, 17071]
+#   KVSHELF_CLUSTER_A_PORT, KVSHELF_CLUSTER_B_PORT      host ports [17072, 17073]
 #                            (not the defaults, so a developer's own Redis or sidecar on
 #                            6379/7070/7071 does not get in the way)
 #   KVSHELF_SMOKE_TIMEOUT    seconds to wait for health / one-shot services [90]
@@ -33,6 +37,8 @@ export KVSHELF_IMAGE=${KVSHELF_IMAGE:-kvshelf-ci/kvshelf:local}
 export KVSHELF_REDIS_PORT=${KVSHELF_REDIS_PORT:-16379}
 export KVSHELF_A_PORT=${KVSHELF_A_PORT:-17070}
 export KVSHELF_B_PORT=${KVSHELF_B_PORT:-17071}
+export KVSHELF_CLUSTER_A_PORT=${KVSHELF_CLUSTER_A_PORT:-17072}
+export KVSHELF_CLUSTER_B_PORT=${KVSHELF_CLUSTER_B_PORT:-17073}
 export KVSHELF_PUBLISH_ADDR=127.0.0.1
 export COMPOSE_PROJECT_NAME=${KVSHELF_SMOKE_PROJECT:-kvshelf-smoke}
 timeout_s=${KVSHELF_SMOKE_TIMEOUT:-90}
@@ -120,6 +126,41 @@ wait_exit0() {
   return 1
 }
 
+# 12 blocks through the cluster sidecars: put through cluster-a, GET through cluster-b, cmp;
+# then where their keys landed (a master counts when it holds any of them).
+cluster_data_path() {
+  local ca="http://127.0.0.1:$KVSHELF_CLUSTER_A_PORT" cb="http://127.0.0.1:$KVSHELF_CLUSTER_B_PORT"
+  local toks i h code bad="" n=0
+  toks=$(for ((i = 0; i < 12 * 16; i++)); do printf '%d,' $(((RANDOM << 15 | RANDOM) % 150000)); done)
+  curl -sS --max-time 10 "$ca/v1/hash" -d "{\"namespace\":\"demo\",\"tokens\":[${toks%,}]}" |
+    grep -o '[0-9a-f]\{64\}' >"$tmp/cluster.hashes"
+  if [[ $(grep -c . "$tmp/cluster.hashes") -ne 12 ]]; then
+    fail "cluster sidecars: POST /v1/hash through cluster-a did not give 12 block hashes"; return
+  fi
+  while read -r h; do
+    head -c 2048 /dev/urandom >"$tmp/put.bin"
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 -X PUT --data-binary "@$tmp/put.bin" \
+      "$ca/v1/blocks/demo/$h") || true
+    [[ "$code" == 201 ]] || { bad+="PUT:$code "; continue; }
+    code=$(curl -s -o "$tmp/got.bin" -w '%{http_code}' --max-time 10 "$cb/v1/blocks/demo/$h") || true
+    if [[ "$code" == 200 ]] && cmp -s "$tmp/put.bin" "$tmp/got.bin"; then n=$((n + 1)); else bad+="GET:$code "; fi
+  done <"$tmp/cluster.hashes"
+  if [[ $n -eq 12 ]]; then
+    pass "cluster sidecars: 12 blocks put through cluster-a (127.0.0.1:$KVSHELF_CLUSTER_A_PORT), cmp-identical through cluster-b (127.0.0.1:$KVSHELF_CLUSTER_B_PORT)"
+  else
+    fail "cluster sidecars: $n/12 round trips (failures: $bad)"
+  fi
+  local node held masters=0 sizes=""
+  for node in 1 2 3; do
+    held=$(sed 's/^/EXISTS kvshelf:v1:demo:/' "$tmp/cluster.hashes" |
+      dc exec -T "redis-cluster-$node" redis-cli 2>/dev/null | tr -d '\r' | grep -cx 1)
+    sizes+="node $node: DBSIZE $(dc exec -T "redis-cluster-$node" redis-cli DBSIZE 2>/dev/null | tr -d '\r'), $held of the blocks; "
+    ((held > 0)) && masters=$((masters + 1))
+  done
+  if ((masters > 1)); then pass "cluster sidecars: the blocks landed on $masters masters (${sizes%; })"
+  else fail "cluster sidecars: the blocks are on $masters master(s) only (${sizes%; })"; fi
+}
+
 for image in "$KVSHELF_REDIS_IMAGE" "$KVSHELF_IMAGE"; do
   docker image inspect "$image" >/dev/null 2>&1 ||
     { fail "image $image is missing: run docker/build-images.sh first"; exit 1; }
@@ -183,7 +224,7 @@ fi
 # ---- 6. the cluster profile ------------------------------------------------------------
 t0=$SECONDS
 if dc --profile cluster up -d --no-build redis-cluster-1 redis-cluster-2 redis-cluster-3 redis-cluster-init \
-  >"$tmp/up-cluster.log" 2>&1; then
+  kvshelf-cluster-a kvshelf-cluster-b >"$tmp/up-cluster.log" 2>&1; then
   pass "compose --profile cluster up in $((SECONDS - t0))s"
   for n in 1 2 3; do wait_healthy "redis-cluster-$n"; done
   if wait_exit0 redis-cluster-init; then
@@ -203,6 +244,11 @@ if dc --profile cluster up -d --no-build redis-cluster-1 redis-cluster-2 redis-c
     done
     if ((ok)); then pass "cluster: keys set through node 1 read back through node 2 (redis-cli -c)"
     else fail "cluster: SET/GET across nodes with redis-cli -c"; fi
+
+    # ---- 7. the sidecars on the cluster: the data path ------------------------------------
+    if wait_healthy kvshelf-cluster-a && wait_healthy kvshelf-cluster-b; then
+      cluster_data_path
+    fi
   fi
 else
   fail "compose --profile cluster up:"; sed 's/^/  /' "$tmp/up-cluster.log"
