@@ -23,8 +23,9 @@ RUN mkdir -p src/bin benches tests \
  && cargo fetch --locked
 
 COPY . .
-RUN cargo build --release --locked --bin kvshelf \
- && install -D -m 0755 target/release/kvshelf /out/kvshelf
+RUN cargo build --release --locked --bins \
+ && install -D -m 0755 target/release/kvshelf /out/kvshelf \
+ && install -D -m 0755 target/release/kvshelf-worker /out/kvshelf-worker
 
 # ---- runtime ---------------------------------------------------------------------------
 FROM debian:bookworm-slim
@@ -42,7 +43,7 @@ RUN groupadd --system --gid 10001 kvshelf \
  && useradd --system --uid 10001 --gid kvshelf --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin kvshelf
 
-COPY --from=builder /out/kvshelf /usr/local/bin/kvshelf
+COPY --from=builder /out/kvshelf /out/kvshelf-worker /usr/local/bin/
 
 USER 10001:10001
 EXPOSE 7070

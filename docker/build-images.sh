@@ -188,7 +188,7 @@ if [[ -n "${KVSHELF_BIN:-}" ]]; then
 else
   t0=$(now)
   log "cargo build --release --locked --bin kvshelf"
-  cargo build --release --locked --bin kvshelf
+  cargo build --release --locked --bins
   log "cargo done in $(($(now) - t0))s"
   bin=$repo/target/release/kvshelf
 fi
@@ -198,6 +198,9 @@ fi
 ctx=$(mktemp -d /var/tmp/kvshelf-ctx.XXXXXX)
 trap 'cleanup; rm -rf "$ctx"' EXIT
 cp "$bin" "$ctx/kvshelf"
+# The end-to-end worker (docker-compose.yml's worker-a/worker-b) sits beside the binary.
+[[ -x "$(dirname "$bin")/kvshelf-worker" ]] || die "no kvshelf-worker beside $bin (cargo build --bins)"
+cp "$(dirname "$bin")/kvshelf-worker" "$ctx/kvshelf-worker"
 cp docker/Dockerfile.local "$ctx/Dockerfile"
 old_id=$(docker image inspect -f '{{.Id}}' "$kvshelf_image" 2>/dev/null || true)
 t0=$(now)

@@ -196,6 +196,22 @@ if wait_exit0 demo-worker; then
   pass "demo-worker (in-network): $(grep -m1 'PASS' "$tmp/demo-worker.log" | sed 's/^demo-worker: PASS: //')"
 fi
 
+# The end-to-end worker pair: B, in its own container, must take A's prompt blocks off the
+# shelf (hit tokens > 0) and produce exactly A's output.
+if wait_exit0 worker-a && wait_exit0 worker-b; then
+  a_json=$(grep -m1 '^{' "$tmp/worker-a.log" || true)
+  b_json=$(grep -m1 '^{' "$tmp/worker-b.log" || true)
+  b_hits=$(jq -r '.hit_tokens // 0' <<<"$b_json" 2>/dev/null || echo 0)
+  a_out=$(jq -c '[.tokens, .text]' <<<"$a_json" 2>/dev/null || true)
+  b_out=$(jq -c '[.tokens, .text]' <<<"$b_json" 2>/dev/null || true)
+  if [[ "$b_hits" =~ ^[0-9]+$ ]] && ((b_hits > 0)) && [[ -n "$a_out" && "$a_out" == "$b_out" ]]; then
+    pass "worker pair: B reused $b_hits prompt tokens from the shelf (TTFT $(jq -r .ttft_ms <<<"$b_json") ms vs A's $(jq -r .ttft_ms <<<"$a_json") ms) and its output equals A's"
+  else
+    fail "worker pair: B hit tokens '$b_hits', outputs equal: $([[ "$a_out" == "$b_out" ]] && echo yes || echo no)"
+    sed 's/^/  A: /' "$tmp/worker-a.log"; sed 's/^/  B: /' "$tmp/worker-b.log"
+  fi
+fi
+
 # ---- 4. the same round trip from the host, through the published ports -----------------
 if ! command -v curl >/dev/null; then
   fail "host round trip: curl is not installed on the host"

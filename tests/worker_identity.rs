@@ -253,3 +253,17 @@ fn examples_worker_toml_has_the_worker_namespaces() {
         assert_eq!(ns.block_shape(), vec![4, 2, 16, 2, 32]);
     }
 }
+
+#[test]
+fn the_compose_sidecars_serve_the_demo_and_worker_namespaces() {
+    let cfg = kvshelf::config::Config::from_toml(include_str!("../docker/sidecar.toml"))
+        .expect("docker/sidecar.toml parses");
+    assert_eq!(
+        cfg.namespaces,
+        vec![
+            kvshelf::shelf::demo_namespace(),
+            kvshelf::worker::namespace(Dtype::Float32),
+            kvshelf::worker::namespace(Dtype::Bfloat16),
+        ]
+    );
+}
