@@ -16,7 +16,7 @@ use crate::client::{Client, ClientConfig, Protocol};
 use crate::config::Config;
 use crate::hashing::{BlockHash, PrefixHasher};
 use crate::namespace::{Dtype, Layout, Namespace};
-use crate::store::{RedisStore, StoreConfig, block_key};
+use crate::store::{PutOutcome, PutResult, RedisStore, StoreConfig, block_key};
 
 /// The value sizes the bench knows, named after the KV blocks they stand for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -42,7 +42,7 @@ impl ValueSize {
         };
         Namespace {
             label: label.into(),
-            model_id: format!("kvshelf/bench-{label}"),
+            model_id: format!("kvshelf/{label}"),
             model_revision: String::new(),
             kv_dtype: Dtype::Bfloat16,
             layout: Layout {
@@ -68,10 +68,38 @@ pub enum BenchPath {
     RedisRs,
     /// The kvshelf library straight to Redis (`RedisStore::get`, verifying each block).
     Library,
-    /// The sidecar over HTTP (framed stream).
+    /// The sidecar over HTTP (framed stream), L1 off: every block is read from Redis.
     Http,
-    /// The sidecar over gRPC (server stream).
+    /// The sidecar over gRPC (server stream), L1 off.
     Grpc,
+    /// The sidecar over HTTP, served from its L1 (warmed before the clock starts).
+    HttpL1,
+    /// The sidecar over gRPC, served from its L1.
+    GrpcL1,
+    /// Puts of new blocks through the library (`SET NX PX`, pipelined).
+    Put,
+    /// Puts of new blocks through the sidecar over HTTP (synchronous).
+    HttpPut,
+}
+
+impl BenchPath {
+    /// The path's name as printed and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchPath::RedisRs => "redis-rs",
+            BenchPath::Library => "library",
+            BenchPath::Http => "http",
+            BenchPath::Grpc => "grpc",
+            BenchPath::HttpL1 => "http-l1",
+            BenchPath::GrpcL1 => "grpc-l1",
+            BenchPath::Put => "put",
+            BenchPath::HttpPut => "http-put",
+        }
+    }
+
+    fn is_put(self) -> bool {
+        matches!(self, BenchPath::Put | BenchPath::HttpPut)
+    }
 }
 
 /// What to run.
@@ -83,14 +111,20 @@ pub struct BenchConfig {
     pub size: ValueSize,
     /// Blocks per request.
     pub batch: usize,
-    /// Concurrent clients.
+    /// Concurrent clients, each with its own connection(s).
     pub concurrency: usize,
-    /// Requests per path.
+    /// Requests per path and round.
     pub requests: usize,
-    /// Paths, in order.
+    /// Paths, in order (rotated each round).
     pub paths: Vec<BenchPath>,
-    /// Keep the sidecar's L1 on (fetches then mostly hit L1, not Redis).
-    pub l1: bool,
+    /// Rounds: every path (and ceiling) is measured once per round, paths interleaved, and
+    /// the median round is reported, so a noisy moment does not decide a ratio.
+    pub rounds: usize,
+    /// Also measure the ceilings (redis-benchmark GET/SET, loopback TCP) in every round.
+    pub ceilings: bool,
+    /// Drive this already running sidecar instead of one started in-process (HTTP and gRPC
+    /// paths; its config must have the bench namespace).
+    pub sidecar: Option<String>,
 }
 
 /// The measurement of one path.
@@ -106,9 +140,11 @@ pub struct PathResult {
     pub concurrency: usize,
     /// Requests completed.
     pub requests: usize,
-    /// Payload GB/s (10^9 bytes per second) over the wall time.
+    /// Payload GB/s (10^9 bytes per second) over the wall time: the median round.
     pub gbps: f64,
-    /// Request latency percentiles, milliseconds.
+    /// Each round's GB/s, in order.
+    pub rounds_gbps: Vec<f64>,
+    /// Request latency percentiles over all rounds' requests, milliseconds.
     pub p50_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
@@ -127,14 +163,39 @@ pub struct Ceiling {
     pub p50_ms: Option<f64>,
     /// 99th percentile, milliseconds.
     pub p99_ms: Option<f64>,
+    /// Each round's GB/s (the reported one is the median round).
+    pub rounds_gbps: Vec<f64>,
 }
 
-/// `redis-benchmark -t set,get` with the same value size and client count, parsed from its
-/// CSV output, and a loopback TCP stream (the wire's ceiling, measured in-process like
-/// iperf3 would: one sender, one receiver, 1 MiB reads).
-pub async fn ceilings(cfg: &BenchConfig) -> anyhow::Result<Vec<Ceiling>> {
-    let ns = cfg.size.namespace();
-    let size = ns.block_bytes();
+/// The ceilings for `cfg`'s value size, batch and client count: `redis-benchmark -t set,get`
+/// over the same number of distinct keys as the paths read (`-r keys`), the same again on
+/// ONE key (redis-benchmark's default, which keeps the value hot in every cache), and a
+/// loopback TCP stream (the wire's ceiling, measured in-process like iperf3 would: one
+/// sender, one receiver, 1 MiB reads).
+pub async fn ceilings(cfg: &BenchConfig, keys: usize) -> anyhow::Result<Vec<Ceiling>> {
+    let mut out = redis_benchmark(cfg, Some(keys)).await?;
+    out.extend(
+        redis_benchmark(cfg, None)
+            .await?
+            .into_iter()
+            .filter(|c| c.name.ends_with("GET"))
+            .map(|c| Ceiling {
+                name: format!("{} (1 key)", c.name),
+                ..c
+            }),
+    );
+    out.push(Ceiling {
+        name: "loopback TCP".into(),
+        gbps: loopback_gbps(Duration::from_secs(2)).await?,
+        p50_ms: None,
+        p99_ms: None,
+        rounds_gbps: Vec::new(),
+    });
+    Ok(out)
+}
+
+async fn redis_benchmark(cfg: &BenchConfig, keys: Option<usize>) -> anyhow::Result<Vec<Ceiling>> {
+    let size = cfg.size.namespace().block_bytes();
     let info = redis::IntoConnectionInfo::into_connection_info(cfg.redis_url.as_str())?;
     let (host, port) = match info.addr() {
         redis::ConnectionAddr::Tcp(h, p)
@@ -143,31 +204,36 @@ pub async fn ceilings(cfg: &BenchConfig) -> anyhow::Result<Vec<Ceiling>> {
         } => (h.clone(), *p),
         other => anyhow::bail!("redis-benchmark needs a TCP address, not {other:?}"),
     };
-    let requests = (cfg.requests * cfg.batch).max(50);
-    let out = tokio::process::Command::new("redis-benchmark")
-        .args([
-            "-h",
-            &host,
-            "-p",
-            &port.to_string(),
-            "-t",
-            "set,get",
-            "--csv",
-        ])
-        .args([
-            "-d",
-            &size.to_string(),
-            "-n",
-            &requests.to_string(),
-            "-c",
-            &cfg.concurrency.to_string(),
-        ])
-        .args(["-P", &cfg.batch.to_string()])
-        .output()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("redis-benchmark (from redis-tools) is needed for the ceiling: {e}")
-        })?;
+    // As many values as the paths move in a round, at least 50 and at most ~4 GB.
+    let requests = (cfg.requests * cfg.batch)
+        .min((4_000_000_000 / size) as usize)
+        .max(50);
+    let mut cmd = tokio::process::Command::new("redis-benchmark");
+    cmd.args([
+        "-h",
+        &host,
+        "-p",
+        &port.to_string(),
+        "-t",
+        "set,get",
+        "--csv",
+    ])
+    .args(["-d", &size.to_string(), "-n", &requests.to_string()])
+    .args([
+        "-c",
+        &cfg.concurrency.to_string(),
+        "-P",
+        &cfg.batch.to_string(),
+    ]);
+    if let Some(password) = info.redis_settings().password() {
+        cmd.args(["-a", password, "--no-auth-warning"]);
+    }
+    if let Some(keys) = keys {
+        cmd.args(["-r", &keys.to_string()]);
+    }
+    let out = cmd.output().await.map_err(|e| {
+        anyhow::anyhow!("redis-benchmark (from redis-tools) is needed for the ceiling: {e}")
+    })?;
     anyhow::ensure!(
         out.status.success(),
         "redis-benchmark failed: {}",
@@ -183,6 +249,7 @@ pub async fn ceilings(cfg: &BenchConfig) -> anyhow::Result<Vec<Ceiling>> {
                 gbps: rps * size as f64 / 1e9,
                 p50_ms: p50.parse().ok(),
                 p99_ms: p99.parse().ok(),
+                rounds_gbps: Vec::new(),
             });
         }
     }
@@ -190,12 +257,21 @@ pub async fn ceilings(cfg: &BenchConfig) -> anyhow::Result<Vec<Ceiling>> {
         result.len() == 2,
         "could not parse redis-benchmark's CSV output"
     );
-    result.push(Ceiling {
-        name: "loopback TCP".into(),
-        gbps: loopback_gbps(Duration::from_secs(2)).await?,
-        p50_ms: None,
-        p99_ms: None,
-    });
+    // Remove exactly the keys redis-benchmark wrote (`key:__rand_int__`, or with `-r n`
+    // `key:` and 12 digits below n), so they hold no memory after the ceiling.
+    let doomed: Vec<String> = match keys {
+        None => vec!["key:__rand_int__".into()],
+        Some(n) => (0..n).map(|i| format!("key:{i:012}")).collect(),
+    };
+    let mut conn = redis::Client::open(cfg.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    for chunk in doomed.chunks(512) {
+        let _: () = redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async(&mut conn)
+            .await?;
+    }
     Ok(result)
 }
 
@@ -226,25 +302,6 @@ async fn loopback_gbps(duration: Duration) -> anyhow::Result<f64> {
     drop(sock);
     let total = reader.await??;
     Ok(total as f64 / started.elapsed().as_secs_f64() / 1e9)
-}
-
-/// The ceilings as a table.
-pub fn ceiling_table(ceilings: &[Ceiling]) -> String {
-    let mut out = format!(
-        "{:<22} {:>8} {:>9} {:>9}\n",
-        "ceiling", "GB/s", "p50 ms", "p99 ms"
-    );
-    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
-    for c in ceilings {
-        out.push_str(&format!(
-            "{:<22} {:>8.3} {:>9} {:>9}\n",
-            c.name,
-            c.gbps,
-            ms(c.p50_ms),
-            ms(c.p99_ms)
-        ));
-    }
-    out
 }
 
 /// Lookup latency for one prefix length.
@@ -352,151 +409,368 @@ pub fn lookup_table(rows: &[LookupResult]) -> String {
     out
 }
 
+/// One concurrent client of a path: its own connection(s).
 enum Runner {
     RedisRs(redis::aio::MultiplexedConnection, Vec<String>),
     Library(RedisStore),
     Sidecar(Client),
 }
 
-/// Puts the bench blocks, runs every path, and returns one result per path.
-pub async fn run(
-    cfg: &BenchConfig,
-    mut progress: impl FnMut(BenchPath, usize),
-) -> anyhow::Result<Vec<PathResult>> {
-    let ns = cfg.size.namespace();
-    let store = RedisStore::connect(StoreConfig {
-        url: cfg.redis_url.clone(),
-        response_timeout: Duration::from_secs(30),
-        ..Default::default()
-    })
-    .await?;
-    // Enough distinct blocks that concurrent requests read different keys.
-    let n_blocks = (cfg.batch * cfg.concurrency).clamp(cfg.batch, 256);
-    let tokens: Vec<u32> = (0..n_blocks as u32 * ns.block_size).collect();
-    let hashes = PrefixHasher::new(&ns, None).hash_prefix(&tokens);
-    for chunk in hashes.chunks(8) {
-        let blocks: Vec<(BlockHash, Bytes)> = chunk.iter().map(|h| (*h, payload(&ns, h))).collect();
-        store.put(&ns, &blocks).await?;
-    }
+/// Everything a run shares: the blocks, the in-process sidecars, the store.
+struct Fixture {
+    ns: Namespace,
+    put_ns: Namespace,
+    hashes: Vec<BlockHash>,
+    store: RedisStore,
+    /// Sidecar without L1 (every fetch reads Redis) and with L1.
+    cold: String,
+    warm: String,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    servers: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let mut server_cfg = Config {
-        store: Some(StoreConfig {
+impl Fixture {
+    async fn new(cfg: &BenchConfig) -> anyhow::Result<Fixture> {
+        let ns = cfg.size.namespace();
+        let mut put_ns = ns.clone();
+        put_ns.label = format!("{}-put", ns.label);
+        put_ns.ttl = Some(Duration::from_secs(120));
+        let store_cfg = StoreConfig {
             url: cfg.redis_url.clone(),
-            response_timeout: Duration::from_secs(30),
+            response_timeout: Duration::from_secs(60),
             ..Default::default()
-        }),
-        namespaces: vec![ns.clone()],
-        ..Default::default()
-    };
-    // Measure throughput, not the fail-open budget: generous timeouts and limits.
-    server_cfg.server.fetch_timeout = Duration::from_secs(30);
-    server_cfg.server.lookup_timeout = Duration::from_secs(30);
-    server_cfg.server.max_concurrent_requests = 4096;
-    server_cfg.server.fetch_chunk_bytes = 64 << 20;
-    if !cfg.l1 {
-        server_cfg.server.l1_bytes = 0;
+        };
+        let store = RedisStore::connect(store_cfg.clone()).await?;
+        let hashes = bench_hashes(&ns, distinct_blocks(cfg), 0);
+        for chunk in hashes.chunks(8) {
+            let blocks: Vec<(BlockHash, Bytes)> =
+                chunk.iter().map(|h| (*h, payload(&ns, h))).collect();
+            store.put(&ns, &blocks).await?;
+        }
+        let mut fixture = Fixture {
+            ns: ns.clone(),
+            put_ns: put_ns.clone(),
+            hashes,
+            store,
+            cold: String::new(),
+            warm: String::new(),
+            stops: Vec::new(),
+            servers: Vec::new(),
+        };
+        if let Some(url) = &cfg.sidecar {
+            fixture.cold = url.clone();
+            fixture.warm = url.clone();
+            return Ok(fixture);
+        }
+        for l1 in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let mut server_cfg = Config {
+                store: Some(store_cfg.clone()),
+                namespaces: vec![ns.clone(), put_ns.clone()],
+                ..Default::default()
+            };
+            // Throughput, not the fail-open budget: generous timeouts and limits; the
+            // rest (fetch_chunk_bytes, L1 size) as a user gets it.
+            server_cfg.server.fetch_timeout = Duration::from_secs(30);
+            server_cfg.server.lookup_timeout = Duration::from_secs(30);
+            server_cfg.server.put_timeout = Duration::from_secs(60);
+            server_cfg.server.max_concurrent_requests = 4096;
+            server_cfg.server.max_body_bytes = u64::MAX;
+            if !l1 {
+                server_cfg.server.l1_bytes = 0;
+            }
+            let shelf = crate::shelf::Shelf::new(&server_cfg)?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            fixture
+                .servers
+                .push(tokio::spawn(crate::server::run(listener, shelf, async {
+                    let _ = stop_rx.await;
+                })));
+            fixture.stops.push(stop_tx);
+            if l1 {
+                fixture.warm = url;
+            } else {
+                fixture.cold = url;
+            }
+        }
+        Ok(fixture)
     }
-    let shelf = crate::shelf::Shelf::new(&server_cfg)?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::server::run(listener, shelf, async {
-        let _ = stop_rx.await;
-    }));
 
-    let mut results = Vec::new();
-    for &path in &cfg.paths {
-        let runner = match path {
+    async fn runner(&self, cfg: &BenchConfig, path: BenchPath) -> anyhow::Result<Runner> {
+        let sidecar = |url: &str, protocol| {
+            Client::new(ClientConfig {
+                url: url.to_owned(),
+                protocol,
+                timeout: Duration::from_secs(120),
+                ..Default::default()
+            })
+        };
+        Ok(match path {
             BenchPath::RedisRs => {
                 let conn = redis::Client::open(cfg.redis_url.as_str())?
                     .get_multiplexed_async_connection_with_config(
                         &redis::AsyncConnectionConfig::new()
-                            .set_response_timeout(Some(Duration::from_secs(30))),
+                            .set_response_timeout(Some(Duration::from_secs(60))),
                     )
                     .await?;
-                Runner::RedisRs(
-                    conn,
-                    hashes.iter().map(|h| block_key(&ns.label, h)).collect(),
-                )
+                let keys = self
+                    .hashes
+                    .iter()
+                    .map(|h| block_key(&self.ns.label, h))
+                    .collect();
+                Runner::RedisRs(conn, keys)
             }
-            BenchPath::Library => Runner::Library(store.clone()),
-            BenchPath::Http | BenchPath::Grpc => Runner::Sidecar(Client::new(ClientConfig {
-                url: format!("http://{addr}"),
-                protocol: if path == BenchPath::Http {
-                    Protocol::Http
-                } else {
-                    Protocol::Grpc
-                },
-                timeout: Duration::from_secs(60),
-                ..Default::default()
-            })?),
-        };
-        let runner = std::sync::Arc::new(runner);
-        // Warm up connections (and the sidecar's L1 when on).
-        one_request(&runner, &ns, &hashes, 0, cfg.batch).await?;
-        let started = Instant::now();
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for client in 0..cfg.concurrency {
-            let (runner, ns, hashes, done) =
-                (runner.clone(), ns.clone(), hashes.clone(), done.clone());
-            let (batch, total, concurrency) = (cfg.batch, cfg.requests, cfg.concurrency);
-            tasks.spawn(async move {
-                let mut lat = Vec::new();
-                let mut bytes = 0u64;
-                let mut i = client;
-                while i < total {
-                    let start = (i * batch) % hashes.len();
-                    let t = Instant::now();
-                    bytes += one_request(&runner, &ns, &hashes, start, batch).await?;
-                    lat.push(t.elapsed());
-                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    i += concurrency;
-                }
-                anyhow::Ok((lat, bytes))
-            });
-        }
-        let mut lat = Vec::new();
-        let mut bytes = 0;
-        loop {
-            tokio::select! {
-                joined = tasks.join_next() => match joined {
-                    Some(r) => {
-                        let (l, b) = r??;
-                        lat.extend(l);
-                        bytes += b;
-                    }
-                    None => break,
-                },
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    progress(path, done.load(std::sync::atomic::Ordering::Relaxed));
-                }
+            // A store of its own per client: its own connections, as a worker process has.
+            BenchPath::Library | BenchPath::Put => {
+                Runner::Library(RedisStore::connect(self.store.config().clone()).await?)
             }
-        }
-        progress(path, cfg.requests);
-        let secs = started.elapsed().as_secs_f64();
-        lat.sort_unstable();
-        let pct =
-            |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
-        results.push(PathResult {
-            path,
-            value_bytes: ns.block_bytes(),
-            batch: cfg.batch,
-            concurrency: cfg.concurrency,
-            requests: lat.len(),
-            gbps: bytes as f64 / secs / 1e9,
-            p50_ms: pct(0.50),
-            p99_ms: pct(0.99),
-            p999_ms: pct(0.999),
-        });
+            BenchPath::Http | BenchPath::HttpPut => {
+                Runner::Sidecar(sidecar(&self.cold, Protocol::Http)?)
+            }
+            BenchPath::Grpc => Runner::Sidecar(sidecar(&self.cold, Protocol::Grpc)?),
+            BenchPath::HttpL1 => Runner::Sidecar(sidecar(&self.warm, Protocol::Http)?),
+            BenchPath::GrpcL1 => Runner::Sidecar(sidecar(&self.warm, Protocol::Grpc)?),
+        })
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    Ok(results)
+
+    async fn stop(self) -> anyhow::Result<()> {
+        for stop in self.stops {
+            let _ = stop.send(());
+        }
+        for server in self.servers {
+            server.await??;
+        }
+        self.store.purge(&self.put_ns.label).await?;
+        Ok(())
+    }
 }
 
-/// One request of `batch` blocks from `start` (wrapping); returns the payload bytes read.
-async fn one_request(
+/// Distinct blocks to read: enough that concurrent requests read different keys, bounded
+/// so the set fits a modest Redis (at most 256 blocks and 2 GiB).
+fn distinct_blocks(cfg: &BenchConfig) -> usize {
+    let by_bytes = ((2u64 << 30) / cfg.size.namespace().block_bytes()).max(1) as usize;
+    (cfg.batch * cfg.concurrency)
+        .min(256)
+        .min(by_bytes)
+        .max(cfg.batch)
+}
+
+/// `n` block hashes of `ns`; `salt` makes distinct sets (puts write new blocks each round).
+fn bench_hashes(ns: &Namespace, n: usize, salt: u64) -> Vec<BlockHash> {
+    let tokens: Vec<u32> = (0..n as u32 * ns.block_size).collect();
+    let salt = salt.to_le_bytes();
+    PrefixHasher::new(ns, (salt != [0; 8]).then_some(&salt[..])).hash_prefix(&tokens)
+}
+
+/// The whole report of a run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Every path, in the order asked for.
+    pub paths: Vec<PathResult>,
+    /// The ceilings (empty unless asked for).
+    pub ceilings: Vec<Ceiling>,
+}
+
+/// Puts the bench blocks, then measures every path (and the ceilings) once per round,
+/// rotating the order of paths from round to round, and reports each path's median round.
+pub async fn run(cfg: &BenchConfig, progress: &dyn Progress) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        cfg.batch >= 1 && cfg.concurrency >= 1 && cfg.requests >= 1 && cfg.rounds >= 1,
+        "batch, concurrency, requests and rounds must be at least 1"
+    );
+    let fixture = Fixture::new(cfg).await?;
+    let mut samples: Vec<(Vec<f64>, Vec<Duration>)> = vec![Default::default(); cfg.paths.len()];
+    let mut ceiling_rounds: Vec<Vec<Ceiling>> = Vec::new();
+    for round in 0..cfg.rounds {
+        if cfg.ceilings {
+            progress.start(&format!("round {}/{}: ceilings", round + 1, cfg.rounds), 0);
+            ceiling_rounds.push(ceilings(cfg, distinct_blocks(cfg)).await?);
+            progress.finish();
+        }
+        for k in 0..cfg.paths.len() {
+            let i = (k + round) % cfg.paths.len();
+            let path = cfg.paths[i];
+            progress.start(
+                &format!("round {}/{}: {}", round + 1, cfg.rounds, path.name()),
+                cfg.requests as u64,
+            );
+            let (gbps, lat) = measure(cfg, &fixture, path, round, progress).await?;
+            progress.finish();
+            samples[i].0.push(gbps);
+            samples[i].1.extend(lat);
+        }
+    }
+    let value_bytes = fixture.ns.block_bytes();
+    fixture.stop().await?;
+    let paths = cfg
+        .paths
+        .iter()
+        .zip(samples)
+        .map(|(&path, (rounds_gbps, mut lat))| {
+            lat.sort_unstable();
+            let pct = |p: f64| {
+                lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3
+            };
+            PathResult {
+                path,
+                value_bytes,
+                batch: cfg.batch,
+                concurrency: cfg.concurrency,
+                requests: lat.len(),
+                gbps: median(&rounds_gbps),
+                rounds_gbps,
+                p50_ms: pct(0.50),
+                p99_ms: pct(0.99),
+                p999_ms: pct(0.999),
+            }
+        })
+        .collect();
+    Ok(Report {
+        paths,
+        ceilings: median_ceilings(&ceiling_rounds),
+    })
+}
+
+/// Each ceiling's median round (latencies of that same round).
+fn median_ceilings(rounds: &[Vec<Ceiling>]) -> Vec<Ceiling> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    (0..first.len())
+        .map(|i| {
+            let mut these: Vec<&Ceiling> = rounds.iter().map(|r| &r[i]).collect();
+            these.sort_by(|a, b| a.gbps.total_cmp(&b.gbps));
+            let mut c = these[these.len() / 2].clone();
+            c.rounds_gbps = rounds.iter().map(|r| r[i].gbps).collect();
+            c
+        })
+        .collect()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A progress display: one bar per measured step.
+pub trait Progress: Sync {
+    /// A step starts; `total` requests (0: no count, just a spinner).
+    fn start(&self, what: &str, total: u64);
+    /// Requests done so far in this step.
+    fn set(&self, done: u64);
+    /// The step ended.
+    fn finish(&self);
+}
+
+/// No progress display (tests, `--json` to a pipe is still fine with a bar on stderr).
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&self, _: &str, _: u64) {}
+    fn set(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+/// Runs one path for one round: `concurrency` clients, each with its own connection,
+/// `requests` requests in all. Returns GB/s and every request's latency.
+async fn measure(
+    cfg: &BenchConfig,
+    fixture: &Fixture,
+    path: BenchPath,
+    round: usize,
+    progress: &dyn Progress,
+) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let ns = if path.is_put() {
+        &fixture.put_ns
+    } else {
+        &fixture.ns
+    };
+    // Puts write blocks nobody has written (write-once would make a second put a no-op);
+    // the blocks are made before the clock starts.
+    let put_blocks: Vec<(BlockHash, Bytes)> = if path.is_put() {
+        let n = cfg.requests * cfg.batch;
+        let base = payload(ns, &BlockHash([7; 32]));
+        bench_hashes(ns, n, 1 + round as u64 * 1_000_003 + path as u64)
+            .into_iter()
+            .map(|h| (h, base.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let put_blocks = std::sync::Arc::new(put_blocks);
+    let mut runners = Vec::with_capacity(cfg.concurrency);
+    for _ in 0..cfg.concurrency {
+        runners.push(fixture.runner(cfg, path).await?);
+    }
+    // Warm up each client's connections (and the sidecar's L1 with every block).
+    for runner in &runners {
+        if !path.is_put() {
+            one_fetch(runner, ns, &fixture.hashes, 0, cfg.batch).await?;
+        }
+    }
+    if matches!(path, BenchPath::HttpL1 | BenchPath::GrpcL1) {
+        for start in (0..fixture.hashes.len()).step_by(cfg.batch) {
+            one_fetch(&runners[0], ns, &fixture.hashes, start, cfg.batch).await?;
+        }
+    }
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (client, runner) in runners.into_iter().enumerate() {
+        let (ns, hashes, done, put_blocks) = (
+            ns.clone(),
+            fixture.hashes.clone(),
+            done.clone(),
+            put_blocks.clone(),
+        );
+        let (batch, total, concurrency) = (cfg.batch, cfg.requests, cfg.concurrency);
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            let mut bytes = 0u64;
+            let mut i = client;
+            while i < total {
+                let t = Instant::now();
+                bytes += if put_blocks.is_empty() {
+                    let start = (i * batch) % hashes.len();
+                    one_fetch(&runner, &ns, &hashes, start, batch).await?
+                } else {
+                    one_put(&runner, &ns, &put_blocks[i * batch..(i + 1) * batch]).await?
+                };
+                lat.push(t.elapsed());
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                i += concurrency;
+            }
+            anyhow::Ok((lat, bytes))
+        });
+    }
+    let mut lat = Vec::new();
+    let mut bytes = 0;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(r) => {
+                    let (l, b) = r??;
+                    lat.extend(l);
+                    bytes += b;
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                progress.set(done.load(std::sync::atomic::Ordering::Relaxed) as u64);
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if path.is_put() {
+        fixture.store.purge(&fixture.put_ns.label).await?;
+    }
+    Ok((bytes as f64 / secs / 1e9, lat))
+}
+
+/// One fetch of `batch` blocks from `start` (wrapping); returns the payload bytes read.
+async fn one_fetch(
     runner: &Runner,
     ns: &Namespace,
     hashes: &[BlockHash],
@@ -537,6 +811,35 @@ async fn one_request(
     Ok(got)
 }
 
+/// One put of `blocks`; returns the payload bytes stored.
+async fn one_put(
+    runner: &Runner,
+    ns: &Namespace,
+    blocks: &[(BlockHash, Bytes)],
+) -> anyhow::Result<u64> {
+    let stored = match runner {
+        Runner::Library(store) => store
+            .put(ns, blocks)
+            .await?
+            .iter()
+            .filter(|o| matches!(o, PutOutcome::Stored))
+            .count(),
+        Runner::Sidecar(client) => client
+            .put(&ns.label, blocks, false)
+            .await?
+            .iter()
+            .filter(|o| matches!(o, PutResult::Stored))
+            .count(),
+        Runner::RedisRs(..) => anyhow::bail!("redis-rs is a fetch baseline"),
+    };
+    anyhow::ensure!(
+        stored == blocks.len(),
+        "only {stored} of {} new blocks were stored",
+        blocks.len()
+    );
+    Ok(stored as u64 * ns.block_bytes())
+}
+
 fn header_len(ns: &Namespace) -> u64 {
     crate::codec::Header::for_block(ns, &BlockHash([0; 32]), &[])
         .encode()
@@ -557,29 +860,87 @@ fn payload(ns: &Namespace, hash: &BlockHash) -> Bytes {
     out.into()
 }
 
-/// The results as a table, each path's throughput also as a ratio to the first path's.
-pub fn table(results: &[PathResult]) -> String {
-    let base = results.first().map_or(1.0, |r| r.gbps);
-    let mut out = format!(
-        "{:<10} {:>9} {:>6} {:>5} {:>8} {:>8} {:>9} {:>9} {:>9}\n",
-        "path", "value", "batch", "conc", "GB/s", "ratio", "p50 ms", "p99 ms", "p99.9 ms"
+/// The report as text: one row per path with its GB/s (median round, and the range over
+/// rounds), its ratios to the ceilings measured in the same run (fetches against
+/// redis-benchmark GET, puts against SET; both against loopback TCP) or, without ceilings,
+/// to the first path, and its latency percentiles; then the ceilings.
+pub fn table(report: &Report) -> String {
+    let ceiling = |name: &str| {
+        report
+            .ceilings
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.gbps)
+    };
+    let (get, set, wire) = (
+        ceiling("redis-benchmark GET"),
+        ceiling("redis-benchmark SET"),
+        ceiling("loopback TCP"),
     );
-    for r in results {
+    let first = report.paths.first().map_or(1.0, |r| r.gbps);
+    let (vs_redis, vs_wire) = if report.ceilings.is_empty() {
+        ("vs first", "")
+    } else {
+        ("vs rb", "vs wire")
+    };
+    let mut out = format!(
+        "{:<9} {:>6} {:>5} {:>5} {:>7} {:>13} {:>7} {:>7} {:>8} {:>8} {:>9}\n",
+        "path",
+        "value",
+        "batch",
+        "conc",
+        "GB/s",
+        "rounds",
+        vs_redis,
+        vs_wire,
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms"
+    );
+    let ratio =
+        |v: f64, base: Option<f64>| base.map_or(String::new(), |b| format!("{:.2}x", v / b));
+    for r in &report.paths {
+        let base = if report.ceilings.is_empty() {
+            Some(first)
+        } else if r.path.is_put() {
+            set
+        } else {
+            get
+        };
+        let lo = r.rounds_gbps.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.rounds_gbps.iter().copied().fold(0.0, f64::max);
         out.push_str(&format!(
-            "{:<10} {:>9} {:>6} {:>5} {:>8.3} {:>7.2}x {:>9.2} {:>9.2} {:>9.2}\n",
-            serde_json::to_value(r.path)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            "{:<9} {:>6} {:>5} {:>5} {:>7.3} {:>13} {:>7} {:>7} {:>8.2} {:>8.2} {:>9.2}\n",
+            r.path.name(),
             human(r.value_bytes),
             r.batch,
             r.concurrency,
             r.gbps,
-            r.gbps / base,
+            format!("{lo:.2}-{hi:.2}"),
+            ratio(r.gbps, base),
+            ratio(r.gbps, wire),
             r.p50_ms,
             r.p99_ms,
             r.p999_ms
         ));
+    }
+    if !report.ceilings.is_empty() {
+        out.push_str(&format!(
+            "\n{:<28} {:>7} {:>13} {:>9} {:>9}\n",
+            "ceiling", "GB/s", "rounds", "p50 ms", "p99 ms"
+        ));
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        for c in &report.ceilings {
+            let rounds: Vec<String> = c.rounds_gbps.iter().map(|g| format!("{g:.2}")).collect();
+            out.push_str(&format!(
+                "{:<28} {:>7.3} {:>13} {:>9} {:>9}\n",
+                c.name,
+                c.gbps,
+                rounds.join(","),
+                ms(c.p50_ms),
+                ms(c.p99_ms)
+            ));
+        }
     }
     out
 }
@@ -589,5 +950,23 @@ fn human(b: u64) -> String {
         format!("{}MiB", b >> 20)
     } else {
         format!("{}KiB", b >> 10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_sidecar_config_has_the_bench_namespaces() {
+        let cfg = Config::from_toml(include_str!("../examples/bench.toml")).expect("parses");
+        for size in [ValueSize::K192, ValueSize::M2, ValueSize::M32] {
+            let ns = size.namespace();
+            assert_eq!(cfg.namespace(&ns.label), Some(&ns), "{}", ns.label);
+            let mut put = ns.clone();
+            put.label = format!("{}-put", ns.label);
+            put.ttl = Some(Duration::from_secs(120));
+            assert_eq!(cfg.namespace(&put.label), Some(&put), "{}", put.label);
+        }
     }
 }

@@ -63,6 +63,7 @@ pub mod l1;
 #[cfg(feature = "server")]
 pub mod memory;
 pub mod namespace;
+mod resp;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -21,6 +21,7 @@ use crate::codec::{self, Block, Header};
 use crate::error::Error;
 use crate::hashing::BlockHash;
 use crate::namespace::{Namespace, validate_label};
+use crate::resp::{self, Arg, Reply};
 
 /// Prefix of every key kvshelf writes; `v1` is the version of the key schema and hash.
 pub const KEY_PREFIX: &str = "kvshelf:v1:";
@@ -187,6 +188,8 @@ pub struct Hit {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
+    /// The lean path for block values (one Redis over plain TCP; `None` otherwise).
+    bulk: Option<Arc<resp::Pool>>,
     cfg: Arc<StoreConfig>,
 }
 
@@ -225,6 +228,7 @@ impl RedisStore {
     /// A store for `cfg`. It connects lazily, so it can be created while Redis is down;
     /// the first command (or [`ping`](Self::ping)) connects.
     pub fn new(cfg: StoreConfig) -> Result<Self, Error> {
+        let mut bulk = None;
         let conn = if cfg.cluster {
             Conn::Cluster(Arc::new(LazyCluster {
                 client: cluster_client_for(&cfg)?,
@@ -237,6 +241,10 @@ impl RedisStore {
                 .set_connection_timeout(Some(cfg.connection_timeout))
                 .set_number_of_retries(cfg.reconnect_retries)
                 .set_max_delay(Duration::from_secs(2));
+            if cfg.tls_ca_file.is_none() {
+                bulk = resp::Pool::for_url(&cfg.url, cfg.connection_timeout, cfg.response_timeout)?
+                    .map(Arc::new);
+            }
             Conn::Single(ConnectionManager::new_lazy_with_config(
                 client,
                 manager_cfg,
@@ -244,6 +252,7 @@ impl RedisStore {
         };
         Ok(RedisStore {
             conn,
+            bulk,
             cfg: Arc::new(cfg),
         })
     }
@@ -291,6 +300,29 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let ttl_ms = ttl_millis(self.ttl_of(ns));
+        if let Some(pool) = &self.bulk {
+            let ttl = ttl_ms.to_string();
+            let mut req = resp::Request::default();
+            for (hash, payload) in blocks {
+                let header = Bytes::from(Header::for_block(ns, hash, payload).encode());
+                req.cmd(&[
+                    Arg::Small(b"SET"),
+                    Arg::Small(block_key(&ns.label, hash).as_bytes()),
+                    Arg::Parts(&[header, payload.clone()]),
+                    Arg::Small(b"NX"),
+                    Arg::Small(b"PX"),
+                    Arg::Small(ttl.as_bytes()),
+                ]);
+            }
+            let replies = pool.exec(&req).await?;
+            return Ok(replies
+                .into_iter()
+                .map(|r| match r {
+                    Reply::Nil => PutOutcome::AlreadyPresent,
+                    _ => PutOutcome::Stored,
+                })
+                .collect());
+        }
         let replies = self
             .per_key(blocks.len(), |i, pipe| {
                 let (hash, payload) = &blocks[i];
@@ -328,31 +360,77 @@ impl RedisStore {
         }
         let ttl_ms = ttl_millis(self.ttl_of(ns));
         let sliding = self.cfg.sliding_ttl;
-        let replies = self
-            .per_key(hashes.len(), |i, pipe| {
-                let key = block_key(&ns.label, &hashes[i]);
-                pipe.get(&key);
-                if sliding {
-                    // XX: only keys that already have an expiry, so a pinned block stays pinned.
-                    pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("XX").ignore();
+        // Per block: its value (if any) and its PTTL, or the error of its cluster node.
+        let replies: Vec<Result<(Option<Bytes>, i64), Error>> = match &self.bulk {
+            Some(pool) => {
+                let ttl = ttl_ms.to_string();
+                let mut req = resp::Request::default();
+                for hash in hashes {
+                    let key = block_key(&ns.label, hash);
+                    req.cmd(&[Arg::Small(b"GET"), Arg::Small(key.as_bytes())]);
+                    if sliding {
+                        // XX: only keys that already have an expiry, so a pinned block
+                        // stays pinned.
+                        req.cmd(&[
+                            Arg::Small(b"PEXPIRE"),
+                            Arg::Small(key.as_bytes()),
+                            Arg::Small(ttl.as_bytes()),
+                            Arg::Small(b"XX"),
+                        ]);
+                    }
+                    req.cmd(&[Arg::Small(b"PTTL"), Arg::Small(key.as_bytes())]);
                 }
-                pipe.cmd("PTTL").arg(&key);
-                2
-            })
-            .await?;
+                let per_block = if sliding { 3 } else { 2 };
+                let mut replies = pool.exec(&req).await?.into_iter();
+                (0..hashes.len())
+                    .map(|_| {
+                        let mut r = replies.by_ref().take(per_block);
+                        let value = match r.next() {
+                            Some(Reply::Bulk(v)) => Some(v),
+                            _ => None,
+                        };
+                        let pttl = match r.last() {
+                            Some(Reply::Int(t)) => t,
+                            _ => -2,
+                        };
+                        Ok((value, pttl))
+                    })
+                    .collect()
+            }
+            None => self
+                .per_key(hashes.len(), |i, pipe| {
+                    let key = block_key(&ns.label, &hashes[i]);
+                    pipe.get(&key);
+                    if sliding {
+                        // XX: only keys that already have an expiry, so a pinned block
+                        // stays pinned.
+                        pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("XX").ignore();
+                    }
+                    pipe.cmd("PTTL").arg(&key);
+                    2
+                })
+                .await?
+                .into_iter()
+                .map(|reply| {
+                    let mut reply = reply?;
+                    let pttl: i64 =
+                        redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil))
+                            .unwrap_or(-2);
+                    let value: Option<Bytes> =
+                        redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil))
+                            .map_err(redis::RedisError::from)?;
+                    Ok((value, pttl))
+                })
+                .collect(),
+        };
         let mut out = Vec::with_capacity(hashes.len());
         let mut bad = Vec::new();
         for (hash, reply) in hashes.iter().zip(replies) {
             // On a cluster, a block whose node did not answer is a miss.
-            let Ok(mut reply) = reply else {
+            let Ok((value, pttl)) = reply else {
                 out.push(None);
                 continue;
             };
-            let pttl: i64 =
-                redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil)).unwrap_or(-2);
-            let value: Option<Bytes> =
-                redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil))
-                    .map_err(redis::RedisError::from)?;
             out.push(match value.map(|v| verify(ns, hash, v)) {
                 Some(Ok(block)) => Some(Hit {
                     block,

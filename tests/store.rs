@@ -345,3 +345,43 @@ async fn an_unreachable_redis_is_a_classified_error() {
     assert!(!err.is_caller_error());
     assert!(err.code().starts_with("backend_"));
 }
+
+/// Multi-MiB values, hits and misses interleaved in one pipeline, on a non-default database:
+/// the lean RESP path reads each value into its own buffer and must stay in step.
+#[tokio::test]
+async fn large_values_and_misses_in_one_pipeline_on_a_selected_db() {
+    let mut ns = namespace("large");
+    ns.layout.num_layers = 32;
+    ns.layout.num_kv_heads = 8;
+    ns.layout.head_dim = 128;
+    ns.block_size = 16;
+    assert_eq!(ns.block_bytes(), 2 << 20);
+    let url = format!("{}/5", redis_url().trim_end_matches('/'));
+    let s = store_with(StoreConfig {
+        url: url.clone(),
+        ..Default::default()
+    });
+    let hs = hashes(&ns, 8, 9);
+    let stored: Vec<_> = [0usize, 1, 3, 4, 6, 7]
+        .iter()
+        .map(|&i| (hs[i], payload(&ns, i as u8)))
+        .collect();
+    assert_eq!(
+        s.put(&ns, &stored).await.unwrap(),
+        vec![PutOutcome::Stored; 6]
+    );
+    let got = s.get(&ns, &hs).await.unwrap();
+    for (i, got) in got.iter().enumerate() {
+        match got {
+            Some(hit) => {
+                assert!(![2, 5].contains(&i), "block {i} was never stored");
+                assert_eq!(hit.block.payload, payload(&ns, i as u8), "block {i}");
+                assert!(hit.ttl.is_some());
+            }
+            None => assert!([2, 5].contains(&i), "block {i} is missing"),
+        }
+    }
+    assert_eq!(keys_of(&url, &ns.label).await.len(), 6);
+    assert!(keys_of(&redis_url(), &ns.label).await.is_empty());
+    s.purge(&ns.label).await.unwrap();
+}

@@ -69,12 +69,17 @@ enum Command {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "redis-rs,library,http,grpc"
+            default_value = "redis-rs,library,http,grpc,http-l1,grpc-l1,put,http-put"
         )]
         paths: Vec<kvshelf::bench::BenchPath>,
-        /// Keep the sidecar's L1 on (measures L1 hits instead of Redis reads).
+        /// Rounds: every path is measured once per round (order rotated), and each path's
+        /// median round is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Drive this running sidecar (e.g. http://127.0.0.1:7070) instead of one started
+        /// in-process; its config must define the bench namespaces (`docs/benchmarks`).
         #[arg(long)]
-        l1: bool,
+        sidecar: Option<String>,
         /// Measure lookup latency against prefix length (1 … 4096 blocks) instead.
         #[arg(long)]
         lookup: bool,
@@ -150,7 +155,8 @@ async fn main() -> Result<()> {
             concurrency,
             requests,
             paths,
-            l1,
+            rounds,
+            sidecar,
             lookup,
             ceilings,
             json,
@@ -171,27 +177,15 @@ async fn main() -> Result<()> {
                 concurrency,
                 requests,
                 paths,
-                l1,
+                rounds,
+                ceilings,
+                sidecar,
             };
-            let results = kvshelf::bench::run(&bench, |path, done| {
-                eprint!("\r{path:?}: {done}/{requests} requests   ");
-            })
-            .await?;
-            eprintln!();
-            let ceilings = if ceilings {
-                kvshelf::bench::ceilings(&bench).await?
-            } else {
-                Vec::new()
-            };
+            let report = kvshelf::bench::run(&bench, &Bar::default()).await?;
             if json {
-                let doc = serde_json::json!({ "paths": results, "ceilings": ceilings });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", kvshelf::bench::table(&results));
-                if !ceilings.is_empty() {
-                    println!();
-                    print!("{}", kvshelf::bench::ceiling_table(&ceilings));
-                }
+                print!("{}", kvshelf::bench::table(&report));
             }
             Ok(())
         }
@@ -440,5 +434,41 @@ fn human(bytes: u64) -> String {
         format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
     } else {
         format!("{} KiB", bytes / 1024)
+    }
+}
+
+/// `kvshelf bench`'s progress bar (on stderr; hidden when stderr is not a terminal).
+#[derive(Default)]
+struct Bar(std::sync::Mutex<Option<indicatif::ProgressBar>>);
+
+impl kvshelf::bench::Progress for Bar {
+    fn start(&self, what: &str, total: u64) {
+        let bar = if total == 0 {
+            indicatif::ProgressBar::new_spinner()
+        } else {
+            indicatif::ProgressBar::new(total).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:<28} [{bar:30}] {pos}/{len} requests, {elapsed}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            )
+        };
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar.set_message(what.to_owned());
+        *self.0.lock().expect("bar lock") = Some(bar);
+    }
+
+    fn set(&self, done: u64) {
+        if let Some(bar) = &*self.0.lock().expect("bar lock") {
+            bar.set_position(done);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.0.lock().expect("bar lock").take() {
+            bar.finish_and_clear();
+        }
     }
 }
