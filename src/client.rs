@@ -165,6 +165,11 @@ impl Client {
                     .timeout(cfg.timeout)
                     .connect_timeout(cfg.connect_timeout)
                     .tcp_nodelay(true)
+                    // Blocks are MiBs: large frames and windows, so the sender is not held
+                    // back by 16 KiB frames and window updates (HTTP/2's defaults).
+                    .max_frame_size(1 << 20)
+                    .initial_stream_window_size(16 << 20)
+                    .initial_connection_window_size(64 << 20)
                     .connect_lazy();
                 Transport::Grpc(
                     proto::shelf_client::ShelfClient::new(channel)

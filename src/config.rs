@@ -99,6 +99,11 @@ pub struct ServerConfig {
     /// Blocks are read from the backend in chunks of about this many bytes, so a fetch's
     /// memory stays bounded whatever its length. Default: 8 MiB.
     pub fetch_chunk_bytes: u64,
+    /// Payload bytes all fetches together may hold at once: read from the backend and not
+    /// yet written to their clients. A fetch waits for room before reading its next chunk,
+    /// so sidecar memory stays near `l1_bytes` + this, however many clients fetch how much.
+    /// Default: 1 GiB.
+    pub fetch_memory_bytes: u64,
     /// Largest request body. Default: 256 MiB.
     pub max_body_bytes: u64,
     /// Most blocks one request may name. Default: 4096.
@@ -127,6 +132,7 @@ impl Default for ServerConfig {
             fetch_timeout: Duration::from_millis(100),
             put_timeout: Duration::from_secs(2),
             fetch_chunk_bytes: 8 << 20,
+            fetch_memory_bytes: 1 << 30,
             max_body_bytes: 256 << 20,
             max_blocks_per_request: 4096,
             max_concurrent_requests: 256,

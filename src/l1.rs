@@ -165,7 +165,9 @@ impl L1 {
 
     /// Serves `hashes` of namespace `label` from L1, loading the absent ones with ONE call
     /// of `load` (which returns one entry per hash it is given, in order). A block another
-    /// caller is loading right now is not loaded again: this call waits for that value.
+    /// caller is loading right now is not loaded again: this call waits for that value. If
+    /// that load leaves nothing in L1 (a miss, a failure, or an entry evicted at once from
+    /// a full L1), the waiters make one more call of `load` for such blocks.
     pub async fn get_or_load<F, Fut>(
         &self,
         label: &str,
@@ -173,7 +175,7 @@ impl L1 {
         load: F,
     ) -> Vec<Served>
     where
-        F: FnOnce(Vec<BlockHash>) -> Fut,
+        F: Fn(Vec<BlockHash>) -> Fut,
         Fut: Future<Output = Result<Vec<Option<Hit>>, Error>>,
     {
         let label: Arc<str> = Arc::from(label);
@@ -211,33 +213,62 @@ impl L1 {
         .into_iter();
 
         let mut out = Vec::with_capacity(slots.len());
-        for (hash, slot) in hashes.iter().zip(slots) {
+        // Waiters whose loader left nothing in the cache: it found a miss, failed, or its
+        // entry was evicted at once by a full L1. They load for themselves, together.
+        let mut orphans = Vec::new();
+        for (i, (hash, slot)) in hashes.iter().zip(slots).enumerate() {
             out.push(match slot {
                 Slot::Done(s) => s,
-                Slot::Load(guard) => match loaded.next().flatten() {
-                    Some(hit) => {
-                        let ttl = hit.ttl.map_or(self.max_ttl, |t| t.min(self.max_ttl));
-                        let payload = hit.block.payload;
-                        let _ = guard.insert(Entry {
-                            payload: payload.clone(),
-                            expires_at: Instant::now() + ttl,
-                        });
-                        Served::Loaded(payload)
-                    }
-                    None => Served::Miss, // dropping the guard wakes the waiters
-                },
+                Slot::Load(guard) => self.fill(guard, loaded.next().flatten()),
                 Slot::Wait => match self
                     .cache
                     .get_value_or_guard_async(&(label.clone(), *hash))
                     .await
                 {
                     Ok(e) => Served::Coalesced(e.payload),
-                    // The loader we waited for found nothing: a miss for us too.
-                    Err(_guard) => Served::Miss,
+                    Err(guard) => {
+                        orphans.push((i, *hash, guard));
+                        Served::Miss
+                    }
                 },
             });
         }
+        if !orphans.is_empty() {
+            let hs = orphans.iter().map(|(_, h, _)| *h).collect();
+            let mut loaded = load(hs).await.unwrap_or_default().into_iter();
+            for (i, _, guard) in orphans {
+                out[i] = self.fill(guard, loaded.next().flatten());
+            }
+        }
         out
+    }
+
+    /// Completes a load this call owns: caches a hit (waking the waiters) or drops the
+    /// guard on a miss (waking them to find nothing).
+    fn fill(
+        &self,
+        guard: quick_cache::sync::PlaceholderGuard<
+            '_,
+            Key,
+            Entry,
+            Weigher,
+            DefaultHashBuilder,
+            CountEvictions,
+        >,
+        hit: Option<Hit>,
+    ) -> Served {
+        match hit {
+            Some(hit) => {
+                let ttl = hit.ttl.map_or(self.max_ttl, |t| t.min(self.max_ttl));
+                let payload = hit.block.payload;
+                let _ = guard.insert(Entry {
+                    payload: payload.clone(),
+                    expires_at: Instant::now() + ttl,
+                });
+                Served::Loaded(payload)
+            }
+            None => Served::Miss, // dropping the guard wakes the waiters
+        }
     }
 }
 
@@ -269,10 +300,13 @@ mod tests {
             .map(|_| {
                 let (l1, loads, gate) = (l1.clone(), loads.clone(), gate.clone());
                 tokio::spawn(async move {
-                    l1.get_or_load("ns", &[h], |hs| async move {
-                        loads.fetch_add(hs.len(), Ordering::SeqCst);
-                        gate.notified().await; // hold the load until everyone waits
-                        Ok(vec![Some(hit(b"kv", Some(Duration::from_secs(60))))])
+                    l1.get_or_load("ns", &[h], |hs| {
+                        let (loads, gate) = (loads.clone(), gate.clone());
+                        async move {
+                            loads.fetch_add(hs.len(), Ordering::SeqCst);
+                            gate.notified().await; // hold the load until everyone waits
+                            Ok(vec![Some(hit(b"kv", Some(Duration::from_secs(60))))])
+                        }
                     })
                     .await
                 })
@@ -294,6 +328,46 @@ mod tests {
         }
         assert_eq!(loads.load(Ordering::SeqCst), 1, "one backend read");
         assert_eq!(kinds.iter().filter(|k| **k).count(), 1);
+    }
+
+    /// A waiter whose loader's entry did not stay in L1 (here: larger than the whole L1)
+    /// loads the block itself instead of answering a miss for a block the backend has.
+    #[tokio::test]
+    async fn waiters_load_for_themselves_when_l1_cannot_keep_the_block() {
+        static BIG: [u8; 4096] = [7; 4096];
+        let l1 = Arc::new(L1::new(64, Duration::from_secs(30)));
+        let loads = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let h = BlockHash([3; 32]);
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (l1, loads, gate) = (l1.clone(), loads.clone(), gate.clone());
+                tokio::spawn(async move {
+                    l1.get_or_load("ns", &[h], |hs| {
+                        let (loads, gate) = (loads.clone(), gate.clone());
+                        async move {
+                            if loads.fetch_add(hs.len(), Ordering::SeqCst) == 0 {
+                                gate.notified().await; // the first load waits for the others
+                            }
+                            Ok(vec![Some(hit(&BIG, Some(Duration::from_secs(60))))])
+                        }
+                    })
+                    .await
+                })
+            })
+            .collect();
+        while loads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        for t in tasks {
+            let served = t.await.unwrap().remove(0);
+            assert_eq!(served.into_payload().expect("not a miss"), &BIG[..]);
+        }
+        assert!(!l1.contains("ns", &h), "the block is too big to keep");
     }
 
     #[tokio::test]

@@ -262,6 +262,8 @@ struct Inner {
     requests: Arc<Semaphore>,
     queue_tx: std::sync::Mutex<Option<mpsc::UnboundedSender<QueuedPut>>>,
     queue_budget: Arc<Semaphore>,
+    /// `fetch_memory_bytes`, one permit per byte.
+    fetch_budget: Arc<Semaphore>,
     queue_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     backend_was_ok: AtomicBool,
 }
@@ -350,6 +352,11 @@ impl Shelf {
                 requests: Arc::new(Semaphore::new(server.max_concurrent_requests)),
                 queue_budget: Arc::new(Semaphore::new(
                     server.put_queue_bytes.min(Semaphore::MAX_PERMITS as u64) as usize,
+                )),
+                fetch_budget: Arc::new(Semaphore::new(
+                    server
+                        .fetch_memory_bytes
+                        .clamp(1, Semaphore::MAX_PERMITS as u64) as usize,
                 )),
                 cfg: server,
                 queue_tx: std::sync::Mutex::new(Some(tx)),
@@ -566,7 +573,14 @@ impl Shelf {
     ) {
         let mut sent = 0u32;
         let mut reason = EndReason::Complete;
+        let block_bytes = ns.block_bytes();
         'chunks: for chunk in hashes.chunks(self.chunk_blocks(&ns)) {
+            // Room for this chunk in the fetch memory budget, before reading it. Each
+            // block's share travels with its payload and is given back when the transport
+            // drops the bytes (written to the client, or the client went away).
+            let Some(mut room) = self.fetch_room(chunk.len() as u64 * block_bytes).await else {
+                return;
+            };
             let (served, backend_ok) = self.read_blocks(&ns, chunk).await;
             for (hash, served) in chunk.iter().zip(served) {
                 let tier = match &served {
@@ -587,6 +601,14 @@ impl Shelf {
                 };
                 metrics::counter!("kvshelf_fetch_bytes_total", "namespace" => ns.label.clone())
                     .increment(payload.len() as u64);
+                let share = match room.num_permits() as u64 > block_bytes {
+                    true => room.split(block_bytes as usize),
+                    false => None,
+                };
+                let payload = match share {
+                    Some(share) => held(payload, share),
+                    None => held(payload, std::mem::replace(&mut room, self.no_room())),
+                };
                 let item = FetchItem::Block {
                     index: sent,
                     hash: *hash,
@@ -604,6 +626,25 @@ impl Shelf {
                 reason,
             })
             .await;
+    }
+
+    /// Waits for `bytes` of room in the fetch memory budget (all of it, for a chunk larger
+    /// than the whole budget). `None` only if the budget was closed.
+    async fn fetch_room(&self, bytes: u64) -> Option<OwnedSemaphorePermit> {
+        let budget = &self.inner.fetch_budget;
+        let want = bytes
+            .min(self.inner.cfg.fetch_memory_bytes.max(1))
+            .min(u32::MAX as u64) as u32;
+        budget.clone().acquire_many_owned(want.max(1)).await.ok()
+    }
+
+    /// An empty permit of the fetch budget (what is left once a chunk's room is handed out).
+    fn no_room(&self) -> OwnedSemaphorePermit {
+        self.inner
+            .fetch_budget
+            .clone()
+            .try_acquire_many_owned(0)
+            .expect("zero permits are always available")
     }
 
     /// Reads one chunk through L1 (coalescing concurrent misses) or straight from the
@@ -926,4 +967,24 @@ async fn put_queue_worker(shelf: Shelf, mut rx: mpsc::UnboundedReceiver<QueuedPu
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A payload that keeps its share of the fetch memory budget until it is dropped.
+struct Held {
+    payload: Bytes,
+    _room: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+/// `payload` as `Bytes` (no copy) that return `room` to the budget when the last clone drops.
+fn held(payload: Bytes, room: OwnedSemaphorePermit) -> Bytes {
+    Bytes::from_owner(Held {
+        payload,
+        _room: room,
+    })
 }

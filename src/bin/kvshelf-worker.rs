@@ -1,6 +1,10 @@
 //! `kvshelf-worker`: a small Llama-style model on CPU that reuses prefill KV blocks through
 //! a kvshelf sidecar (`docs/worker.md`).
 
+/// mimalloc, as in `kvshelf`: fetched blocks are MiB-sized buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -1,6 +1,12 @@
 //! `kvshelf`: the operator's command line. Parses flags, sets up logging and calls the
 //! library; all logic lives in `kvshelf::*`.
 
+/// mimalloc rather than glibc's malloc: blocks are MiB-sized buffers allocated and freed
+/// at GB/s, and glibc returns them to the kernel and faults them back in (`BENCHMARKS.md`,
+/// "What each change bought").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
