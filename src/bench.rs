@@ -76,6 +76,10 @@ pub enum BenchPath {
     HttpL1,
     /// The sidecar over gRPC, served from its L1.
     GrpcL1,
+    /// The sidecar over HTTP on its Unix socket (`listen_unix`), L1 off.
+    HttpUnix,
+    /// The sidecar over gRPC on its Unix socket, L1 off.
+    GrpcUnix,
     /// Puts of new blocks through the library (`SET NX PX`, pipelined).
     Put,
     /// Puts of new blocks through the sidecar over HTTP (synchronous).
@@ -92,6 +96,8 @@ impl BenchPath {
             BenchPath::Grpc => "grpc",
             BenchPath::HttpL1 => "http-l1",
             BenchPath::GrpcL1 => "grpc-l1",
+            BenchPath::HttpUnix => "http-unix",
+            BenchPath::GrpcUnix => "grpc-unix",
             BenchPath::Put => "put",
             BenchPath::HttpPut => "http-put",
         }
@@ -125,6 +131,31 @@ pub struct BenchConfig {
     /// Drive this already running sidecar instead of one started in-process (HTTP and gRPC
     /// paths; its config must have the bench namespace).
     pub sidecar: Option<String>,
+    /// With `sidecar`: its Unix socket, `unix:<path>` (the `-unix` paths).
+    pub sidecar_unix: Option<String>,
+}
+
+/// A private directory for the bench sidecar's Unix socket, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> std::io::Result<TempDir> {
+        let dir = std::env::temp_dir().join(format!(
+            "kvshelf-bench-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::create_dir(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The measurement of one path.
@@ -425,6 +456,9 @@ struct Fixture {
     /// Sidecar without L1 (every fetch reads Redis) and with L1.
     cold: String,
     warm: String,
+    /// The cold sidecar's Unix socket (`unix:<path>`), in `_dir`.
+    cold_unix: Option<String>,
+    _dir: Option<TempDir>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
     servers: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -457,12 +491,15 @@ impl Fixture {
             store,
             cold: String::new(),
             warm: String::new(),
+            cold_unix: None,
+            _dir: None,
             stops: Vec::new(),
             servers: Vec::new(),
         };
         if let Some(url) = &cfg.sidecar {
             fixture.cold = url.clone();
             fixture.warm = url.clone();
+            fixture.cold_unix = cfg.sidecar_unix.clone();
             return Ok(fixture);
         }
         for l1 in [false, true] {
@@ -485,11 +522,26 @@ impl Fixture {
             }
             let shelf = crate::shelf::Shelf::new(&server_cfg)?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let unix = if l1 {
+                None
+            } else {
+                let dir = TempDir::new()?;
+                let path = dir.0.join("kvshelf.sock");
+                let unix = crate::server::bind_unix(&path)?;
+                fixture.cold_unix = Some(format!("unix:{}", path.display()));
+                fixture._dir = Some(dir);
+                Some(unix)
+            };
             fixture
                 .servers
-                .push(tokio::spawn(crate::server::run(listener, shelf, async {
-                    let _ = stop_rx.await;
-                })));
+                .push(tokio::spawn(crate::server::run_with_unix(
+                    listener,
+                    unix,
+                    shelf,
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                )));
             fixture.stops.push(stop_tx);
             if l1 {
                 fixture.warm = url;
@@ -534,6 +586,19 @@ impl Fixture {
             BenchPath::Grpc => Runner::Sidecar(sidecar(&self.cold, Protocol::Grpc)?),
             BenchPath::HttpL1 => Runner::Sidecar(sidecar(&self.warm, Protocol::Http)?),
             BenchPath::GrpcL1 => Runner::Sidecar(sidecar(&self.warm, Protocol::Grpc)?),
+            BenchPath::HttpUnix | BenchPath::GrpcUnix => {
+                let Some(url) = &self.cold_unix else {
+                    anyhow::bail!(
+                        "{} needs the sidecar's Unix socket (--sidecar-unix)",
+                        path.name()
+                    );
+                };
+                let protocol = match path {
+                    BenchPath::HttpUnix => Protocol::Http,
+                    _ => Protocol::Grpc,
+                };
+                Runner::Sidecar(sidecar(url, protocol)?)
+            }
         })
     }
 

@@ -43,7 +43,8 @@ pub enum Protocol {
 /// How to reach the sidecar.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// Base URL, for example `http://127.0.0.1:7070`. Default: that.
+    /// Base URL, for example `http://127.0.0.1:7070` (the default), or `unix:<path>` for a
+    /// sidecar's Unix socket (`listen_unix`) on the same host.
     pub url: String,
     /// Default: HTTP.
     pub protocol: Protocol,
@@ -122,6 +123,33 @@ pub struct Client {
     token: Option<String>,
 }
 
+/// Connects gRPC channels to a Unix socket.
+#[derive(Clone)]
+struct UnixConnector(std::sync::Arc<std::path::Path>);
+
+impl tower_service::Service<tonic::codegen::http::Uri> for UnixConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        let path = self.0.clone();
+        Box::pin(async move {
+            let stream = tokio::net::UnixStream::connect(&*path).await?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        })
+    }
+}
+
 fn transport_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Transport(e.to_string())
 }
@@ -149,18 +177,32 @@ fn hash_of(b: &[u8]) -> Result<BlockHash, ClientError> {
 impl Client {
     /// A client for `cfg`. Connects lazily, on the first call.
     pub fn new(cfg: ClientConfig) -> Result<Client, ClientError> {
+        let unix = cfg
+            .url
+            .strip_prefix("unix://")
+            .or_else(|| cfg.url.strip_prefix("unix:"))
+            .map(std::path::PathBuf::from);
+        // Over a Unix socket the URL's host is only a name for the Host header.
+        let url = match &unix {
+            Some(_) => "http://kvshelf".to_owned(),
+            None => cfg.url.trim_end_matches('/').to_owned(),
+        };
         let transport = match cfg.protocol {
-            Protocol::Http => Transport::Http {
-                http: reqwest::Client::builder()
+            Protocol::Http => {
+                let mut http = reqwest::Client::builder()
                     .timeout(cfg.timeout)
                     .connect_timeout(cfg.connect_timeout)
-                    .tcp_nodelay(true)
-                    .build()
-                    .map_err(transport_err)?,
-                base: cfg.url.trim_end_matches('/').to_owned(),
-            },
+                    .tcp_nodelay(true);
+                if let Some(path) = &unix {
+                    http = http.unix_socket(path.as_path());
+                }
+                Transport::Http {
+                    http: http.build().map_err(transport_err)?,
+                    base: url,
+                }
+            }
             Protocol::Grpc => {
-                let channel = tonic::transport::Endpoint::from_shared(cfg.url.clone())
+                let endpoint = tonic::transport::Endpoint::from_shared(url)
                     .map_err(transport_err)?
                     .timeout(cfg.timeout)
                     .connect_timeout(cfg.connect_timeout)
@@ -169,8 +211,11 @@ impl Client {
                     // back by 16 KiB frames and window updates (HTTP/2's defaults).
                     .max_frame_size(1 << 20)
                     .initial_stream_window_size(16 << 20)
-                    .initial_connection_window_size(64 << 20)
-                    .connect_lazy();
+                    .initial_connection_window_size(64 << 20);
+                let channel = match unix {
+                    Some(path) => endpoint.connect_with_connector_lazy(UnixConnector(path.into())),
+                    None => endpoint.connect_lazy(),
+                };
                 Transport::Grpc(
                     proto::shelf_client::ShelfClient::new(channel)
                         .max_decoding_message_size(usize::MAX)

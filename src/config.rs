@@ -85,6 +85,10 @@ impl std::fmt::Debug for TenantConfig {
 pub struct ServerConfig {
     /// Address for HTTP and gRPC (one port). Default: `127.0.0.1:7070`.
     pub listen: SocketAddr,
+    /// Also serve HTTP and gRPC on this Unix socket, for workers on the same host (a
+    /// shared volume in a pod): the same API without the TCP stack. A stale socket file is
+    /// replaced. Clients use the URL `unix:<path>`. Default: none.
+    pub listen_unix: Option<std::path::PathBuf>,
     /// Longest a lookup waits for the backend before answering "miss". Default: 100ms.
     #[serde(with = "humantime_serde")]
     pub lookup_timeout: Duration,
@@ -128,6 +132,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            listen_unix: None,
             lookup_timeout: Duration::from_millis(100),
             fetch_timeout: Duration::from_millis(100),
             put_timeout: Duration::from_secs(2),

@@ -468,6 +468,15 @@ impl RedisStore {
         if hashes.is_empty() {
             return Ok(0);
         }
+        if let Some(pool) = &self.bulk {
+            let mut req = resp::Request::default();
+            for hash in hashes {
+                let key = block_key(&ns.label, hash);
+                req.cmd(&[Arg::Small(b"EXISTS"), Arg::Small(key.as_bytes())]);
+            }
+            let replies = pool.exec(&req).await?;
+            return Ok(replies.iter().take_while(|r| **r == Reply::Int(1)).count());
+        }
         let replies = self
             .per_key(hashes.len(), |i, pipe| {
                 pipe.exists(block_key(&ns.label, &hashes[i]));

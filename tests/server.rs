@@ -739,3 +739,67 @@ async fn grpc_health_is_served() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+/// `listen_unix`: the same API on a Unix socket, through both protocols, sharing the shelf
+/// with the TCP listener; a stale socket file is replaced, any other file is refused.
+#[tokio::test]
+async fn the_api_is_served_on_a_unix_socket_too() {
+    let ns = namespace("unix");
+    let dir = std::env::temp_dir().join(format!("kvshelf-test-unix-{}", rand::random::<u64>()));
+    std::fs::create_dir(&dir).unwrap();
+    let path = dir.join("kvshelf.sock");
+    // A stale socket from an earlier run: bound, then abandoned.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let unix = kvshelf::server::bind_unix(&path).expect("a stale socket is replaced");
+    let not_a_socket = dir.join("file");
+    std::fs::write(&not_a_socket, b"keep me").unwrap();
+    assert!(kvshelf::server::bind_unix(&not_a_socket).is_err());
+    assert_eq!(std::fs::read(&not_a_socket).unwrap(), b"keep me");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_url = format!("http://{}", listener.local_addr().unwrap());
+    let shelf =
+        kvshelf::shelf::Shelf::new(&sidecar_config(Some(redis_url()), vec![ns.clone()])).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(kvshelf::server::run_with_unix(
+        listener,
+        Some(unix),
+        shelf,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let client = |url: String, protocol| {
+        kvshelf::client::Client::new(kvshelf::client::ClientConfig {
+            url,
+            protocol,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let tokens = prompt(&ns, 2, 5);
+    let hashes = kvshelf::PrefixHasher::new(&ns, None).hash_prefix(&tokens);
+    for (i, protocol) in BOTH.into_iter().enumerate() {
+        let over_unix = client(format!("unix:{}", path.display()), protocol);
+        let block = (hashes[i], payload(&ns, i as u8));
+        let put = over_unix
+            .put(&ns.label, std::slice::from_ref(&block), false)
+            .await
+            .unwrap();
+        assert_eq!(put, vec![PutResult::Stored], "{protocol:?}");
+        // Written over the socket, read over TCP: one shelf behind both listeners.
+        let fetched = client(tcp_url.clone(), protocol)
+            .fetch(&ns.label, &hashes[i..=i])
+            .await
+            .unwrap();
+        assert_eq!(fetched.blocks, vec![block], "{protocol:?}");
+        let found = over_unix
+            .lookup_tokens(&ns.label, &tokens, false)
+            .await
+            .unwrap();
+        assert_eq!(found.hit_blocks, i + 1, "{protocol:?}");
+    }
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -47,6 +47,9 @@ enum Command {
         /// Address to listen on (HTTP and gRPC).
         #[arg(long, env = "KVSHELF_LISTEN")]
         listen: Option<std::net::SocketAddr>,
+        /// Also serve on this Unix socket (clients use `unix:<path>`).
+        #[arg(long, env = "KVSHELF_LISTEN_UNIX")]
+        listen_unix: Option<std::path::PathBuf>,
     },
     /// Two simulated workers share a prompt prefix through Redis: worker A puts the KV
     /// blocks of its prompt, worker B finds and fetches the shared prefix.
@@ -75,7 +78,7 @@ enum Command {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "redis-rs,library,http,grpc,http-l1,grpc-l1,put,http-put"
+            default_value = "redis-rs,library,http,grpc,http-unix,grpc-unix,http-l1,grpc-l1,put,http-put"
         )]
         paths: Vec<kvshelf::bench::BenchPath>,
         /// Rounds: every path is measured once per round (order rotated), and each path's
@@ -86,6 +89,9 @@ enum Command {
         /// in-process; its config must define the bench namespaces (`docs/benchmarks`).
         #[arg(long)]
         sidecar: Option<String>,
+        /// With --sidecar: its Unix socket (`unix:<path>`), for the -unix paths.
+        #[arg(long, requires = "sidecar")]
+        sidecar_unix: Option<String>,
         /// Measure lookup latency against prefix length (1 … 4096 blocks) instead.
         #[arg(long)]
         lookup: bool,
@@ -148,9 +154,15 @@ async fn main() -> Result<()> {
     let store_cfg = cfg.store.clone().unwrap_or_default();
     let store = || -> Result<RedisStore> { Ok(RedisStore::new(store_cfg.clone())?) };
     match cli.command {
-        Command::Serve { listen } => {
+        Command::Serve {
+            listen,
+            listen_unix,
+        } => {
             if let Some(addr) = listen {
                 cfg.server.listen = addr;
+            }
+            if listen_unix.is_some() {
+                cfg.server.listen_unix = listen_unix;
             }
             serve(cfg).await
         }
@@ -163,6 +175,7 @@ async fn main() -> Result<()> {
             paths,
             rounds,
             sidecar,
+            sidecar_unix,
             lookup,
             ceilings,
             json,
@@ -186,6 +199,7 @@ async fn main() -> Result<()> {
                 rounds,
                 ceilings,
                 sidecar,
+                sidecar_unix,
             };
             let report = kvshelf::bench::run(&bench, &Bar::default()).await?;
             if json {
@@ -280,7 +294,19 @@ async fn serve(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.server.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "kvshelf serving HTTP and gRPC");
-    kvshelf::server::run(listener, shelf, shutdown_signal()).await?;
+    let unix = match &cfg.server.listen_unix {
+        Some(path) => {
+            let unix = kvshelf::server::bind_unix(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            tracing::info!(path = %path.display(), "kvshelf serving HTTP and gRPC on a Unix socket");
+            Some(unix)
+        }
+        None => None,
+    };
+    kvshelf::server::run_with_unix(listener, unix, shelf, shutdown_signal()).await?;
+    if let Some(path) = &cfg.server.listen_unix {
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -106,9 +106,22 @@ pub async fn run(
     shelf: Shelf,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_with_unix(listener, None, shelf, shutdown).await
+}
+
+/// [`run`], also serving the same API on a Unix socket.
+pub async fn run_with_unix(
+    listener: TcpListener,
+    unix: Option<tokio::net::UnixListener>,
+    shelf: Shelf,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let grace = shelf.config().shutdown_grace;
     let app = router(shelf.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
     // TCP_NODELAY: a fetch ends with a small end frame after large payloads; with Nagle on,
     // that frame can wait for the client's delayed ACK (40 ms on Linux).
     use axum::serve::ListenerExt;
@@ -117,19 +130,52 @@ pub async fn run(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let tcp = axum::serve(listener, app.clone())
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
+        .into_future();
+    let unix = async {
+        match unix {
+            Some(unix) => {
+                axum::serve(unix, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let both = async {
+        let (tcp, unix) = tokio::join!(tcp, unix);
+        tcp.and(unix)
+    };
+    let stop = async move {
         shutdown.await;
-        let _ = stop_tx.send(());
-    });
-    let mut serve = std::pin::pin!(serve.into_future());
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(grace).await;
+    };
     tokio::select! {
-        res = &mut serve => res?,
-        _ = async { let _ = stop_rx.await; tokio::time::sleep(grace).await } => {
+        res = both => res?,
+        _ = stop => {
             tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
         }
     }
     shelf.drain(grace).await;
     Ok(())
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file left by an earlier run
+/// (but never another kind of file).
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    tokio::net::UnixListener::bind(path)
 }
 
 /// Classifies an error for logs: 5xx-like failures are worth a warning, caller errors not.
