@@ -181,6 +181,36 @@ pub struct PathResult {
     pub p99_ms: f64,
     /// 99.9th percentile.
     pub p999_ms: f64,
+    /// CPU time of this process (the clients and the in-process sidecars) per GB moved,
+    /// milliseconds, over all rounds: what the path costs besides Redis.
+    pub cpu_ms_per_gb: f64,
+    /// Redis's CPU time (`INFO cpu`) per GB moved, milliseconds, over all rounds.
+    pub redis_cpu_ms_per_gb: f64,
+}
+
+/// CPU seconds used so far by this process (`/proc/self/stat`, all threads) and by Redis.
+async fn cpu_seconds(store: &RedisStore) -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are the
+    // 12th and 13th, in clock ticks of USER_HZ (100 on Linux).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: Vec<f64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let own = ticks.iter().sum::<f64>() / 100.0;
+    let info = store.info("cpu").await?;
+    let redis = info
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("used_cpu_sys:")
+                .or_else(|| l.strip_prefix("used_cpu_user:"))
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum();
+    Ok((own, redis))
 }
 
 /// A ceiling measured in the same run: what Redis's own client or the wire can carry.
@@ -203,11 +233,19 @@ pub struct Ceiling {
 /// ONE key (redis-benchmark's default, which keeps the value hot in every cache), and a
 /// loopback TCP stream (the wire's ceiling, measured in-process like iperf3 would: one
 /// sender, one receiver, 1 MiB reads).
+///
+/// redis-benchmark gives up on some extreme cells (e.g. 32 MiB values pipelined by 8: "All
+/// clients disconnected"); such a ceiling is left out with a warning, not the whole run.
 pub async fn ceilings(cfg: &BenchConfig, keys: usize) -> anyhow::Result<Vec<Ceiling>> {
-    let mut out = redis_benchmark(cfg, Some(keys)).await?;
+    let or_warn = |r: anyhow::Result<Vec<Ceiling>>| {
+        r.unwrap_or_else(|e| {
+            eprintln!("kvshelf bench: no redis-benchmark ceiling for this cell: {e:#}");
+            Vec::new()
+        })
+    };
+    let mut out = or_warn(redis_benchmark(cfg, Some(keys)).await);
     out.extend(
-        redis_benchmark(cfg, None)
-            .await?
+        or_warn(redis_benchmark(cfg, None).await)
             .into_iter()
             .filter(|c| c.name.ends_with("GET"))
             .map(|c| Ceiling {
@@ -649,6 +687,8 @@ pub async fn run(cfg: &BenchConfig, progress: &dyn Progress) -> anyhow::Result<R
     );
     let fixture = Fixture::new(cfg).await?;
     let mut samples: Vec<(Vec<f64>, Vec<Duration>)> = vec![Default::default(); cfg.paths.len()];
+    // Per path: bytes moved, CPU seconds of this process, of Redis.
+    let mut cpu: Vec<(f64, f64, f64)> = vec![(0.0, 0.0, 0.0); cfg.paths.len()];
     let mut ceiling_rounds: Vec<Vec<Ceiling>> = Vec::new();
     for round in 0..cfg.rounds {
         if cfg.ceilings {
@@ -663,8 +703,16 @@ pub async fn run(cfg: &BenchConfig, progress: &dyn Progress) -> anyhow::Result<R
                 &format!("round {}/{}: {}", round + 1, cfg.rounds, path.name()),
                 cfg.requests as u64,
             );
-            let (gbps, lat) = measure(cfg, &fixture, path, round, progress).await?;
+            let before = cpu_seconds(&fixture.store).await?;
+            let (gbps, lat, bytes) = measure(cfg, &fixture, path, round, progress).await?;
+            let after = cpu_seconds(&fixture.store).await?;
+            if path.is_put() {
+                fixture.store.purge(&fixture.put_ns.label).await?;
+            }
             progress.finish();
+            cpu[i].0 += bytes as f64;
+            cpu[i].1 += after.0 - before.0;
+            cpu[i].2 += after.1 - before.1;
             samples[i].0.push(gbps);
             samples[i].1.extend(lat);
         }
@@ -675,7 +723,8 @@ pub async fn run(cfg: &BenchConfig, progress: &dyn Progress) -> anyhow::Result<R
         .paths
         .iter()
         .zip(samples)
-        .map(|(&path, (rounds_gbps, mut lat))| {
+        .zip(cpu)
+        .map(|((&path, (rounds_gbps, mut lat)), (bytes, own, redis))| {
             lat.sort_unstable();
             let pct = |p: f64| {
                 lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3
@@ -691,6 +740,8 @@ pub async fn run(cfg: &BenchConfig, progress: &dyn Progress) -> anyhow::Result<R
                 p50_ms: pct(0.50),
                 p99_ms: pct(0.99),
                 p999_ms: pct(0.999),
+                cpu_ms_per_gb: own * 1e3 / (bytes / 1e9),
+                redis_cpu_ms_per_gb: redis * 1e3 / (bytes / 1e9),
             }
         })
         .collect();
@@ -702,16 +753,23 @@ pub async fn run(cfg: &BenchConfig, progress: &dyn Progress) -> anyhow::Result<R
 
 /// Each ceiling's median round (latencies of that same round).
 fn median_ceilings(rounds: &[Vec<Ceiling>]) -> Vec<Ceiling> {
-    let Some(first) = rounds.first() else {
-        return Vec::new();
-    };
-    (0..first.len())
-        .map(|i| {
-            let mut these: Vec<&Ceiling> = rounds.iter().map(|r| &r[i]).collect();
+    let mut names: Vec<&str> = Vec::new();
+    for c in rounds.iter().flatten() {
+        if !names.contains(&c.name.as_str()) {
+            names.push(&c.name);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let mut these: Vec<&Ceiling> =
+                rounds.iter().flatten().filter(|c| c.name == name).collect();
+            let rounds_gbps = these.iter().map(|c| c.gbps).collect();
             these.sort_by(|a, b| a.gbps.total_cmp(&b.gbps));
-            let mut c = these[these.len() / 2].clone();
-            c.rounds_gbps = rounds.iter().map(|r| r[i].gbps).collect();
-            c
+            Ceiling {
+                rounds_gbps,
+                ..these[these.len() / 2].clone()
+            }
         })
         .collect()
 }
@@ -742,14 +800,14 @@ impl Progress for Quiet {
 }
 
 /// Runs one path for one round: `concurrency` clients, each with its own connection,
-/// `requests` requests in all. Returns GB/s and every request's latency.
+/// `requests` requests in all. Returns GB/s, every request's latency and the bytes moved.
 async fn measure(
     cfg: &BenchConfig,
     fixture: &Fixture,
     path: BenchPath,
     round: usize,
     progress: &dyn Progress,
-) -> anyhow::Result<(f64, Vec<Duration>)> {
+) -> anyhow::Result<(f64, Vec<Duration>, u64)> {
     let ns = if path.is_put() {
         &fixture.put_ns
     } else {
@@ -831,10 +889,7 @@ async fn measure(
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    if path.is_put() {
-        fixture.store.purge(&fixture.put_ns.label).await?;
-    }
-    Ok((bytes as f64 / secs / 1e9, lat))
+    Ok((bytes as f64 / secs / 1e9, lat, bytes))
 }
 
 /// One fetch of `batch` blocks from `start` (wrapping); returns the payload bytes read.
@@ -952,7 +1007,7 @@ pub fn table(report: &Report) -> String {
         ("vs rb", "vs wire")
     };
     let mut out = format!(
-        "{:<9} {:>6} {:>5} {:>5} {:>7} {:>13} {:>7} {:>7} {:>8} {:>8} {:>9}\n",
+        "{:<9} {:>6} {:>5} {:>5} {:>7} {:>11} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9}\n",
         "path",
         "value",
         "batch",
@@ -963,7 +1018,8 @@ pub fn table(report: &Report) -> String {
         vs_wire,
         "p50 ms",
         "p99 ms",
-        "p99.9 ms"
+        "p99.9 ms",
+        "cpu ms/GB"
     );
     let ratio =
         |v: f64, base: Option<f64>| base.map_or(String::new(), |b| format!("{:.2}x", v / b));
@@ -978,7 +1034,7 @@ pub fn table(report: &Report) -> String {
         let lo = r.rounds_gbps.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = r.rounds_gbps.iter().copied().fold(0.0, f64::max);
         out.push_str(&format!(
-            "{:<9} {:>6} {:>5} {:>5} {:>7.3} {:>13} {:>7} {:>7} {:>8.2} {:>8.2} {:>9.2}\n",
+            "{:<9} {:>6} {:>5} {:>5} {:>7.3} {:>11} {:>7} {:>7} {:>8.2} {:>8.2} {:>9.2} {:>9}\n",
             r.path.name(),
             human(r.value_bytes),
             r.batch,
@@ -989,9 +1045,11 @@ pub fn table(report: &Report) -> String {
             ratio(r.gbps, wire),
             r.p50_ms,
             r.p99_ms,
-            r.p999_ms
+            r.p999_ms,
+            format!("{:.0}+{:.0}", r.cpu_ms_per_gb, r.redis_cpu_ms_per_gb)
         ));
     }
+    out.push_str("(cpu ms/GB: this process - clients, in-process sidecars - + Redis)\n");
     if !report.ceilings.is_empty() {
         out.push_str(&format!(
             "\n{:<28} {:>7} {:>13} {:>9} {:>9}\n",
