@@ -12,8 +12,9 @@
 //! `EXISTS`) on one Redis over plain TCP. TLS (`rediss://`), unix sockets and Redis Cluster
 //! use redis-rs for everything ([`Pool::for_url`] answers `None` there).
 //!
-//! Connections come from a small pool: a request takes an idle connection (or opens one),
-//! sends its whole pipeline, reads every reply, and gives the connection back. A connection
+//! Connections come from a pool of at most `max_connections`: a request takes an idle
+//! connection (or opens one, or waits for one), sends its whole pipeline, reads every
+//! reply, and gives the connection back. A connection
 //! that failed or timed out mid-exchange is dropped, never reused; a pooled connection that
 //! turns out dead (Redis restarted) is retried once on a fresh one.
 
@@ -26,9 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::error::Error;
+use crate::store::StoreConfig;
 
-/// Idle connections kept per pool; more concurrent requests open more, then close them.
-const MAX_IDLE: usize = 32;
 /// Read size for reply headers and small replies.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -115,18 +115,17 @@ struct Target {
 pub(crate) struct Pool {
     target: Target,
     idle: Mutex<Vec<Conn>>,
+    /// One permit per connection that may exist (idle or in use).
+    slots: tokio::sync::Semaphore,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
 
 impl Pool {
-    /// A pool for `url`, or `None` when the lean path does not cover it (TLS, unix socket).
-    pub(crate) fn for_url(
-        url: &str,
-        connect_timeout: Duration,
-        response_timeout: Duration,
-    ) -> Result<Option<Pool>, Error> {
-        let info = redis::IntoConnectionInfo::into_connection_info(url)?;
+    /// A pool for the store's URL, or `None` when the lean path does not cover it (TLS,
+    /// unix socket, RESP3).
+    pub(crate) fn for_url(cfg: &StoreConfig) -> Result<Option<Pool>, Error> {
+        let info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())?;
         let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
             return Ok(None);
         };
@@ -143,14 +142,20 @@ impl Pool {
                 db: settings.db(),
             },
             idle: Mutex::new(Vec::new()),
-            connect_timeout,
-            response_timeout,
+            slots: tokio::sync::Semaphore::new(cfg.max_connections.max(1)),
+            connect_timeout: cfg.connection_timeout,
+            response_timeout: cfg.response_timeout,
         }))
     }
 
     /// Sends `req` and reads all its replies, within the response timeout. A server error
     /// in any reply fails the whole call (as a redis-rs pipeline does).
     pub(crate) async fn exec(&self, req: &Request) -> Result<Vec<Reply>, Error> {
+        // A connection slot; waiting for one counts against the response timeout.
+        let _slot = tokio::time::timeout(self.response_timeout, self.slots.acquire())
+            .await
+            .map_err(|_| timed_out("no redis connection free in time"))?
+            .expect("the pool's semaphore is never closed");
         let mut retried = false;
         loop {
             let (mut conn, pooled) = match self.take_idle() {
@@ -176,10 +181,8 @@ impl Pool {
     }
 
     fn give_back(&self, conn: Conn) {
-        let mut idle = self.idle.lock().expect("pool lock");
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
-        }
+        // At most `max_connections` exist, one per slot: every one given back is kept.
+        self.idle.lock().expect("pool lock").push(conn);
     }
 
     async fn connect(&self) -> Result<Conn, Error> {

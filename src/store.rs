@@ -71,6 +71,10 @@ pub struct StoreConfig {
     /// connection manager reconnects but does not resend the in-flight command; every
     /// command kvshelf sends is idempotent, so resending is safe. Default: 1.
     pub command_retries: u32,
+    /// Most connections the block data path (`GET`/`SET`/`EXISTS` of blocks on one Redis
+    /// over TCP) opens at once; more concurrent calls wait for one. Bounds what a hung or
+    /// slow Redis sees from one process. Default: 64.
+    pub max_connections: usize,
 }
 
 impl Default for StoreConfig {
@@ -85,6 +89,7 @@ impl Default for StoreConfig {
             connection_timeout: Duration::from_secs(1),
             reconnect_retries: 6,
             command_retries: 1,
+            max_connections: 64,
         }
     }
 }
@@ -242,8 +247,7 @@ impl RedisStore {
                 .set_number_of_retries(cfg.reconnect_retries)
                 .set_max_delay(Duration::from_secs(2));
             if cfg.tls_ca_file.is_none() {
-                bulk = resp::Pool::for_url(&cfg.url, cfg.connection_timeout, cfg.response_timeout)?
-                    .map(Arc::new);
+                bulk = resp::Pool::for_url(&cfg)?.map(Arc::new);
             }
             Conn::Single(ConnectionManager::new_lazy_with_config(
                 client,
@@ -279,8 +283,15 @@ impl RedisStore {
         ns.ttl.unwrap_or(self.cfg.ttl)
     }
 
-    /// Checks that Redis answers.
+    /// Checks that Redis answers — on the data path's connections when the lean path is
+    /// on, so that readiness says what fetches and puts will see.
     pub async fn ping(&self) -> Result<(), Error> {
+        if let Some(pool) = &self.bulk {
+            let mut req = resp::Request::default();
+            req.cmd(&[Arg::Small(b"PING")]);
+            pool.exec(&req).await?;
+            return Ok(());
+        }
         let _: String = self.run(redis::pipe().cmd("PING")).await.map(one)?;
         Ok(())
     }
