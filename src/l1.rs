@@ -290,56 +290,18 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn concurrent_misses_of_one_block_load_once() {
-        let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(30)));
+    /// `n` concurrent fetches of one block through `l1`, whose backend holds `payload`. The
+    /// first backend load is held until every fetch has reached the cache. Returns what each
+    /// fetch got and how many blocks were loaded from the backend.
+    async fn concurrent_fetches(
+        l1: &Arc<L1>,
+        n: usize,
+        payload: &'static [u8],
+    ) -> (Vec<Served>, usize) {
         let loads = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(tokio::sync::Notify::new());
         let h = BlockHash([1; 32]);
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let (l1, loads, gate) = (l1.clone(), loads.clone(), gate.clone());
-                tokio::spawn(async move {
-                    l1.get_or_load("ns", &[h], |hs| {
-                        let (loads, gate) = (loads.clone(), gate.clone());
-                        async move {
-                            loads.fetch_add(hs.len(), Ordering::SeqCst);
-                            gate.notified().await; // hold the load until everyone waits
-                            Ok(vec![Some(hit(b"kv", Some(Duration::from_secs(60))))])
-                        }
-                    })
-                    .await
-                })
-            })
-            .collect();
-        // Let every task reach the cache, then release the one loader.
-        while loads.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
-        for _ in 0..50 {
-            tokio::task::yield_now().await;
-        }
-        gate.notify_one();
-        let mut kinds = Vec::new();
-        for t in tasks {
-            let served = t.await.unwrap().remove(0);
-            kinds.push(matches!(served, Served::Loaded(_)));
-            assert_eq!(served.into_payload().unwrap(), Bytes::from_static(b"kv"));
-        }
-        assert_eq!(loads.load(Ordering::SeqCst), 1, "one backend read");
-        assert_eq!(kinds.iter().filter(|k| **k).count(), 1);
-    }
-
-    /// A waiter whose loader's entry did not stay in L1 (here: larger than the whole L1)
-    /// loads the block itself instead of answering a miss for a block the backend has.
-    #[tokio::test]
-    async fn waiters_load_for_themselves_when_l1_cannot_keep_the_block() {
-        static BIG: [u8; 4096] = [7; 4096];
-        let l1 = Arc::new(L1::new(64, Duration::from_secs(30)));
-        let loads = Arc::new(AtomicUsize::new(0));
-        let gate = Arc::new(tokio::sync::Notify::new());
-        let h = BlockHash([3; 32]);
-        let tasks: Vec<_> = (0..4)
+        let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let (l1, loads, gate) = (l1.clone(), loads.clone(), gate.clone());
                 tokio::spawn(async move {
@@ -349,13 +311,14 @@ mod tests {
                             if loads.fetch_add(hs.len(), Ordering::SeqCst) == 0 {
                                 gate.notified().await; // the first load waits for the others
                             }
-                            Ok(vec![Some(hit(&BIG, Some(Duration::from_secs(60))))])
+                            Ok(vec![Some(hit(payload, Some(Duration::from_secs(60))))])
                         }
                     })
                     .await
                 })
             })
             .collect();
+        // Let every task reach the cache, then release the first loader.
         while loads.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
@@ -363,11 +326,42 @@ mod tests {
             tokio::task::yield_now().await;
         }
         gate.notify_one();
+        let mut served = Vec::new();
         for t in tasks {
-            let served = t.await.unwrap().remove(0);
-            assert_eq!(served.into_payload().expect("not a miss"), &BIG[..]);
+            served.push(t.await.unwrap().remove(0));
         }
-        assert!(!l1.contains("ns", &h), "the block is too big to keep");
+        (served, loads.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_of_one_block_load_once() {
+        let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(30)));
+        let (served, loads) = concurrent_fetches(&l1, 8, b"kv").await;
+        assert_eq!(loads, 1, "one backend read");
+        let loaded = served
+            .iter()
+            .filter(|s| matches!(s, Served::Loaded(_)))
+            .count();
+        assert_eq!(loaded, 1);
+        for s in served {
+            assert_eq!(s.into_payload().unwrap(), Bytes::from_static(b"kv"));
+        }
+    }
+
+    /// A waiter whose loader's entry did not stay in L1 (here: larger than the whole L1)
+    /// loads the block itself instead of answering a miss for a block the backend has.
+    #[tokio::test]
+    async fn waiters_load_for_themselves_when_l1_cannot_keep_the_block() {
+        static BIG: [u8; 4096] = [7; 4096];
+        let l1 = Arc::new(L1::new(64, Duration::from_secs(30)));
+        let (served, _) = concurrent_fetches(&l1, 4, &BIG).await;
+        for s in served {
+            assert_eq!(s.into_payload().expect("not a miss"), &BIG[..]);
+        }
+        assert!(
+            !l1.contains("ns", &BlockHash([1; 32])),
+            "the block is too big to keep"
+        );
     }
 
     #[tokio::test]
