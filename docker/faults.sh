@@ -73,13 +73,9 @@ note() { printf 'faults: NOTE [%s] %s\n' "$cur" "$*"; }
 # check "description" test-command...: PASS or FAIL by the command's status.
 check() { local d=$1; shift; if "$@"; then pass "$d"; else fail "$d"; fi; }
 
-if [[ -n "${COMPOSE:-}" ]]; then
-  read -r -a compose <<<"$COMPOSE"
-elif docker compose version >/dev/null 2>&1; then
-  compose=(docker compose)
-elif command -v docker-compose >/dev/null; then
-  compose=(docker-compose)
-else
+# `docker compose` (v2 plugin) or `docker-compose` (v1, Debian's), whichever is here.
+# shellcheck source=docker/compose.sh
+if ! source docker/compose.sh; then # (the working directory is the repository root)
   echo "faults: FAIL neither \`docker compose\` nor docker-compose is installed"
   echo "faults: 0 passed, 1 failed"
   exit 1
@@ -440,14 +436,21 @@ test_b() {
 
   # Phase 1, at once: lookups of each block (no side effect on L1), in prompt order, so
   # requests for the dead master come mixed with the others, as from real workers.
-  local r lk_bad=0 lk_live_hits=0
-  while read -r h o; do
-    r=$(lookup_hash "$CB" "$h")
-    if [[ "$o" == "$dead" ]]; then [[ "$r" == "200 0 "* ]] || lk_bad=$((lk_bad + 1))
-    else
-      case "$r" in "200 1 true") lk_live_hits=$((lk_live_hits + 1)) ;; "200 0 "*) ;; *) lk_bad=$((lk_bad + 1)) ;; esac
-    fi
-  done <"$tmp/b_p.map"
+  # lookup_all: one single-block lookup per block through cluster-b, in prompt order; counts
+  # the answers that are wrong (not 200, or a hit on $dead) and the hits on live masters.
+  local lk_bad lk_live_hits
+  lookup_all() {
+    local h o r
+    lk_bad=0 lk_live_hits=0
+    while read -r h o; do
+      r=$(lookup_hash "$CB" "$h")
+      if [[ "$o" == "$dead" ]]; then [[ "$r" == "200 0 "* ]] || lk_bad=$((lk_bad + 1))
+      else
+        case "$r" in "200 1 true") lk_live_hits=$((lk_live_hits + 1)) ;; "200 0 "*) ;; *) lk_bad=$((lk_bad + 1)) ;; esac
+      fi
+    done <"$tmp/b_p.map"
+  }
+  lookup_all
   check "right after the stop: 24 single-block lookups through cluster-b all 200, the $n_dead blocks on $dead all misses" test "$lk_bad" -eq 0
   note "right after the stop, mixed order: $lk_live_hits/$n_live blocks of the live masters were hits (the others are misses while the cluster client reconnects, see docker/cluster.toml)"
 
@@ -471,14 +474,7 @@ test_b() {
   live_c=$(awk -v d="$dead" '$2 != d { print $2; exit }' "$tmp/b.ranges")
   state=$(rcli "$(cid "$live_c")" CLUSTER INFO | grep '^cluster_state')
   note "$live_c says $state"
-  lk_live_hits=0 lk_bad=0
-  while read -r h o; do
-    r=$(lookup_hash "$CB" "$h")
-    if [[ "$o" == "$dead" ]]; then [[ "$r" == "200 0 "* ]] || lk_bad=$((lk_bad + 1))
-    else
-      case "$r" in "200 1 true") lk_live_hits=$((lk_live_hits + 1)) ;; "200 0 "*) ;; *) lk_bad=$((lk_bad + 1)) ;; esac
-    fi
-  done <"$tmp/b_p.map"
+  lookup_all
   check "after the failure is detected: lookups all 200, blocks on $dead all misses" test "$lk_bad" -eq 0
   note "after detection, mixed order: $lk_live_hits/$n_live blocks of the live masters were hits"
 

@@ -50,13 +50,8 @@ fail() { failed=$((failed + 1)); printf 'smoke: FAIL %s\n' "$*"; }
 info() { printf 'smoke: %s\n' "$*"; }
 
 # `docker compose` (v2 plugin) or `docker-compose` (v1, Debian's), whichever is here.
-if [[ -n "${COMPOSE:-}" ]]; then
-  read -r -a compose <<<"$COMPOSE"
-elif docker compose version >/dev/null 2>&1; then
-  compose=(docker compose)
-elif command -v docker-compose >/dev/null; then
-  compose=(docker-compose)
-else
+# shellcheck source=docker/compose.sh
+if ! source docker/compose.sh; then # (the working directory is the repository root)
   echo "smoke: FAIL neither \`docker compose\` nor docker-compose is installed"
   exit 1
 fi

@@ -508,18 +508,8 @@ impl RedisStore {
         if hashes.is_empty() {
             return Ok(0);
         }
-        let replies = self
-            .per_key(hashes.len(), |i, pipe| {
-                pipe.cmd("UNLINK").arg(block_key(label, &hashes[i]));
-                1
-            })
-            .await?;
-        let mut deleted = 0;
-        for r in replies {
-            deleted += redis::from_redis_value::<u64>(r?.pop().unwrap_or(redis::Value::Nil))
-                .map_err(redis::RedisError::from)?;
-        }
-        Ok(deleted)
+        let keys: Vec<String> = hashes.iter().map(|h| block_key(label, h)).collect();
+        self.unlink_keys(&keys).await
     }
 
     /// Keeps a block forever (`PERSIST`): the explicit way to keep a system prompt. Returns

@@ -11,16 +11,20 @@ use kvshelf::store::block_key;
 use kvshelf::{BlockHash, PrefixHasher, PutOutcome, RedisStore, StoreConfig};
 use support::{RedisCluster, Sidecar, namespace, payload};
 
-fn cluster_store(cluster: &RedisCluster) -> RedisStore {
-    RedisStore::new(StoreConfig {
+/// A store config for `cluster` with short timeouts, so a lost node fails fast.
+fn cluster_config(cluster: &RedisCluster) -> StoreConfig {
+    StoreConfig {
         url: cluster.url(),
         cluster: true,
         connection_timeout: Duration::from_millis(300),
         response_timeout: Duration::from_millis(500),
         reconnect_retries: 1,
         ..Default::default()
-    })
-    .unwrap()
+    }
+}
+
+fn cluster_store(cluster: &RedisCluster) -> RedisStore {
+    RedisStore::new(cluster_config(cluster)).unwrap()
 }
 
 #[tokio::test]
@@ -80,14 +84,7 @@ async fn losing_one_primary_costs_only_its_blocks() {
     let mut cluster = RedisCluster::start(3);
     let ns = namespace("cluster-loss");
     let mut cfg = support::sidecar_config(None, vec![ns.clone()]);
-    cfg.store = Some(StoreConfig {
-        url: cluster.url(),
-        cluster: true,
-        connection_timeout: Duration::from_millis(300),
-        response_timeout: Duration::from_millis(500),
-        reconnect_retries: 1,
-        ..Default::default()
-    });
+    cfg.store = Some(cluster_config(&cluster));
     cfg.server.l1_bytes = 0; // every read goes to the cluster
     cfg.server.lookup_timeout = Duration::from_secs(3);
     cfg.server.fetch_timeout = Duration::from_secs(3);
