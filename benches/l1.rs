@@ -36,6 +36,7 @@ fn l1_hit(c: &mut Criterion) {
                 let served = rt.block_on(l1.get_or_load(
                     "bench",
                     black_box(&hashes[..batch]),
+                    std::time::Duration::from_millis(100),
                     |_| async { unreachable!("every block is in L1") },
                 ));
                 assert!(served.iter().all(|s| matches!(s, Served::Hit(_))));

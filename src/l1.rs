@@ -3,7 +3,9 @@
 //!
 //! Built on quick_cache, which keeps a strict byte bound (moka's weighted eviction can
 //! overshoot) and lets one caller hold a placeholder while others wait for its value: N
-//! concurrent fetches of one cold block make one backend read.
+//! concurrent fetches of one cold block make one backend read. A call never waits for
+//! another caller while it holds a placeholder of its own, and every wait is bounded
+//! ([`L1::get_or_load`] says how), so a stalled or failing backend cannot hang fetches.
 //!
 //! An entry never outlives the block's TTL in the backend: it expires at the earlier of
 //! `max_ttl` and the TTL the backend reported when the block was read. Hits in L1 do not
@@ -11,6 +13,7 @@
 //! which does, comes soon enough. Deletes, pins and purges through this sidecar drop the
 //! affected entries; other sidecars' L1 may serve a deleted block until `max_ttl` passes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +22,6 @@ use bytes::Bytes;
 use quick_cache::sync::{Cache, GuardResult};
 use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 
-use crate::error::Error;
 use crate::hashing::BlockHash;
 use crate::store::Hit;
 
@@ -60,8 +62,12 @@ pub enum Served {
     Loaded(Bytes),
     /// Read from the backend by a concurrent call that this one waited for.
     Coalesced(Bytes),
-    /// Not in the backend (or the backend failed).
+    /// Not in the backend.
     Miss,
+    /// Not served because the backend failed or was late: this call's own read, or the
+    /// concurrent read it waited for (a wait is bounded; a timed-out wait lands here).
+    /// Treated as a miss by callers, but reported as the backend's failure.
+    Unavailable,
 }
 
 impl Served {
@@ -69,7 +75,7 @@ impl Served {
     pub fn into_payload(self) -> Option<Bytes> {
         match self {
             Served::Hit(b) | Served::Loaded(b) | Served::Coalesced(b) => Some(b),
-            Served::Miss => None,
+            Served::Miss | Served::Unavailable => None,
         }
     }
 }
@@ -89,20 +95,14 @@ impl std::fmt::Debug for L1 {
     }
 }
 
-enum Slot<'a> {
-    Done(Served),
-    Load(
-        quick_cache::sync::PlaceholderGuard<
-            'a,
-            Key,
-            Entry,
-            Weigher,
-            DefaultHashBuilder,
-            CountEvictions,
-        >,
-    ),
-    Wait,
-}
+type Guard<'a> = quick_cache::sync::PlaceholderGuard<
+    'a,
+    Key,
+    Entry,
+    Weigher,
+    DefaultHashBuilder,
+    CountEvictions,
+>;
 
 impl L1 {
     /// An L1 of at most `capacity_bytes`, whose entries live at most `max_ttl`.
@@ -142,15 +142,18 @@ impl L1 {
 
     /// Caches a payload the backend holds for `ttl` more (`None`: pinned).
     pub fn insert(&self, label: &str, hash: &BlockHash, payload: Bytes, ttl: Option<Duration>) {
-        let ttl = ttl.map_or(self.max_ttl, |t| t.min(self.max_ttl));
-        if ttl.is_zero() {
-            return;
+        if let Some(entry) = self.entry(payload, ttl) {
+            self.cache.insert(Self::key(label, hash), entry);
         }
-        let entry = Entry {
+    }
+
+    /// The entry for a payload the backend holds for `ttl` more; `None` if it expires now.
+    fn entry(&self, payload: Bytes, ttl: Option<Duration>) -> Option<Entry> {
+        let ttl = ttl.map_or(self.max_ttl, |t| t.min(self.max_ttl));
+        (!ttl.is_zero()).then(|| Entry {
             payload,
             expires_at: Instant::now() + ttl,
-        };
-        self.cache.insert(Self::key(label, hash), entry);
+        })
     }
 
     /// Drops one entry.
@@ -163,111 +166,159 @@ impl L1 {
         self.cache.retain(|k, _| &*k.0 != label);
     }
 
-    /// Serves `hashes` of namespace `label` from L1, loading the absent ones with ONE call
-    /// of `load` (which returns one entry per hash it is given, in order). A block another
-    /// caller is loading right now is not loaded again: this call waits for that value. If
-    /// that load leaves nothing in L1 (a miss, a failure, or an entry evicted at once from
-    /// a full L1), the waiters make one more call of `load` for such blocks.
+    /// Serves `hashes` of namespace `label` (duplicates allowed) from L1, reading the
+    /// absent ones from the backend with `load`, which is given distinct hashes and returns
+    /// one entry per hash in order (`None` for the whole call: the backend failed).
+    ///
+    /// Single flight: a block another caller is loading right now is not loaded again;
+    /// this call waits for that load, at most `wait` for all such blocks together, and a
+    /// wait that times out is [`Served::Unavailable`] (counted in
+    /// `kvshelf_l1_wait_timeouts_total`). Each `load` is also cut off after `wait`.
+    ///
+    /// Why it cannot deadlock: a call claims the blocks nobody is loading (placeholder
+    /// guards), loads them and fills every guard BEFORE it waits for anyone else, so it
+    /// never waits while others wait on it. A guard handed to a waiter (its loader found
+    /// nothing, failed, or its entry did not stay in a full L1) is released at once; such
+    /// blocks are read again together, without single flight, once every wait is over.
     pub async fn get_or_load<F, Fut>(
         &self,
         label: &str,
         hashes: &[BlockHash],
+        wait: Duration,
         load: F,
     ) -> Vec<Served>
     where
         F: Fn(Vec<BlockHash>) -> Fut,
-        Fut: Future<Output = Result<Vec<Option<Hit>>, Error>>,
+        Fut: Future<Output = Option<Vec<Option<Hit>>>>,
     {
         let label: Arc<str> = Arc::from(label);
+        // Each distinct hash once: a request naming X twice must not wait on itself.
+        let mut seen = HashMap::with_capacity(hashes.len());
+        let mut unique: Vec<BlockHash> = Vec::with_capacity(hashes.len());
+        let at: Vec<usize> = hashes
+            .iter()
+            .map(|h| {
+                *seen.entry(*h).or_insert_with(|| {
+                    unique.push(*h);
+                    unique.len() - 1
+                })
+            })
+            .collect();
+        let mut served: Vec<Option<Served>> = vec![None; unique.len()];
+
+        // 1. Claim: hits are served, blocks nobody loads are ours, the rest are waited for.
         let now = Instant::now();
-        let mut slots: Vec<Slot<'_>> = Vec::with_capacity(hashes.len());
-        for hash in hashes {
+        let mut owned: Vec<(usize, Guard<'_>)> = Vec::new();
+        let mut waits = Vec::new();
+        for (u, hash) in unique.iter().enumerate() {
             let key = (label.clone(), *hash);
-            let slot = loop {
+            loop {
+                // A zero timeout never blocks: someone else's placeholder gives `Timeout`.
                 match self.cache.get_value_or_guard(&key, Some(Duration::ZERO)) {
                     GuardResult::Value(e) if e.expires_at > now => {
-                        break Slot::Done(Served::Hit(e.payload));
+                        served[u] = Some(Served::Hit(e.payload));
                     }
                     GuardResult::Value(_) => {
                         self.cache.remove(&key);
+                        continue;
                     }
-                    GuardResult::Guard(g) => break Slot::Load(g),
-                    GuardResult::Timeout => break Slot::Wait,
+                    GuardResult::Guard(g) => owned.push((u, g)),
+                    GuardResult::Timeout => waits.push(u),
                 }
-            };
-            slots.push(slot);
-        }
-
-        let to_load: Vec<BlockHash> = hashes
-            .iter()
-            .zip(&slots)
-            .filter(|(_, s)| matches!(s, Slot::Load(_)))
-            .map(|(h, _)| *h)
-            .collect();
-        let mut loaded = if to_load.is_empty() {
-            Vec::new()
-        } else {
-            // A failed load is a miss for every block of it; the loader reports the failure.
-            load(to_load).await.unwrap_or_default()
-        }
-        .into_iter();
-
-        let mut out = Vec::with_capacity(slots.len());
-        // Waiters whose loader left nothing in the cache: it found a miss, failed, or its
-        // entry was evicted at once by a full L1. They load for themselves, together.
-        let mut orphans = Vec::new();
-        for (i, (hash, slot)) in hashes.iter().zip(slots).enumerate() {
-            out.push(match slot {
-                Slot::Done(s) => s,
-                Slot::Load(guard) => self.fill(guard, loaded.next().flatten()),
-                Slot::Wait => match self
-                    .cache
-                    .get_value_or_guard_async(&(label.clone(), *hash))
-                    .await
-                {
-                    Ok(e) => Served::Coalesced(e.payload),
-                    Err(guard) => {
-                        orphans.push((i, *hash, guard));
-                        Served::Miss
-                    }
-                },
-            });
-        }
-        if !orphans.is_empty() {
-            let hs = orphans.iter().map(|(_, h, _)| *h).collect();
-            let mut loaded = load(hs).await.unwrap_or_default().into_iter();
-            for (i, _, guard) in orphans {
-                out[i] = self.fill(guard, loaded.next().flatten());
+                break;
             }
         }
-        out
+
+        // 2. Load what we claimed and fill every guard, before waiting for anyone.
+        if !owned.is_empty() {
+            let hs = owned.iter().map(|(u, _)| unique[*u]).collect();
+            let loaded = bounded_load(wait, load(hs)).await;
+            let mut hits = loaded.map(Vec::into_iter);
+            for (u, guard) in owned {
+                served[u] = Some(match hits.as_mut() {
+                    Some(hits) => self.fill(guard, hits.next().flatten()),
+                    None => Served::Unavailable, // dropping the guard wakes the waiters
+                });
+            }
+        }
+
+        // 3. Wait for other callers' loads, holding no guard.
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut orphans = Vec::new();
+        for u in waits {
+            let key = (label.clone(), unique[u]);
+            let joined =
+                tokio::time::timeout_at(deadline, self.cache.get_value_or_guard_async(&key)).await;
+            match joined {
+                Ok(Ok(e)) if e.expires_at > Instant::now() => {
+                    served[u] = Some(Served::Coalesced(e.payload));
+                }
+                // The loader left nothing usable: release its guard now, read it below.
+                Ok(Ok(_)) => orphans.push(u),
+                Ok(Err(guard)) => {
+                    drop(guard);
+                    orphans.push(u);
+                }
+                Err(_) => {
+                    metrics::counter!("kvshelf_l1_wait_timeouts_total").increment(1);
+                    served[u] = Some(Served::Unavailable);
+                }
+            }
+        }
+
+        // 4. Orphans: one more read, together, without single flight.
+        if !orphans.is_empty() {
+            let hs = orphans.iter().map(|u| unique[*u]).collect();
+            let loaded = bounded_load(wait, load(hs)).await;
+            let mut hits = loaded.map(Vec::into_iter);
+            for u in orphans {
+                served[u] = Some(match hits.as_mut() {
+                    Some(hits) => match hits.next().flatten() {
+                        Some(hit) => {
+                            let payload = hit.block.payload;
+                            if let Some(entry) = self.entry(payload.clone(), hit.ttl) {
+                                self.cache.insert((label.clone(), unique[u]), entry);
+                            }
+                            Served::Loaded(payload)
+                        }
+                        None => Served::Miss,
+                    },
+                    None => Served::Unavailable,
+                });
+            }
+        }
+
+        at.into_iter()
+            .map(|u| served[u].clone().expect("every distinct block is decided"))
+            .collect()
     }
 
     /// Completes a load this call owns: caches a hit (waking the waiters) or drops the
     /// guard on a miss (waking them to find nothing).
-    fn fill(
-        &self,
-        guard: quick_cache::sync::PlaceholderGuard<
-            '_,
-            Key,
-            Entry,
-            Weigher,
-            DefaultHashBuilder,
-            CountEvictions,
-        >,
-        hit: Option<Hit>,
-    ) -> Served {
+    fn fill(&self, guard: Guard<'_>, hit: Option<Hit>) -> Served {
         match hit {
             Some(hit) => {
-                let ttl = hit.ttl.map_or(self.max_ttl, |t| t.min(self.max_ttl));
                 let payload = hit.block.payload;
-                let _ = guard.insert(Entry {
-                    payload: payload.clone(),
-                    expires_at: Instant::now() + ttl,
-                });
+                if let Some(entry) = self.entry(payload.clone(), hit.ttl) {
+                    let _ = guard.insert(entry);
+                }
                 Served::Loaded(payload)
             }
             None => Served::Miss, // dropping the guard wakes the waiters
+        }
+    }
+}
+
+/// Runs one `load`, cut off after `wait`: `None` when it failed or was late.
+async fn bounded_load<Fut>(wait: Duration, load: Fut) -> Option<Vec<Option<Hit>>>
+where
+    Fut: Future<Output = Option<Vec<Option<Hit>>>>,
+{
+    match tokio::time::timeout(wait, load).await {
+        Ok(loaded) => loaded,
+        Err(_) => {
+            metrics::counter!("kvshelf_l1_load_timeouts_total").increment(1);
+            None
         }
     }
 }
@@ -279,39 +330,55 @@ mod tests {
     use crate::namespace::tests::qwen;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn hit(payload: &'static [u8], ttl: Option<Duration>) -> Hit {
-        let ns = qwen();
+    const WAIT: Duration = Duration::from_millis(100);
+    /// Every test body runs under this: a deadlock fails the test instead of hanging it.
+    /// (With paused time, tokio jumps the clock to it as soon as every task is stuck.)
+    const TEST_LIMIT: Duration = Duration::from_secs(30);
+
+    async fn within_limit<T>(f: impl Future<Output = T>) -> T {
+        tokio::time::timeout(TEST_LIMIT, f)
+            .await
+            .expect("the test hung: a fetch never finished")
+    }
+
+    /// A block whose payload is derived from its hash, so a wrong answer is detectable.
+    fn payload_of(h: &BlockHash) -> Bytes {
+        Bytes::from(h.0.repeat(4))
+    }
+
+    fn hit_of(h: &BlockHash, ttl: Option<Duration>) -> Hit {
+        let payload = payload_of(h);
         Hit {
             block: Block {
-                header: Header::for_block(&ns, &BlockHash([0; 32]), payload),
-                payload: Bytes::from_static(payload),
+                header: Header::for_block(&qwen(), h, &payload),
+                payload,
             },
             ttl,
         }
     }
 
-    /// `n` concurrent fetches of one block through `l1`, whose backend holds `payload`. The
-    /// first backend load is held until every fetch has reached the cache. Returns what each
+    fn hash(i: u8) -> BlockHash {
+        BlockHash([i; 32])
+    }
+
+    /// `n` concurrent fetches of one block through `l1`, whose backend holds it. The first
+    /// backend load is held until every fetch has reached the cache. Returns what each
     /// fetch got and how many blocks were loaded from the backend.
-    async fn concurrent_fetches(
-        l1: &Arc<L1>,
-        n: usize,
-        payload: &'static [u8],
-    ) -> (Vec<Served>, usize) {
+    async fn concurrent_fetches(l1: &Arc<L1>, n: usize) -> (Vec<Served>, usize) {
         let loads = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(tokio::sync::Notify::new());
-        let h = BlockHash([1; 32]);
+        let h = hash(1);
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let (l1, loads, gate) = (l1.clone(), loads.clone(), gate.clone());
                 tokio::spawn(async move {
-                    l1.get_or_load("ns", &[h], |hs| {
+                    l1.get_or_load("ns", &[h], Duration::from_secs(5), |hs| {
                         let (loads, gate) = (loads.clone(), gate.clone());
                         async move {
                             if loads.fetch_add(hs.len(), Ordering::SeqCst) == 0 {
                                 gate.notified().await; // the first load waits for the others
                             }
-                            Ok(vec![Some(hit(payload, Some(Duration::from_secs(60))))])
+                            Some(vec![Some(hit_of(&h, Some(Duration::from_secs(60))))])
                         }
                     })
                     .await
@@ -336,7 +403,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_misses_of_one_block_load_once() {
         let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(30)));
-        let (served, loads) = concurrent_fetches(&l1, 8, b"kv").await;
+        let (served, loads) = within_limit(concurrent_fetches(&l1, 8)).await;
         assert_eq!(loads, 1, "one backend read");
         let loaded = served
             .iter()
@@ -344,7 +411,7 @@ mod tests {
             .count();
         assert_eq!(loaded, 1);
         for s in served {
-            assert_eq!(s.into_payload().unwrap(), Bytes::from_static(b"kv"));
+            assert_eq!(s.into_payload().unwrap(), payload_of(&hash(1)));
         }
     }
 
@@ -352,25 +419,21 @@ mod tests {
     /// loads the block itself instead of answering a miss for a block the backend has.
     #[tokio::test]
     async fn waiters_load_for_themselves_when_l1_cannot_keep_the_block() {
-        static BIG: [u8; 4096] = [7; 4096];
         let l1 = Arc::new(L1::new(64, Duration::from_secs(30)));
-        let (served, _) = concurrent_fetches(&l1, 4, &BIG).await;
+        let (served, _) = within_limit(concurrent_fetches(&l1, 4)).await;
         for s in served {
-            assert_eq!(s.into_payload().expect("not a miss"), &BIG[..]);
+            assert_eq!(s.into_payload().expect("not a miss"), payload_of(&hash(1)));
         }
-        assert!(
-            !l1.contains("ns", &BlockHash([1; 32])),
-            "the block is too big to keep"
-        );
+        assert!(!l1.contains("ns", &hash(1)), "the block is too big to keep");
     }
 
     #[tokio::test]
     async fn entries_never_outlive_the_backend_ttl() {
         let l1 = L1::new(1 << 20, Duration::from_secs(30));
-        let (a, b) = (BlockHash([1; 32]), BlockHash([2; 32]));
+        let (a, b) = (hash(1), hash(2));
         let served = l1
-            .get_or_load("ns", &[a, b], |_| async {
-                Ok(vec![Some(hit(b"a", Some(Duration::ZERO))), None])
+            .get_or_load("ns", &[a, b], WAIT, |_| async move {
+                Some(vec![Some(hit_of(&a, Some(Duration::ZERO))), None])
             })
             .await;
         assert!(matches!(served[0], Served::Loaded(_)));
@@ -379,12 +442,7 @@ mod tests {
             !l1.contains("ns", &a),
             "a block with no TTL left is not kept"
         );
-        l1.insert(
-            "ns",
-            &b,
-            Bytes::from_static(b"b"),
-            Some(Duration::from_secs(5)),
-        );
+        l1.insert("ns", &b, payload_of(&b), Some(Duration::from_secs(5)));
         assert!(l1.contains("ns", &b));
         l1.remove_namespace("ns");
         assert!(!l1.contains("ns", &b));
@@ -394,9 +452,200 @@ mod tests {
     async fn the_byte_bound_holds() {
         let l1 = L1::new(10_000, Duration::from_secs(30));
         for i in 0..100u8 {
-            l1.insert("ns", &BlockHash([i; 32]), Bytes::from(vec![i; 1000]), None);
+            l1.insert("ns", &hash(i), Bytes::from(vec![i; 1000]), None);
         }
         let (used, cap, _) = l1.usage();
         assert!(used <= cap, "{used} > {cap}");
+    }
+
+    type Loaded = Option<Vec<Option<Hit>>>;
+
+    /// A loader that holds its read until `gate` is notified, then answers `answer`.
+    fn gated(
+        gate: Arc<tokio::sync::Notify>,
+        answer: Loaded,
+    ) -> impl Fn(Vec<BlockHash>) -> std::pin::Pin<Box<dyn Future<Output = Loaded> + Send>> {
+        move |_| {
+            let (gate, answer) = (gate.clone(), answer.clone());
+            Box::pin(async move {
+                gate.notified().await;
+                answer
+            })
+        }
+    }
+
+    /// A loader that has every block.
+    fn backend_has_all(hs: Vec<BlockHash>) -> std::future::Ready<Option<Vec<Option<Hit>>>> {
+        std::future::ready(Some(hs.iter().map(|h| Some(hit_of(h, None))).collect()))
+    }
+
+    /// Lets spawned tasks run until they are parked on the cache.
+    async fn settle() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// The review's first reproduction: a fetch of `[X, X]` while another caller's load of
+    /// X fails used to wait on its own placeholder forever.
+    #[tokio::test(start_paused = true)]
+    async fn duplicate_hashes_while_another_load_fails() {
+        within_limit(async {
+            let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(30)));
+            let x = hash(1);
+            let gate = Arc::new(tokio::sync::Notify::new());
+            let failing = {
+                let (l1, gate) = (l1.clone(), gate.clone());
+                tokio::spawn(
+                    async move { l1.get_or_load("ns", &[x], WAIT, gated(gate, None)).await },
+                )
+            };
+            settle().await;
+            let dup = {
+                let l1 = l1.clone();
+                tokio::spawn(
+                    async move { l1.get_or_load("ns", &[x, x], WAIT, backend_has_all).await },
+                )
+            };
+            settle().await;
+            gate.notify_one();
+            assert_eq!(failing.await.unwrap(), vec![Served::Unavailable]);
+            let dup = dup.await.unwrap();
+            assert_eq!(dup.len(), 2);
+            for s in dup {
+                assert_eq!(
+                    s.into_payload().expect("read again by the waiter"),
+                    payload_of(&x)
+                );
+            }
+        })
+        .await;
+    }
+
+    /// The review's second reproduction: `A = [X, Y, Z]` and `E = [X, Y]` both hung once
+    /// the reads of X and Y failed.
+    #[tokio::test(start_paused = true)]
+    async fn overlapping_lists_whose_reads_fail() {
+        within_limit(async {
+            let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(30)));
+            let (x, y, z) = (hash(1), hash(2), hash(3));
+            // The backend fails every read that includes X or Y.
+            let flaky = move |hs: Vec<BlockHash>| async move {
+                tokio::task::yield_now().await;
+                if hs.contains(&x) || hs.contains(&y) {
+                    return None;
+                }
+                Some(hs.iter().map(|h| Some(hit_of(h, None))).collect())
+            };
+            let a = {
+                let l1 = l1.clone();
+                tokio::spawn(async move { l1.get_or_load("ns", &[x, y, z], WAIT, flaky).await })
+            };
+            let e = {
+                let l1 = l1.clone();
+                tokio::spawn(async move { l1.get_or_load("ns", &[x, y], WAIT, flaky).await })
+            };
+            let (a, e) = (a.await.unwrap(), e.await.unwrap());
+            assert_eq!(&a[..2], &[Served::Unavailable, Served::Unavailable]);
+            assert_eq!(e, vec![Served::Unavailable, Served::Unavailable]);
+        })
+        .await;
+    }
+
+    /// A loader slower than the wait: it is cut off, its waiters stop waiting at the
+    /// deadline, both answer `Unavailable`, and the next fetch loads afresh.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_loader_bounds_everyone() {
+        within_limit(async {
+            let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(30)));
+            let x = hash(7);
+            let slow = |hs: Vec<BlockHash>| async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Some(hs.iter().map(|h| Some(hit_of(h, None))).collect())
+            };
+            let started = tokio::time::Instant::now();
+            let loader = {
+                let l1 = l1.clone();
+                tokio::spawn(async move { l1.get_or_load("ns", &[x], WAIT, slow).await })
+            };
+            settle().await;
+            let waiters: Vec<_> = (0..10)
+                .map(|_| {
+                    let l1 = l1.clone();
+                    tokio::spawn(async move { l1.get_or_load("ns", &[x, x], WAIT, slow).await })
+                })
+                .collect();
+            assert_eq!(loader.await.unwrap(), vec![Served::Unavailable]);
+            for w in waiters {
+                let served = w.await.unwrap();
+                assert!(served.iter().all(|s| s.clone().into_payload().is_none()));
+            }
+            assert!(
+                started.elapsed() <= WAIT * 4,
+                "bounded by the wait: {:?}",
+                started.elapsed()
+            );
+            let again = l1.get_or_load("ns", &[x], WAIT, backend_has_all).await;
+            assert_eq!(again, vec![Served::Loaded(payload_of(&x))]);
+        })
+        .await;
+    }
+
+    /// Hundreds of tasks on an L1 that holds a few blocks, with random overlapping and
+    /// duplicate lists and a backend that randomly answers, misses, fails or stalls. Every
+    /// call finishes, and every payload handed out is the right one for its hash.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn hundreds_of_tasks_on_a_small_l1() {
+        use rand::{Rng, SeedableRng};
+        within_limit(async {
+            // ~4 blocks of 128 bytes fit.
+            let l1 = Arc::new(L1::new(4 * (128 + 96 + 2), Duration::from_secs(30)));
+            let loads = Arc::new(AtomicUsize::new(0));
+            let tasks: Vec<_> = (0..400u64)
+                .map(|seed| {
+                    let (l1, loads) = (l1.clone(), loads.clone());
+                    tokio::spawn(async move {
+                        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                        let n = rng.random_range(1..8);
+                        let hashes: Vec<BlockHash> =
+                            (0..n).map(|_| hash(rng.random_range(0..12))).collect();
+                        let behaviour: u8 = rng.random_range(0..4);
+                        let load = move |hs: Vec<BlockHash>| {
+                            let loads = loads.clone();
+                            async move {
+                                loads.fetch_add(1, Ordering::Relaxed);
+                                tokio::task::yield_now().await;
+                                match behaviour {
+                                    0 => None,                       // fails
+                                    1 => Some(vec![None; hs.len()]), // misses
+                                    2 => {
+                                        // stalls past the wait
+                                        tokio::time::sleep(Duration::from_millis(150)).await;
+                                        Some(hs.iter().map(|h| Some(hit_of(h, None))).collect())
+                                    }
+                                    _ => Some(hs.iter().map(|h| Some(hit_of(h, None))).collect()),
+                                }
+                            }
+                        };
+                        let served = l1
+                            .get_or_load("ns", &hashes, Duration::from_millis(50), load)
+                            .await;
+                        assert_eq!(served.len(), hashes.len());
+                        for (h, s) in hashes.iter().zip(served) {
+                            if let Some(p) = s.into_payload() {
+                                assert_eq!(p, payload_of(h), "wrong bytes for {h:?}");
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("no task panicked");
+            }
+            assert!(loads.load(Ordering::Relaxed) > 0);
+            let (used, cap, _) = l1.usage();
+            assert!(used <= cap);
+        })
+        .await;
     }
 }

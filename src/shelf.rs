@@ -574,28 +574,40 @@ impl Shelf {
         let mut sent = 0u32;
         let mut reason = EndReason::Complete;
         let block_bytes = ns.block_bytes();
+        let fetch_timeout = self.inner.cfg.fetch_timeout;
         'chunks: for chunk in hashes.chunks(self.chunk_blocks(&ns)) {
             // Room for this chunk in the fetch memory budget, before reading it. Each
             // block's share travels with its payload and is given back when the transport
             // drops the bytes (written to the client, or the client went away).
-            let Some(mut room) = self.fetch_room(chunk.len() as u64 * block_bytes).await else {
-                return;
+            // The wait is bounded: fetches whose readers stall hold their room, and the
+            // others fail open instead of queueing behind them forever.
+            let want = chunk.len() as u64 * block_bytes;
+            let mut room = match tokio::time::timeout(fetch_timeout, self.fetch_room(want)).await {
+                Ok(Some(room)) => room,
+                Ok(None) => return,
+                Err(_) => {
+                    metrics::counter!("kvshelf_fetch_budget_timeouts_total").increment(1);
+                    reason = EndReason::BackendUnavailable;
+                    break 'chunks;
+                }
             };
-            let (served, backend_ok) = self.read_blocks(&ns, chunk).await;
+            let served = self.read_blocks(&ns, chunk).await;
             for (hash, served) in chunk.iter().zip(served) {
                 let tier = match &served {
                     Served::Hit(_) => "l1_hit",
                     Served::Loaded(_) => "backend_hit",
                     Served::Coalesced(_) => "coalesced",
                     Served::Miss => "miss",
+                    Served::Unavailable => "unavailable",
                 };
                 metrics::counter!("kvshelf_fetch_blocks_total", "namespace" => ns.label.clone(), "result" => tier)
                     .increment(1);
+                let unavailable = served == Served::Unavailable;
                 let Some(payload) = served.into_payload() else {
-                    reason = if backend_ok {
-                        EndReason::Miss
-                    } else {
+                    reason = if unavailable {
                         EndReason::BackendUnavailable
+                    } else {
+                        EndReason::Miss
                     };
                     break 'chunks;
                 };
@@ -648,43 +660,31 @@ impl Shelf {
     }
 
     /// Reads one chunk through L1 (coalescing concurrent misses) or straight from the
-    /// embedded store. Returns the payloads and whether the backend answered.
-    async fn read_blocks(&self, ns: &Namespace, hashes: &[BlockHash]) -> (Vec<Served>, bool) {
-        let backend_ok = AtomicBool::new(true);
-        let label = ns.label.clone();
-        let load = |hs: Vec<BlockHash>| {
-            let backend_ok = &backend_ok;
-            async move {
-                metrics::counter!("kvshelf_backend_block_reads_total", "namespace" => ns.label.clone())
-                    .increment(hs.len() as u64);
-                match self
-                    .fail_open(
-                        "fetch",
-                        self.inner.cfg.fetch_timeout,
-                        self.inner.backend.get(ns, &hs),
-                    )
-                    .await
-                {
-                    Ok(Some(hits)) => Ok(hits),
-                    Ok(None) | Err(_) => {
-                        backend_ok.store(false, Ordering::Relaxed);
-                        Ok(Vec::new())
-                    }
-                }
-            }
-        };
-        let served: Vec<Served> = match &self.inner.l1 {
-            Some(l1) => l1.get_or_load(&label, hashes, load).await,
-            None => load(hashes.to_vec())
+    /// embedded store, every backend read and every wait within `fetch_timeout`.
+    async fn read_blocks(&self, ns: &Namespace, hashes: &[BlockHash]) -> Vec<Served> {
+        let timeout = self.inner.cfg.fetch_timeout;
+        let load = |hs: Vec<BlockHash>| async move {
+            metrics::counter!("kvshelf_backend_block_reads_total", "namespace" => ns.label.clone())
+                .increment(hs.len() as u64);
+            // `None`: the backend failed or was late (a caller error cannot happen here:
+            // the namespace and hashes were checked before the stream started).
+            self.fail_open("fetch", timeout, self.inner.backend.get(ns, &hs))
                 .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|h| h.map_or(Served::Miss, |h| Served::Loaded(h.block.payload)))
-                .chain(std::iter::repeat(Served::Miss))
-                .take(hashes.len())
-                .collect(),
+                .ok()
+                .flatten()
         };
-        (served, backend_ok.load(Ordering::Relaxed))
+        match &self.inner.l1 {
+            Some(l1) => l1.get_or_load(&ns.label, hashes, timeout, load).await,
+            None => match load(hashes.to_vec()).await {
+                Some(hits) => hits
+                    .into_iter()
+                    .map(|h| h.map_or(Served::Miss, |h| Served::Loaded(h.block.payload)))
+                    .chain(std::iter::repeat(Served::Miss))
+                    .take(hashes.len())
+                    .collect(),
+                None => vec![Served::Unavailable; hashes.len()],
+            },
+        }
     }
 
     /// Puts blocks. Synchronous: written before the answer (or dropped if the backend fails

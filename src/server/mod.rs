@@ -37,7 +37,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "kvshelf_fetch_blocks_total",
-        "Blocks served by fetches, by tier (l1_hit, backend_hit, coalesced, miss)."
+        "Blocks served by fetches, by tier (l1_hit, backend_hit, coalesced, miss, unavailable)."
     );
     describe_counter!(
         "kvshelf_fetch_bytes_total",
@@ -62,6 +62,18 @@ fn describe_metrics() {
     describe_counter!(
         "kvshelf_l1_evictions_total",
         "Entries evicted from L1 to keep its byte bound."
+    );
+    describe_counter!(
+        "kvshelf_l1_wait_timeouts_total",
+        "Blocks a fetch stopped waiting for: another request's read of them outlasted fetch_timeout."
+    );
+    describe_counter!(
+        "kvshelf_l1_load_timeouts_total",
+        "L1 loads cut off after fetch_timeout."
+    );
+    describe_counter!(
+        "kvshelf_fetch_budget_timeouts_total",
+        "Fetches that found no room in fetch_memory_bytes within fetch_timeout (ended backend_unavailable)."
     );
     describe_counter!(
         "kvshelf_rejected_requests_total",
