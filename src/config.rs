@@ -289,7 +289,11 @@ mod tests {
                 .collect()
         };
         // Two non-admin tenants without salts: refused, naming them and the fix.
-        let two = tenants(&[("a", None, false), ("b", Some(""), false), ("c", Some("s"), false)]);
+        let two = tenants(&[
+            ("a", None, false),
+            ("b", Some(""), false),
+            ("c", Some("s"), false),
+        ]);
         let err = Config::from_toml(&two).unwrap_err().to_string();
         assert!(err.contains("\"a\", \"b\""), "{err}");
         assert!(!err.contains("\"c\""), "{err}");
@@ -297,7 +301,12 @@ mod tests {
         assert!(err.contains("salt"), "{err}");
         // Sharing on purpose.
         let shared = format!("[server]\nshare_unsalted_blocks = true\n{two}");
-        assert!(Config::from_toml(&shared).unwrap().server.share_unsalted_blocks);
+        assert!(
+            Config::from_toml(&shared)
+                .unwrap()
+                .server
+                .share_unsalted_blocks
+        );
         // Salted users; admins (operators) may go unsalted.
         Config::from_toml(&tenants(&[
             ("a", Some("sa"), false),
@@ -307,6 +316,22 @@ mod tests {
         .unwrap();
         // One user and an admin: nobody to share with.
         Config::from_toml(&tenants(&[("a", None, false), ("ops", None, true)])).unwrap();
+    }
+
+    #[test]
+    fn the_tenants_example_of_docs_api_md_is_valid() {
+        let doc = include_str!("../docs/api.md");
+        let section = &doc[doc.find("## 8. Authentication and tenants").unwrap()..];
+        let block: String = section
+            .lines()
+            .skip_while(|l| *l != "```text")
+            .skip(1)
+            .take_while(|l| *l != "```")
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = Config::from_toml(&block).unwrap();
+        assert_eq!(cfg.tenants.len(), 3);
+        assert!(cfg.tenants.iter().any(|t| t.admin && t.salt.is_none()));
     }
 
     #[test]

@@ -357,13 +357,36 @@ mod tests {
         s.put(&ns, &blocks).unwrap();
         let pin = |h| s.pin_within(&ns, h, 2 * bb).unwrap();
         assert_eq!(pin(&hashes[0]), PinOutcome::Pinned { pinned_bytes: bb });
-        assert_eq!(pin(&hashes[1]), PinOutcome::Pinned { pinned_bytes: 2 * bb });
-        assert_eq!(pin(&hashes[0]), PinOutcome::Pinned { pinned_bytes: 2 * bb });
-        assert_eq!(pin(&hashes[2]), PinOutcome::OverLimit { pinned_bytes: 2 * bb });
-        assert_eq!(s.ttl(&ns.label, &hashes[2]).unwrap().map(|t| t.is_some()), Some(true));
+        assert_eq!(
+            pin(&hashes[1]),
+            PinOutcome::Pinned {
+                pinned_bytes: 2 * bb
+            }
+        );
+        assert_eq!(
+            pin(&hashes[0]),
+            PinOutcome::Pinned {
+                pinned_bytes: 2 * bb
+            }
+        );
+        assert_eq!(
+            pin(&hashes[2]),
+            PinOutcome::OverLimit {
+                pinned_bytes: 2 * bb
+            }
+        );
+        assert_eq!(
+            s.ttl(&ns.label, &hashes[2]).unwrap().map(|t| t.is_some()),
+            Some(true)
+        );
         // A pinned block that left the cache (evicted when full) gives its room back.
         s.cache.remove(&(ns.label.clone(), hashes[0]));
-        assert_eq!(pin(&hashes[2]), PinOutcome::Pinned { pinned_bytes: 2 * bb });
+        assert_eq!(
+            pin(&hashes[2]),
+            PinOutcome::Pinned {
+                pinned_bytes: 2 * bb
+            }
+        );
         assert!(s.unpin(&ns, &hashes[1]).unwrap());
         assert_eq!(s.pinned_bytes(&ns), bb);
         assert_eq!(pin(&hashes[0]), PinOutcome::Missing);

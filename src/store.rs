@@ -566,7 +566,9 @@ impl RedisStore {
     /// leave the count wrong is ordered so that it errs towards over-counting, which
     /// [`prune_pins`](Self::prune_pins) repairs: the record is written before the block is
     /// pinned and removed after it is unpinned or deleted. Two pins racing for the last
-    /// room may both be refused; the cap is never exceeded through this method.
+    /// room may both be refused; the cap is never exceeded through this method. (One race
+    /// escapes the count: a pin of a block that is being put at that very moment, while
+    /// another pin prunes, may pin the block after its record was pruned as missing.)
     pub async fn pin_within(
         &self,
         ns: &Namespace,
@@ -601,25 +603,17 @@ impl RedisStore {
             // Records of blocks deleted behind kvshelf's back must not hold the room.
             count = self.prune_pins(label).await?;
             if count.saturating_mul(block_bytes) > max_bytes {
-                let (_, left): (u64, u64) =
-                    self.run(redis::pipe().hdel(&pins, &field).hlen(&pins)).await?;
+                let (_, left): (u64, u64) = self
+                    .run(redis::pipe().hdel(&pins, &field).hlen(&pins))
+                    .await?;
                 return Ok(PinOutcome::OverLimit {
                     pinned_bytes: left.saturating_mul(block_bytes),
                 });
             }
         }
-        let persisted: Result<(bool, bool), Error> =
-            self.run(redis::pipe().persist(&key).exists(&key)).await;
-        let exists = match persisted {
-            Ok((_, exists)) => exists,
-            Err(e) => {
-                if new {
-                    // Best effort; a record left behind over-counts until pruned.
-                    let _: Result<(u64,), Error> = self.run(redis::pipe().hdel(&pins, &field)).await;
-                }
-                return Err(e);
-            }
-        };
+        // On an error the record stays: the PERSIST may have run with its reply lost, and a
+        // record too many (pruned once its block is gone) is safer than a pin uncounted.
+        let (_, exists): (bool, bool) = self.run(redis::pipe().persist(&key).exists(&key)).await?;
         if !exists {
             // Not there: no pin to record (this also drops a stale record of the block).
             let _: (u64,) = self.run(redis::pipe().hdel(&pins, &field)).await?;

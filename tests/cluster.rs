@@ -79,15 +79,36 @@ async fn every_store_operation_works_across_slots_and_nodes() {
     let bb = ns.block_bytes();
     s.put(&ns, &blocks[..3]).await.unwrap();
     let pin = |i: usize| s.pin_within(&ns, &hashes[i], 2 * bb);
-    assert_eq!(pin(0).await.unwrap(), PinOutcome::Pinned { pinned_bytes: bb });
-    assert_eq!(pin(1).await.unwrap(), PinOutcome::Pinned { pinned_bytes: 2 * bb });
-    assert_eq!(pin(2).await.unwrap(), PinOutcome::OverLimit { pinned_bytes: 2 * bb });
+    assert_eq!(
+        pin(0).await.unwrap(),
+        PinOutcome::Pinned { pinned_bytes: bb }
+    );
+    assert_eq!(
+        pin(1).await.unwrap(),
+        PinOutcome::Pinned {
+            pinned_bytes: 2 * bb
+        }
+    );
+    assert_eq!(
+        pin(2).await.unwrap(),
+        PinOutcome::OverLimit {
+            pinned_bytes: 2 * bb
+        }
+    );
     // A pinned block unlinked on its node behind kvshelf's back gives its room back.
     let gone = block_key(&ns.label, &hashes[0]);
     let node = cluster.owner(&gone).unwrap();
     let url = cluster.nodes[node].as_ref().unwrap().url();
-    assert_eq!(support::redis_cli(&url, &["UNLINK", &gone]).unwrap().trim(), "1");
-    assert_eq!(pin(2).await.unwrap(), PinOutcome::Pinned { pinned_bytes: 2 * bb });
+    assert_eq!(
+        support::redis_cli(&url, &["UNLINK", &gone]).unwrap().trim(),
+        "1"
+    );
+    assert_eq!(
+        pin(2).await.unwrap(),
+        PinOutcome::Pinned {
+            pinned_bytes: 2 * bb
+        }
+    );
     assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 2 * bb);
     assert_eq!(s.purge(&ns.label).await.unwrap(), 2);
     assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 0);

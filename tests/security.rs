@@ -47,7 +47,10 @@ async fn exercise_every_operation(cfg: StoreConfig) {
     // A capped pin over the cap runs every command of the pin records (record, count,
     // prune with HSCAN + EXISTS, roll back).
     let refused = s.pin_within(&ns, &hs[1], ns.block_bytes()).await.unwrap();
-    assert!(matches!(refused, PinOutcome::OverLimit { .. }), "{refused:?}");
+    assert!(
+        matches!(refused, PinOutcome::OverLimit { .. }),
+        "{refused:?}"
+    );
     assert!(s.unpin(&ns.label, &hs[0]).await.unwrap());
     assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 0);
     assert!(s.ttl(&ns.label, &hs[0]).await.unwrap().is_some());

@@ -37,10 +37,8 @@ fn api_code(e: ClientError) -> String {
 /// A raw gRPC request with a bearer token, to see the status code itself.
 fn grpc_request<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().unwrap(),
-    );
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     req
 }
 
@@ -56,7 +54,9 @@ fn grpc_error<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (tonic::Code, 
     (s.code(), code)
 }
 
-async fn raw_grpc(side: &Sidecar) -> kvshelf::proto::shelf_client::ShelfClient<tonic::transport::Channel> {
+async fn raw_grpc(
+    side: &Sidecar,
+) -> kvshelf::proto::shelf_client::ShelfClient<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(side.url())
         .unwrap()
         .connect()
@@ -177,7 +177,10 @@ async fn only_admins_delete_pin_unpin_or_purge_and_a_refusal_changes_nothing() {
     let ops_http = side.client(Protocol::Http, Some("tok-ops"));
     let ops_grpc = side.client(Protocol::Grpc, Some("tok-ops"));
     assert!(ops_http.pin(&label, &hashes[0], true).await.unwrap());
-    assert_eq!(side.shelf.ttl(&label, &hashes[0]).await.unwrap(), Some(None));
+    assert_eq!(
+        side.shelf.ttl(&label, &hashes[0]).await.unwrap(),
+        Some(None)
+    );
     assert!(ops_grpc.pin(&label, &hashes[0], false).await.unwrap());
     assert!(matches!(
         side.shelf.ttl(&label, &hashes[0]).await.unwrap(),
@@ -247,7 +250,10 @@ async fn pinned_bytes_are_capped_per_namespace_across_sidecars() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "pin_limit");
     assert!(
-        body["message"].as_str().unwrap().contains("max_pinned_bytes"),
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_pinned_bytes"),
         "{body}"
     );
     let mut raw = raw_grpc(&two).await;
@@ -290,7 +296,10 @@ async fn pinned_bytes_are_capped_per_namespace_across_sidecars() {
     // …until a pin would pass the cap: the record is pruned, and the pin fits.
     assert!(c1.pin(&label, &hs[4], true).await.unwrap());
     assert_eq!(recorded_pins(&label), 3);
-    let stale = redis_cli(&redis_url(), &["HEXISTS", &pins_key(&label), &hs[0].to_string()]);
+    let stale = redis_cli(
+        &redis_url(),
+        &["HEXISTS", &pins_key(&label), &hs[0].to_string()],
+    );
     assert_eq!(stale.unwrap().trim(), "0");
     assert_eq!(two.metric(&gauge).await, (3 * bb) as f64);
 
