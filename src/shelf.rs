@@ -11,7 +11,7 @@
 //! those succeeded would mislead.
 //!
 //! Knowing a hash is not enough to change a block: with tenants configured, the operator
-//! actions need an admin token ([`Shelf::require_admin`]), checked before anything changes.
+//! actions need an admin token (`Shelf::require_admin`), checked before anything changes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
