@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::hashing::BlockHash;
 use crate::memory::MemoryStore;
 use crate::namespace::Namespace;
-use crate::store::{Hit, PutOutcome, RedisStore};
+use crate::store::{Hit, PinOutcome, PutOutcome, RedisStore};
 
 /// Where blocks live.
 #[derive(Debug)]
@@ -71,7 +71,7 @@ impl Backend {
         }
     }
 
-    /// Deletes blocks; returns how many existed.
+    /// Deletes blocks (and their pin records); returns how many existed.
     pub async fn delete(&self, label: &str, hashes: &[BlockHash]) -> Result<u64, Error> {
         match self {
             Backend::Redis(r) => r.delete(label, hashes).await,
@@ -79,11 +79,16 @@ impl Backend {
         }
     }
 
-    /// Keeps a block forever; returns whether it exists.
-    pub async fn pin(&self, label: &str, hash: &BlockHash) -> Result<bool, Error> {
+    /// Keeps a block forever, unless the pinned bytes of `ns` would exceed `max_bytes`.
+    pub async fn pin(
+        &self,
+        ns: &Namespace,
+        hash: &BlockHash,
+        max_bytes: u64,
+    ) -> Result<PinOutcome, Error> {
         match self {
-            Backend::Redis(r) => r.pin(label, hash).await,
-            Backend::Memory(m) => m.set_expiry(label, hash, None),
+            Backend::Redis(r) => r.pin_within(ns, hash, max_bytes).await,
+            Backend::Memory(m) => m.pin_within(ns, hash, max_bytes),
         }
     }
 
@@ -91,7 +96,15 @@ impl Backend {
     pub async fn unpin(&self, ns: &Namespace, hash: &BlockHash) -> Result<bool, Error> {
         match self {
             Backend::Redis(r) => r.unpin_with(&ns.label, hash, r.ttl_of(ns)).await,
-            Backend::Memory(m) => m.set_expiry(&ns.label, hash, Some(m.default_ttl(Some(ns)))),
+            Backend::Memory(m) => m.unpin(ns, hash),
+        }
+    }
+
+    /// Pinned payload bytes of `ns`, across every sidecar of this backend.
+    pub async fn pinned_bytes(&self, ns: &Namespace) -> Result<u64, Error> {
+        match self {
+            Backend::Redis(r) => r.pinned_bytes(ns).await,
+            Backend::Memory(m) => Ok(m.pinned_bytes(ns)),
         }
     }
 
@@ -107,7 +120,7 @@ impl Backend {
         }
     }
 
-    /// Deletes every block of a namespace; returns how many.
+    /// Deletes every block of a namespace (and its pin records); returns how many.
     pub async fn purge(&self, label: &str) -> Result<u64, Error> {
         match self {
             Backend::Redis(r) => r.purge(label).await,

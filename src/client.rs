@@ -523,7 +523,8 @@ impl Client {
         }
     }
 
-    /// Deletes blocks; returns how many existed.
+    /// Deletes blocks; returns how many existed (admin token needed when tokens are
+    /// configured).
     pub async fn delete(&self, namespace: &str, hashes: &[BlockHash]) -> Result<u64, ClientError> {
         match &self.transport {
             Transport::Http { .. } => {
@@ -552,7 +553,8 @@ impl Client {
         }
     }
 
-    /// Pins (`true`) or unpins a block; returns whether it exists.
+    /// Pins (`true`) or unpins a block; returns whether it exists (admin token needed when
+    /// tokens are configured). A pin over the namespace's cap is the API error `pin_limit`.
     pub async fn pin(
         &self,
         namespace: &str,

@@ -46,8 +46,9 @@ pub struct Config {
     /// The namespaces this deployment serves. Default: none (`kvshelf serve` then serves a
     /// small `demo` namespace, and says so).
     pub namespaces: Vec<Namespace>,
-    /// API tokens. Default: none, and the API is open with no tenant salt. With any token
-    /// configured, every `/v1` request and RPC needs one.
+    /// API tokens. Default: none, and the API is open with no tenant salt: one trusted
+    /// tenant. With any token configured, every `/v1` request and RPC needs one, and only
+    /// admin tokens may delete, pin, unpin or purge.
     pub tenants: Vec<TenantConfig>,
 }
 
@@ -60,10 +61,11 @@ pub struct TenantConfig {
     /// The bearer token (`Authorization: Bearer <token>`). Never logged.
     pub token: String,
     /// Salt mixed into this tenant's hash root, so its blocks are invisible to others.
-    /// Default: none (shares blocks with every unsalted tenant).
+    /// Default: none (shares blocks with every unsalted tenant). With more than one
+    /// non-admin tenant, each needs one unless `[server] share_unsalted_blocks` is set.
     #[serde(default)]
     pub salt: Option<String>,
-    /// May purge namespaces. Default: false.
+    /// May delete, pin and unpin blocks and purge namespaces. Default: false.
     #[serde(default)]
     pub admin: bool,
 }
@@ -126,6 +128,15 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight requests and queued puts get to finish. Default: 30s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Most payload bytes of one namespace that may be pinned at once, counted in Redis
+    /// across every sidecar; a namespace's own `max_pinned_bytes` overrides it. Pinned
+    /// blocks are never evicted by `volatile-*` policies, so without a cap one caller could
+    /// fill Redis until every put is dropped. Default: 1 GiB.
+    pub max_pinned_bytes: u64,
+    /// Lets several non-admin tenants run without a salt, sharing one hash space: each can
+    /// then compute, find and fetch the blocks of the others' prompts. Default: false (with
+    /// more than one non-admin tenant, every one needs a salt).
+    pub share_unsalted_blocks: bool,
 }
 
 impl Default for ServerConfig {
@@ -146,6 +157,8 @@ impl Default for ServerConfig {
             put_queue_bytes: 256 << 20,
             memory_store_bytes: 1 << 30,
             shutdown_grace: Duration::from_secs(30),
+            max_pinned_bytes: 1 << 30,
+            share_unsalted_blocks: false,
         }
     }
 }
@@ -165,7 +178,8 @@ impl Config {
         Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
-    /// Checks every namespace, and that no label or token is used twice.
+    /// Checks every namespace, that no label or token is used twice, and that tenants
+    /// share blocks only by choice.
     pub fn validate(&self) -> Result<(), Error> {
         let mut tokens = std::collections::HashSet::new();
         for t in &self.tenants {
@@ -176,6 +190,7 @@ impl Config {
                 )));
             }
         }
+        self.check_salts()?;
         let mut seen = std::collections::HashSet::new();
         for ns in &self.namespaces {
             ns.validate()?;
@@ -187,6 +202,31 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Unsalted tenants hash into one space: any of them can compute the others' block
+    /// hashes from their prompts (docs/hashing.md) and probe or fetch those blocks. With
+    /// one non-admin tenant there is no one to share with (admins are trusted anyway); with
+    /// more, sharing must be asked for.
+    fn check_salts(&self) -> Result<(), Error> {
+        let users = self.tenants.iter().filter(|t| !t.admin);
+        if users.clone().count() < 2 || self.server.share_unsalted_blocks {
+            return Ok(());
+        }
+        let unsalted: Vec<String> = users
+            .filter(|t| t.salt.as_deref().is_none_or(str::is_empty))
+            .map(|t| format!("{:?}", t.name))
+            .collect();
+        if unsalted.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "tenants {} have no salt: with more than one non-admin tenant, unsalted tenants \
+             share one hash space and each can compute, find and fetch the others' blocks. \
+             Give each tenant its own `salt`, or set `[server] share_unsalted_blocks = true` \
+             to share blocks between them on purpose",
+            unsalted.join(", ")
+        )))
     }
 
     /// The namespace with this label.
@@ -234,6 +274,64 @@ mod tests {
         assert_eq!(cfg.namespaces.len(), 2);
         assert_eq!(cfg.namespaces[1].layout.kv_heads_per_rank(), 4);
         assert_eq!(cfg.namespaces[1].ttl, Some(Duration::from_secs(6 * 3600)));
+    }
+
+    #[test]
+    fn unsalted_tenants_share_blocks_only_when_told_to() {
+        let tenants = |list: &[(&str, Option<&str>, bool)]| -> String {
+            list.iter()
+                .map(|(name, salt, admin)| {
+                    let salt = salt.map_or(String::new(), |s| format!("salt = {s:?}\n"));
+                    format!(
+                        "[[tenants]]\nname = {name:?}\ntoken = \"tok-{name}\"\n{salt}admin = {admin}\n"
+                    )
+                })
+                .collect()
+        };
+        // Two non-admin tenants without salts: refused, naming them and the fix.
+        let two = tenants(&[
+            ("a", None, false),
+            ("b", Some(""), false),
+            ("c", Some("s"), false),
+        ]);
+        let err = Config::from_toml(&two).unwrap_err().to_string();
+        assert!(err.contains("\"a\", \"b\""), "{err}");
+        assert!(!err.contains("\"c\""), "{err}");
+        assert!(err.contains("share_unsalted_blocks = true"), "{err}");
+        assert!(err.contains("salt"), "{err}");
+        // Sharing on purpose.
+        let shared = format!("[server]\nshare_unsalted_blocks = true\n{two}");
+        assert!(
+            Config::from_toml(&shared)
+                .unwrap()
+                .server
+                .share_unsalted_blocks
+        );
+        // Salted users; admins (operators) may go unsalted.
+        Config::from_toml(&tenants(&[
+            ("a", Some("sa"), false),
+            ("b", Some("sb"), false),
+            ("ops", None, true),
+        ]))
+        .unwrap();
+        // One user and an admin: nobody to share with.
+        Config::from_toml(&tenants(&[("a", None, false), ("ops", None, true)])).unwrap();
+    }
+
+    #[test]
+    fn the_tenants_example_of_docs_api_md_is_valid() {
+        let doc = include_str!("../docs/api.md");
+        let section = &doc[doc.find("## 8. Authentication and tenants").unwrap()..];
+        let block: String = section
+            .lines()
+            .skip_while(|l| *l != "```text")
+            .skip(1)
+            .take_while(|l| *l != "```")
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = Config::from_toml(&block).unwrap();
+        assert_eq!(cfg.tenants.len(), 3);
+        assert!(cfg.tenants.iter().any(|t| t.admin && t.salt.is_none()));
     }
 
     #[test]

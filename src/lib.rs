@@ -37,6 +37,7 @@
 //!     block_size: 16,
 //!     lora_adapter: None,
 //!     ttl: None,
+//!     max_pinned_bytes: None,
 //! };
 //! let hashes = PrefixHasher::new(&ns, None).hash_prefix(&[1, 2, 3 /* prompt token ids */]);
 //! let store = RedisStore::connect(StoreConfig::default()).await?;

@@ -5,6 +5,8 @@
 //! neither shared across hosts nor kept across restarts; the server says so loudly when it
 //! starts with it. The Redis-backed topology is the way to run kvshelf for real.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,7 +16,7 @@ use crate::codec::{self, Header};
 use crate::error::Error;
 use crate::hashing::BlockHash;
 use crate::namespace::{Namespace, validate_label};
-use crate::store::{Hit, PutOutcome};
+use crate::store::{Hit, PinOutcome, PutOutcome};
 
 type Key = (String, BlockHash);
 
@@ -48,6 +50,10 @@ pub struct MemoryStore {
     cache: Cache<Key, Entry, Weigher>,
     ttl: Duration,
     sliding_ttl: bool,
+    /// The pinned blocks of each namespace, counted against its cap like Redis's
+    /// `kvshelf:pins:v1:<label>` records. The cache may evict a pinned block when full, so
+    /// records can go stale; they are pruned when a pin would exceed the cap.
+    pins: Mutex<HashMap<String, HashSet<BlockHash>>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -67,6 +73,7 @@ impl MemoryStore {
             cache: Cache::with_weighter(estimated_items, capacity_bytes, Weigher),
             ttl,
             sliding_ttl,
+            pins: Mutex::new(HashMap::new()),
         }
     }
 
@@ -163,9 +170,14 @@ impl MemoryStore {
             .count())
     }
 
-    /// Deletes blocks; returns how many existed.
+    /// Deletes blocks (and their pin records); returns how many existed.
     pub fn delete(&self, label: &str, hashes: &[BlockHash]) -> Result<u64, Error> {
         validate_label(label)?;
+        if let Some(pinned) = self.pins.lock().expect("pins lock").get_mut(label) {
+            hashes.iter().for_each(|h| {
+                pinned.remove(h);
+            });
+        }
         let now = Instant::now();
         Ok(hashes
             .iter()
@@ -194,6 +206,54 @@ impl MemoryStore {
         }
     }
 
+    /// Pins a block unless that would take the pinned payload bytes of `ns` over
+    /// `max_bytes` (see [`crate::RedisStore::pin_within`]). One lock makes it exact here.
+    pub fn pin_within(
+        &self,
+        ns: &Namespace,
+        hash: &BlockHash,
+        max_bytes: u64,
+    ) -> Result<PinOutcome, Error> {
+        validate_label(&ns.label)?;
+        let block_bytes = ns.block_bytes();
+        let mut pins = self.pins.lock().expect("pins lock");
+        let pinned = pins.entry(ns.label.clone()).or_default();
+        let now = Instant::now();
+        let counted = |pinned: &HashSet<BlockHash>| pinned.len() as u64 * block_bytes;
+        if !pinned.contains(hash) && counted(pinned) + block_bytes > max_bytes {
+            pinned.retain(|h| self.live(&(ns.label.clone(), *h), now).is_some());
+            if counted(pinned) + block_bytes > max_bytes {
+                return Ok(PinOutcome::OverLimit {
+                    pinned_bytes: counted(pinned),
+                });
+            }
+        }
+        if !self.set_expiry(&ns.label, hash, None)? {
+            pinned.remove(hash);
+            return Ok(PinOutcome::Missing);
+        }
+        pinned.insert(*hash);
+        Ok(PinOutcome::Pinned {
+            pinned_bytes: counted(pinned),
+        })
+    }
+
+    /// Gives a block the TTL of `ns` back and drops its pin record; returns whether it
+    /// exists.
+    pub fn unpin(&self, ns: &Namespace, hash: &BlockHash) -> Result<bool, Error> {
+        let found = self.set_expiry(&ns.label, hash, Some(self.ttl_of(ns)))?;
+        if let Some(pinned) = self.pins.lock().expect("pins lock").get_mut(&ns.label) {
+            pinned.remove(hash);
+        }
+        Ok(found)
+    }
+
+    /// Pinned payload bytes of `ns`, as recorded.
+    pub fn pinned_bytes(&self, ns: &Namespace) -> u64 {
+        let pins = self.pins.lock().expect("pins lock");
+        pins.get(&ns.label).map_or(0, |p| p.len() as u64) * ns.block_bytes()
+    }
+
     /// Time to live left: `None` missing, `Some(None)` pinned.
     pub fn ttl(&self, label: &str, hash: &BlockHash) -> Result<Option<Option<Duration>>, Error> {
         validate_label(label)?;
@@ -211,8 +271,11 @@ impl MemoryStore {
     /// Deletes every block of a namespace; returns how many.
     pub fn purge(&self, label: &str) -> Result<u64, Error> {
         validate_label(label)?;
+        // Held throughout, so that no pin lands between the blocks and their records.
+        let mut pins = self.pins.lock().expect("pins lock");
         let n = self.count(label)?;
         self.cache.retain(|k, _| k.0 != label);
+        pins.remove(label);
         Ok(n)
     }
 
@@ -284,6 +347,51 @@ mod tests {
         assert_eq!(s.lookup(&ns, &[blocks[0].0]).unwrap(), 0);
         ns.ttl = None;
         assert_eq!(s.put(&ns, &blocks[..1]).unwrap(), vec![PutOutcome::Stored]);
+    }
+
+    #[test]
+    fn pins_are_capped_and_stale_records_pruned() {
+        let (s, ns, blocks) = setup();
+        let hashes: Vec<BlockHash> = blocks.iter().map(|b| b.0).collect();
+        let bb = ns.block_bytes();
+        s.put(&ns, &blocks).unwrap();
+        let pin = |h| s.pin_within(&ns, h, 2 * bb).unwrap();
+        assert_eq!(pin(&hashes[0]), PinOutcome::Pinned { pinned_bytes: bb });
+        assert_eq!(
+            pin(&hashes[1]),
+            PinOutcome::Pinned {
+                pinned_bytes: 2 * bb
+            }
+        );
+        assert_eq!(
+            pin(&hashes[0]),
+            PinOutcome::Pinned {
+                pinned_bytes: 2 * bb
+            }
+        );
+        assert_eq!(
+            pin(&hashes[2]),
+            PinOutcome::OverLimit {
+                pinned_bytes: 2 * bb
+            }
+        );
+        assert_eq!(
+            s.ttl(&ns.label, &hashes[2]).unwrap().map(|t| t.is_some()),
+            Some(true)
+        );
+        // A pinned block that left the cache (evicted when full) gives its room back.
+        s.cache.remove(&(ns.label.clone(), hashes[0]));
+        assert_eq!(
+            pin(&hashes[2]),
+            PinOutcome::Pinned {
+                pinned_bytes: 2 * bb
+            }
+        );
+        assert!(s.unpin(&ns, &hashes[1]).unwrap());
+        assert_eq!(s.pinned_bytes(&ns), bb);
+        assert_eq!(pin(&hashes[0]), PinOutcome::Missing);
+        assert_eq!(s.purge(&ns.label).unwrap(), 3);
+        assert_eq!(s.pinned_bytes(&ns), 0);
     }
 
     #[test]

@@ -234,6 +234,11 @@ pub struct Namespace {
         skip_serializing_if = "Option::is_none"
     )]
     pub ttl: Option<std::time::Duration>,
+    /// Most payload bytes of this namespace that may be pinned at once (counted in Redis,
+    /// across every sidecar), overriding `[server] max_pinned_bytes`. Not hashed. Default:
+    /// none (the server's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pinned_bytes: Option<u64>,
 }
 
 fn default_block_size() -> u32 {
@@ -312,6 +317,7 @@ pub(crate) mod tests {
             block_size: 16,
             lora_adapter: None,
             ttl: None,
+            max_pinned_bytes: None,
         }
     }
 

@@ -9,6 +9,9 @@
 //! `backend_unavailable` within the configured timeout; puts are dropped and counted. Only
 //! operator actions (delete, pin, purge) report the backend's failure, since pretending
 //! those succeeded would mislead.
+//!
+//! Knowing a hash is not enough to change a block: with tenants configured, the operator
+//! actions need an admin token (`Shelf::require_admin`), checked before anything changes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +30,7 @@ use crate::l1::{L1, Served};
 use crate::memory::MemoryStore;
 use crate::namespace::{Dtype, Layout, Namespace};
 pub use crate::store::PutResult;
-use crate::store::RedisStore;
+use crate::store::{PinOutcome, RedisStore};
 
 /// Errors of the sidecar API, each with a stable machine-readable code.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,22 @@ pub enum ApiError {
     /// The endpoint exists but not with this method (HTTP only).
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// Pinning one more block would take the namespace's pinned bytes over its cap.
+    #[error(
+        "namespace {namespace:?} has {pinned_bytes} bytes pinned; one more block of {block_bytes} \
+         bytes would pass its limit of {limit} (max_pinned_bytes): unpin blocks first, or \
+         raise the limit"
+    )]
+    PinLimit {
+        /// The namespace.
+        namespace: String,
+        /// Its pinned payload bytes now.
+        pinned_bytes: u64,
+        /// The bytes the refused pin would have added.
+        block_bytes: u64,
+        /// Its cap.
+        limit: u64,
+    },
     /// The backend failed an operator action (delete, pin, purge), which does not fail open.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),
@@ -93,6 +112,7 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::NoSuchRoute(_) => "no_such_route",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::PinLimit { .. } => "pin_limit",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
             ApiError::Library(e) => e.code(),
         }
@@ -130,6 +150,10 @@ impl Caller {
     /// The tenant's name, for logs.
     pub fn tenant_name(&self) -> Option<&str> {
         self.tenant.as_ref().map(|t| t.name.as_str())
+    }
+
+    fn is_admin(&self) -> bool {
+        self.tenant.as_ref().is_some_and(|t| t.admin)
     }
 }
 
@@ -296,6 +320,7 @@ pub fn demo_namespace() -> Namespace {
         block_size: 16,
         lora_adapter: None,
         ttl: None,
+        max_pinned_bytes: None,
     }
 }
 
@@ -795,13 +820,37 @@ impl Shelf {
         }
     }
 
-    /// Deletes blocks (and this sidecar's L1 copies). Returns how many existed.
+    /// The one authorization check of operator actions: without configured tokens every
+    /// caller is the one trusted tenant; with tokens, only admins may change blocks they did
+    /// not just put. A block hash is easy to learn (an unsalted tenant's can be computed from
+    /// its prompt), so it must not be enough to delete, pin or unpin the block. Called
+    /// before anything changes, the L1 included.
+    fn require_admin(&self, caller: &Caller, action: &str) -> Result<(), ApiError> {
+        if self.inner.tenants.is_empty() || caller.is_admin() {
+            return Ok(());
+        }
+        tracing::info!(tenant = ?caller.tenant_name(), action, "refused: not an admin token");
+        Err(ApiError::Forbidden(format!(
+            "{action} needs an admin token (with tokens configured, only admins may delete, \
+             pin, unpin or purge)"
+        )))
+    }
+
+    /// The pinned-bytes cap of `ns`.
+    fn max_pinned_bytes(&self, ns: &Namespace) -> u64 {
+        ns.max_pinned_bytes
+            .unwrap_or(self.inner.cfg.max_pinned_bytes)
+    }
+
+    /// Deletes blocks (and this sidecar's L1 copies). Returns how many existed. Needs an
+    /// admin token when tokens are configured.
     pub async fn delete(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         label: &str,
         hashes: &[BlockHash],
     ) -> Result<u64, ApiError> {
+        self.require_admin(caller, "deleting blocks")?;
         let _permit = self.admit()?;
         self.namespace(label)?;
         self.check_count(hashes.len())?;
@@ -811,24 +860,51 @@ impl Shelf {
         self.bounded(self.inner.backend.delete(label, hashes)).await
     }
 
-    /// Pins (`true`) or unpins a block. Returns whether it exists.
+    /// Pins (`true`) or unpins a block. Returns whether it exists. Needs an admin token
+    /// when tokens are configured; a pin that would take the namespace over its
+    /// `max_pinned_bytes` is refused (`pin_limit`) and changes nothing.
     pub async fn pin(
         &self,
-        _caller: &Caller,
+        caller: &Caller,
         label: &str,
         hash: &BlockHash,
         pin: bool,
     ) -> Result<bool, ApiError> {
+        self.require_admin(caller, if pin { "pinning" } else { "unpinning" })?;
         let _permit = self.admit()?;
         let ns = self.namespace(label)?;
+        let found = if pin {
+            let limit = self.max_pinned_bytes(ns);
+            let outcome = self
+                .bounded(self.inner.backend.pin(ns, hash, limit))
+                .await?;
+            match outcome {
+                PinOutcome::Pinned { pinned_bytes } => {
+                    metrics::gauge!("kvshelf_pinned_bytes", "namespace" => ns.label.clone())
+                        .set(pinned_bytes as f64);
+                    true
+                }
+                PinOutcome::Missing => false,
+                PinOutcome::OverLimit { pinned_bytes } => {
+                    metrics::gauge!("kvshelf_pinned_bytes", "namespace" => ns.label.clone())
+                        .set(pinned_bytes as f64);
+                    metrics::counter!("kvshelf_pins_refused_total", "namespace" => ns.label.clone())
+                        .increment(1);
+                    return Err(ApiError::PinLimit {
+                        namespace: ns.label.clone(),
+                        pinned_bytes,
+                        block_bytes: ns.block_bytes(),
+                        limit,
+                    });
+                }
+            }
+        } else {
+            self.bounded(self.inner.backend.unpin(ns, hash)).await?
+        };
         if let Some(l1) = &self.inner.l1 {
             l1.remove(label, hash);
         }
-        if pin {
-            self.bounded(self.inner.backend.pin(label, hash)).await
-        } else {
-            self.bounded(self.inner.backend.unpin(ns, hash)).await
-        }
+        Ok(found)
     }
 
     /// Time to live left of a block: `None` missing, `Some(None)` pinned.
@@ -843,19 +919,34 @@ impl Shelf {
 
     /// Deletes every block of a namespace. Needs an admin token when tokens are configured.
     pub async fn purge(&self, caller: &Caller, label: &str) -> Result<u64, ApiError> {
+        self.require_admin(caller, "purging a namespace")?;
         let _permit = self.admit()?;
         self.namespace(label)?;
-        if !self.inner.tenants.is_empty() && !caller.tenant.as_ref().is_some_and(|t| t.admin) {
-            return Err(ApiError::Forbidden(
-                "purging a namespace needs an admin token".into(),
-            ));
-        }
         if let Some(l1) = &self.inner.l1 {
             l1.remove_namespace(label);
         }
         let n = self.inner.backend.purge(label).await?;
         tracing::info!(namespace = label, deleted = n, tenant = ?caller.tenant_name(), "namespace purged");
         Ok(n)
+    }
+
+    /// Sets `kvshelf_pinned_bytes{namespace}` for every namespace from the backend's
+    /// records, which every sidecar shares: called at each scrape, so each sidecar reports
+    /// the pins all of them made. Bounded by `lookup_timeout`; on a failure the gauges keep
+    /// their last values.
+    pub async fn refresh_pinned_gauges(&self) {
+        let reads = self.inner.namespaces.values().map(|ns| async move {
+            let read = self.inner.backend.pinned_bytes(ns);
+            match tokio::time::timeout(self.inner.cfg.lookup_timeout, read).await {
+                Ok(Ok(bytes)) => {
+                    metrics::gauge!("kvshelf_pinned_bytes", "namespace" => ns.label.clone())
+                        .set(bytes as f64);
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot read pinned bytes"),
+                Err(_) => tracing::debug!("pinned bytes: no answer in time"),
+            }
+        });
+        futures_util::future::join_all(reads).await;
     }
 
     /// An operator action (delete, pin, unpin, ttl) under `put_timeout`: these report the

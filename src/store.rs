@@ -37,6 +37,19 @@ pub fn namespace_pattern(label: &str) -> String {
     format!("{KEY_PREFIX}{label}:*")
 }
 
+/// Prefix of the keys that record which blocks are pinned, one per namespace.
+pub const PINS_PREFIX: &str = "kvshelf:pins:v1:";
+
+/// The Redis key that records the pinned blocks of one namespace,
+/// `kvshelf:pins:v1:<namespace-label>`: a hash from block hash (hex) to the Unix time in
+/// milliseconds when it was pinned. It counts pinned bytes across every sidecar (count ×
+/// `block_bytes`), so that [`RedisStore::pin_within`] can cap them. It lies outside the
+/// block keys (`kvshelf:v1:*`), so no block `SCAN` pattern matches it; it has no TTL, like
+/// the blocks it records, and Redis removes it with its last field.
+pub fn pins_key(label: &str) -> String {
+    format!("{PINS_PREFIX}{label}")
+}
+
 /// How to reach Redis and how long blocks live there.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
@@ -177,6 +190,25 @@ impl From<PutOutcome> for PutResult {
             PutOutcome::Unavailable => PutResult::Dropped,
         }
     }
+}
+
+/// What a capped pin did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinOutcome {
+    /// The block is pinned (now, or already was). `pinned_bytes`: the namespace's pinned
+    /// payload bytes as counted when this pin was recorded, this block included.
+    Pinned {
+        /// Pinned payload bytes of the namespace.
+        pinned_bytes: u64,
+    },
+    /// No such block; nothing changed.
+    Missing,
+    /// Refused: pinning one more block would take the namespace's pinned bytes over the
+    /// limit. Nothing changed.
+    OverLimit {
+        /// Pinned payload bytes of the namespace, without this block.
+        pinned_bytes: u64,
+    },
 }
 
 /// A block read from the store, and how long it has left there (`None`: pinned, no TTL).
@@ -509,16 +541,87 @@ impl RedisStore {
             return Ok(0);
         }
         let keys: Vec<String> = hashes.iter().map(|h| block_key(label, h)).collect();
-        self.unlink_keys(&keys).await
+        let deleted = self.unlink_keys(&keys).await?;
+        // After the blocks: failing here leaves records that the next prune drops.
+        let fields: Vec<String> = hashes.iter().map(ToString::to_string).collect();
+        let _: (u64,) = self
+            .run(redis::pipe().hdel(pins_key(label), &fields))
+            .await?;
+        Ok(deleted)
     }
 
     /// Keeps a block forever (`PERSIST`): the explicit way to keep a system prompt. Returns
-    /// whether the block exists.
+    /// whether the block exists. The pin is recorded in [`pins_key`] like every other, but
+    /// not capped: this is the operator's pin (the sidecar uses [`pin_within`](Self::pin_within)).
     pub async fn pin(&self, label: &str, hash: &BlockHash) -> Result<bool, Error> {
         validate_label(label)?;
-        let key = block_key(label, hash);
+        Ok(self.pin_recorded(label, hash, None).await? != PinOutcome::Missing)
+    }
+
+    /// Pins a block unless that would take the pinned payload bytes of `ns` over
+    /// `max_bytes`, counted across every client of this Redis.
+    ///
+    /// The steps (record the pin in [`pins_key`], count, `PERSIST` the block) touch two keys
+    /// that a cluster keeps on different slots, so they are not atomic. Each step that could
+    /// leave the count wrong is ordered so that it errs towards over-counting, which
+    /// [`prune_pins`](Self::prune_pins) repairs: the record is written before the block is
+    /// pinned and removed after it is unpinned or deleted. Two pins racing for the last
+    /// room may both be refused; the cap is never exceeded through this method. (One race
+    /// escapes the count: a pin of a block that is being put at that very moment, while
+    /// another pin prunes, may pin the block after its record was pruned as missing.)
+    pub async fn pin_within(
+        &self,
+        ns: &Namespace,
+        hash: &BlockHash,
+        max_bytes: u64,
+    ) -> Result<PinOutcome, Error> {
+        validate_label(&ns.label)?;
+        self.pin_recorded(&ns.label, hash, Some((ns.block_bytes(), max_bytes)))
+            .await
+    }
+
+    /// `limit`: the namespace's block size and its pinned-bytes cap.
+    async fn pin_recorded(
+        &self,
+        label: &str,
+        hash: &BlockHash,
+        limit: Option<(u64, u64)>,
+    ) -> Result<PinOutcome, Error> {
+        let (key, pins, field) = (block_key(label, hash), pins_key(label), hash.to_string());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Record first: a pin racing this one counts this block before either is pinned.
+        let (new, mut count): (bool, u64) = self
+            .run(redis::pipe().hset_nx(&pins, &field, now_ms).hlen(&pins))
+            .await?;
+        let block_bytes = limit.map_or(0, |(b, _)| b);
+        if let Some((_, max_bytes)) = limit
+            && new
+            && count.saturating_mul(block_bytes) > max_bytes
+        {
+            // Records of blocks deleted behind kvshelf's back must not hold the room.
+            count = self.prune_pins(label).await?;
+            if count.saturating_mul(block_bytes) > max_bytes {
+                let (_, left): (u64, u64) = self
+                    .run(redis::pipe().hdel(&pins, &field).hlen(&pins))
+                    .await?;
+                return Ok(PinOutcome::OverLimit {
+                    pinned_bytes: left.saturating_mul(block_bytes),
+                });
+            }
+        }
+        // On an error the record stays: the PERSIST may have run with its reply lost, and a
+        // record too many (pruned once its block is gone) is safer than a pin uncounted.
         let (_, exists): (bool, bool) = self.run(redis::pipe().persist(&key).exists(&key)).await?;
-        Ok(exists)
+        if !exists {
+            // Not there: no pin to record (this also drops a stale record of the block).
+            let _: (u64,) = self.run(redis::pipe().hdel(&pins, &field)).await?;
+            return Ok(PinOutcome::Missing);
+        }
+        Ok(PinOutcome::Pinned {
+            pinned_bytes: count.saturating_mul(block_bytes),
+        })
     }
 
     /// Gives a pinned block back the store's TTL. Returns whether the block exists.
@@ -526,7 +629,8 @@ impl RedisStore {
         self.unpin_with(label, hash, self.cfg.ttl).await
     }
 
-    /// Gives a pinned block back a TTL of `ttl`. Returns whether the block exists.
+    /// Gives a pinned block back a TTL of `ttl` and removes its pin record. Returns whether
+    /// the block exists.
     pub async fn unpin_with(
         &self,
         label: &str,
@@ -539,7 +643,77 @@ impl RedisStore {
             .run(redis::pipe().cmd("PEXPIRE").arg(&key).arg(ttl_millis(ttl)))
             .await
             .map(one)?;
+        // After the TTL is back: failing here over-counts, never lets a pin go uncounted.
+        let _: (u64,) = self
+            .run(redis::pipe().hdel(pins_key(label), hash.to_string()))
+            .await?;
         Ok(existed)
+    }
+
+    /// Pinned payload bytes of `ns`, as recorded (across every client of this Redis).
+    pub async fn pinned_bytes(&self, ns: &Namespace) -> Result<u64, Error> {
+        validate_label(&ns.label)?;
+        let count: u64 = self
+            .run(redis::pipe().hlen(pins_key(&ns.label)))
+            .await
+            .map(one)?;
+        Ok(count.saturating_mul(ns.block_bytes()))
+    }
+
+    /// Drops the pin records of one namespace whose blocks no longer exist (deleted or
+    /// purged with `redis-cli`, or lost with a node), and returns how many records are left.
+    /// A record whose block exists stays, even if it is no longer pinned: a pin in flight
+    /// records its block before it pins it.
+    pub async fn prune_pins(&self, label: &str) -> Result<u64, Error> {
+        validate_label(label)?;
+        let pins = pins_key(label);
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, flat): (u64, Vec<String>) = self
+                .run(
+                    redis::pipe()
+                        .cmd("HSCAN")
+                        .arg(&pins)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await
+                .map(one)?;
+            // HSCAN answers field, value, field, value, …; a field that is not a block hash
+            // is no pin of ours and goes too.
+            let (mut stale, mut recorded) = (Vec::new(), Vec::new());
+            for field in flat.iter().step_by(2) {
+                match field.parse::<BlockHash>() {
+                    Ok(h) => recorded.push((field, h)),
+                    Err(_) => stale.push(field),
+                }
+            }
+            if !recorded.is_empty() {
+                let replies = self
+                    .per_key(recorded.len(), |i, pipe| {
+                        pipe.exists(block_key(label, &recorded[i].1));
+                        1
+                    })
+                    .await?;
+                // A block that is gone; a node that did not answer keeps its records.
+                stale.extend(
+                    recorded
+                        .iter()
+                        .zip(replies)
+                        .filter(|(_, r)| matches!(r.as_deref(), Ok([redis::Value::Int(0)])))
+                        .map(|((f, _), _)| *f),
+                );
+            }
+            if !stale.is_empty() {
+                let _: (u64,) = self.run(redis::pipe().hdel(&pins, &stale)).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        self.run(redis::pipe().hlen(&pins)).await.map(one)
     }
 
     /// Remaining time to live of a block: `Ok(None)` when it is missing, `Some(None)` when
@@ -562,8 +736,9 @@ impl RedisStore {
     }
 
     /// Deletes every block of one namespace with `SCAN` + `UNLINK` (never `KEYS`, which
-    /// blocks Redis). Returns how many keys were unlinked. Blocks put while the purge runs
-    /// may survive it.
+    /// blocks Redis), then the pin records of the blocks that are gone. Returns how many
+    /// blocks were unlinked. Blocks put (or pinned) while the purge runs may survive it,
+    /// and keep their records.
     pub async fn purge(&self, label: &str) -> Result<u64, Error> {
         validate_label(label)?;
         let mut removed = 0;
@@ -573,6 +748,7 @@ impl RedisStore {
             |n| removed += n,
         )
         .await?;
+        self.prune_pins(label).await?;
         Ok(removed)
     }
 

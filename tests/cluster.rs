@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvshelf::client::Protocol;
 use kvshelf::frame::EndReason;
-use kvshelf::store::block_key;
+use kvshelf::store::{PinOutcome, block_key};
 use kvshelf::{BlockHash, PrefixHasher, PutOutcome, RedisStore, StoreConfig};
 use support::{RedisCluster, Sidecar, namespace, payload};
 
@@ -74,8 +74,46 @@ async fn every_store_operation_works_across_slots_and_nodes() {
     assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 60);
     assert_eq!(s.purge(&ns.label).await.unwrap(), 60);
     assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 0);
+
+    // Capped pins: the record key and the blocks live on different slots.
+    let bb = ns.block_bytes();
+    s.put(&ns, &blocks[..3]).await.unwrap();
+    let pin = |i: usize| s.pin_within(&ns, &hashes[i], 2 * bb);
+    assert_eq!(
+        pin(0).await.unwrap(),
+        PinOutcome::Pinned { pinned_bytes: bb }
+    );
+    assert_eq!(
+        pin(1).await.unwrap(),
+        PinOutcome::Pinned {
+            pinned_bytes: 2 * bb
+        }
+    );
+    assert_eq!(
+        pin(2).await.unwrap(),
+        PinOutcome::OverLimit {
+            pinned_bytes: 2 * bb
+        }
+    );
+    // A pinned block unlinked on its node behind kvshelf's back gives its room back.
+    let gone = block_key(&ns.label, &hashes[0]);
+    let node = cluster.owner(&gone).unwrap();
+    let url = cluster.nodes[node].as_ref().unwrap().url();
+    assert_eq!(
+        support::redis_cli(&url, &["UNLINK", &gone]).unwrap().trim(),
+        "1"
+    );
+    assert_eq!(
+        pin(2).await.unwrap(),
+        PinOutcome::Pinned {
+            pinned_bytes: 2 * bb
+        }
+    );
+    assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 2 * bb);
+    assert_eq!(s.purge(&ns.label).await.unwrap(), 2);
+    assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 0);
     for i in 0..3 {
-        assert_eq!(cluster.dbsize(i), 0);
+        assert_eq!(cluster.dbsize(i), 0, "no block and no pin record is left");
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use kvshelf::store::PinOutcome;
 use kvshelf::{PrefixHasher, StoreConfig};
 use support::{RedisServer, namespace, payload, redis_cli, store_with};
 
@@ -43,7 +44,15 @@ async fn exercise_every_operation(cfg: StoreConfig) {
     assert_eq!(s.lookup(&ns, &hs).await.unwrap(), 3);
     assert_eq!(s.fetch_prefix(&ns, &hs).await.unwrap().len(), 3);
     assert!(s.pin(&ns.label, &hs[0]).await.unwrap());
+    // A capped pin over the cap runs every command of the pin records (record, count,
+    // prune with HSCAN + EXISTS, roll back).
+    let refused = s.pin_within(&ns, &hs[1], ns.block_bytes()).await.unwrap();
+    assert!(
+        matches!(refused, PinOutcome::OverLimit { .. }),
+        "{refused:?}"
+    );
     assert!(s.unpin(&ns.label, &hs[0]).await.unwrap());
+    assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 0);
     assert!(s.ttl(&ns.label, &hs[0]).await.unwrap().is_some());
     let key = kvshelf::store::block_key(&ns.label, &hs[0]);
     assert!(s.inspect(&key).await.unwrap().is_some());

@@ -42,6 +42,7 @@ fn ns(model: &str, dtype: Dtype, block_size: u32) -> Namespace {
         block_size,
         lora_adapter: None,
         ttl: None,
+        max_pinned_bytes: None,
     }
 }
 

@@ -37,6 +37,7 @@ fn sample_namespace() -> Namespace {
         block_size: 16,
         lora_adapter: None,
         ttl: None,
+        max_pinned_bytes: None,
     }
 }
 

@@ -376,6 +376,7 @@ fn demo_namespace() -> Namespace {
         block_size: 16,
         lora_adapter: None,
         ttl: None,
+        max_pinned_bytes: None,
     }
 }
 

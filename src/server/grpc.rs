@@ -25,7 +25,7 @@ pub fn status_of(e: &ApiError) -> Status {
         ApiError::MethodNotAllowed(_) => Code::Unimplemented,
         ApiError::InvalidRequest(_) | ApiError::Library(_) => Code::InvalidArgument,
         ApiError::PayloadTooLarge { .. } | ApiError::TooManyBlocks { .. } => Code::InvalidArgument,
-        ApiError::Overloaded => Code::ResourceExhausted,
+        ApiError::Overloaded | ApiError::PinLimit { .. } => Code::ResourceExhausted,
         ApiError::BackendUnavailable(_) => Code::Unavailable,
     };
     metrics::counter!("kvshelf_grpc_errors_total", "code" => e.code()).increment(1);

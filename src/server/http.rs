@@ -79,6 +79,7 @@ pub fn status_of(e: &ApiError) -> StatusCode {
             StatusCode::NOT_FOUND
         }
         ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        ApiError::PinLimit { .. } => StatusCode::CONFLICT,
         ApiError::InvalidRequest(_) | ApiError::Library(_) => StatusCode::BAD_REQUEST,
         ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         ApiError::TooManyBlocks { .. } => StatusCode::BAD_REQUEST,
@@ -197,6 +198,7 @@ async fn metrics(State(shelf): State<Shelf>) -> Response {
     let stats = shelf.stats().await;
     metrics::gauge!("kvshelf_l1_bytes").set(stats.l1_bytes as f64);
     metrics::gauge!("kvshelf_put_queue_bytes").set(stats.put_queue_bytes as f64);
+    shelf.refresh_pinned_gauges().await;
     let text = super::metrics_handle().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

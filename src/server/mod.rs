@@ -84,6 +84,14 @@ fn describe_metrics() {
         "HTTP error responses, by code."
     );
     describe_counter!("kvshelf_grpc_errors_total", "gRPC error statuses, by code.");
+    describe_counter!(
+        "kvshelf_pins_refused_total",
+        "Pins refused because the namespace's pinned bytes would pass max_pinned_bytes."
+    );
+    describe_gauge!(
+        "kvshelf_pinned_bytes",
+        "Payload bytes pinned per namespace, across every sidecar (read from the backend at each scrape)."
+    );
     describe_gauge!(
         "kvshelf_backend_up",
         "1 when the backend answered the last readiness check."
