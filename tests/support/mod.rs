@@ -308,9 +308,10 @@ mod container {
     /// (see [`super::is_orphan`]); every other one is left alone, whoever made it.
     fn remove_orphans() {
         let Ok(out) = std::process::Command::new("docker")
+            // Not `-q`: it overrides `--format`.
             .args([
                 "ps",
-                "-aq",
+                "-a",
                 "--filter",
                 "label=kvshelf.test=1",
                 "--format",
