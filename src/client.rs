@@ -41,14 +41,15 @@ pub enum Protocol {
 }
 
 /// How to reach the sidecar.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClientConfig {
     /// Base URL, for example `http://127.0.0.1:7070` (the default), or `unix:<path>` for a
     /// sidecar's Unix socket (`listen_unix`) on the same host.
     pub url: String,
     /// Default: HTTP.
     pub protocol: Protocol,
-    /// Bearer token, when the sidecar has tokens configured. Default: none.
+    /// Bearer token, when the sidecar has tokens configured. Blanks around it (the newline
+    /// at the end of a mounted secret file) are ignored. Default: none.
     pub token: Option<String>,
     /// Longest a whole call may take. Default: 30s.
     pub timeout: Duration,
@@ -65,6 +66,26 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
         }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured, so a new field cannot be left out of the output unnoticed.
+        let ClientConfig {
+            url,
+            protocol,
+            token,
+            timeout,
+            connect_timeout,
+        } = self;
+        f.debug_struct("ClientConfig")
+            .field("url", url)
+            .field("protocol", protocol)
+            .field("token", &token.as_ref().map(|_| "***"))
+            .field("timeout", timeout)
+            .field("connect_timeout", connect_timeout)
+            .finish()
     }
 }
 
@@ -86,6 +107,10 @@ pub enum ClientError {
     /// The sidecar answered something this client does not understand.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The [`ClientConfig`] cannot be used (for example a token that cannot be sent in a
+    /// header).
+    #[error("invalid client configuration: {0}")]
+    Config(String),
 }
 
 /// The answer to a lookup.
@@ -120,7 +145,41 @@ enum Transport {
 #[derive(Clone, Debug)]
 pub struct Client {
     transport: Transport,
-    token: Option<String>,
+    credential: Option<Credential>,
+}
+
+/// The `Authorization` value of the configured token, ready for either transport. Both are
+/// marked sensitive: `Debug` prints `Sensitive`, and HTTP/2 keeps them out of its header
+/// compression table.
+#[derive(Clone, Debug)]
+struct Credential {
+    http: reqwest::header::HeaderValue,
+    grpc: tonic::metadata::AsciiMetadataValue,
+}
+
+impl Credential {
+    fn new(token: &str) -> Result<Credential, ClientError> {
+        // Secrets mounted from files (Kubernetes, Docker) usually end with a newline.
+        let token = token.trim();
+        // The messages never include the token itself.
+        let invalid = |why: &str| ClientError::Config(format!("the token {why}"));
+        if token.is_empty() {
+            return Err(invalid("is empty"));
+        }
+        // The sidecar reads the header as visible ASCII; `HeaderValue` alone would also let
+        // other bytes through, which could then never match.
+        if !token.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+            return Err(invalid("has characters other than visible ASCII"));
+        }
+        let value = format!("Bearer {token}");
+        let unsendable = || invalid("cannot be sent in a header");
+        let mut http = reqwest::header::HeaderValue::from_str(&value).map_err(|_| unsendable())?;
+        http.set_sensitive(true);
+        let mut grpc = tonic::metadata::AsciiMetadataValue::try_from(value.as_str())
+            .map_err(|_| unsendable())?;
+        grpc.set_sensitive(true);
+        Ok(Credential { http, grpc })
+    }
 }
 
 /// Connects gRPC channels to a Unix socket.
@@ -177,6 +236,7 @@ fn hash_of(b: &[u8]) -> Result<BlockHash, ClientError> {
 impl Client {
     /// A client for `cfg`. Connects lazily, on the first call.
     pub fn new(cfg: ClientConfig) -> Result<Client, ClientError> {
+        let credential = cfg.token.as_deref().map(Credential::new).transpose()?;
         let unix = cfg
             .url
             .strip_prefix("unix://")
@@ -225,15 +285,14 @@ impl Client {
         };
         Ok(Client {
             transport,
-            token: cfg.token,
+            credential,
         })
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
-        if let Some(t) = &self.token {
-            let value = format!("Bearer {t}").parse().expect("tokens are ascii");
-            req.metadata_mut().insert("authorization", value);
+        if let Some(c) = &self.credential {
+            req.metadata_mut().insert("authorization", c.grpc.clone());
         }
         req
     }
@@ -242,8 +301,8 @@ impl Client {
         &self,
         rb: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
-        let rb = match &self.token {
-            Some(t) => rb.bearer_auth(t),
+        let rb = match &self.credential {
+            Some(c) => rb.header(reqwest::header::AUTHORIZATION, c.http.clone()),
             None => rb,
         };
         let resp = rb.send().await.map_err(transport_err)?;

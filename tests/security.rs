@@ -171,14 +171,12 @@ async fn rediss_urls_work_with_a_private_ca() {
     let dir = std::env::temp_dir().join(format!("kvshelf-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     make_certs(&dir);
-    let port = support::free_port();
     let p = |f: &str| dir.join(f).display().to_string();
     let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
-    let server = RedisServer::start_on(
-        support::free_port(),
-        &[
+    let (server, [port]) = RedisServer::start_with(|[tls_port]| {
+        [
             "--tls-port",
-            &port.to_string(),
+            &tls_port.to_string(),
             "--tls-cert-file",
             &cert,
             "--tls-key-file",
@@ -187,8 +185,10 @@ async fn rediss_urls_work_with_a_private_ca() {
             &ca,
             "--tls-auth-clients",
             "no",
-        ],
-    );
+        ]
+        .map(String::from)
+        .to_vec()
+    });
     let tls = |ca_file: Option<&str>| StoreConfig {
         url: format!("rediss://127.0.0.1:{port}"),
         tls_ca_file: ca_file.map(Into::into),

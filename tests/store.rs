@@ -332,7 +332,7 @@ async fn inspect_reads_the_header_without_the_payload() {
 
 #[tokio::test]
 async fn an_unreachable_redis_is_a_classified_error() {
-    let port = support::free_port();
+    let (_refusing, port) = support::refused_port();
     let s = store_with(StoreConfig {
         url: format!("redis://127.0.0.1:{port}"),
         connection_timeout: Duration::from_millis(200),

@@ -61,15 +61,8 @@ pub fn routes(shelf: Shelf) -> axum::Router {
 }
 
 fn caller_of<T>(shelf: &Shelf, req: &Request<T>) -> Result<Caller, ApiError> {
-    let bearer = req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    shelf.authenticate(bearer.map(str::trim))
+    let authorization = req.metadata().get("authorization");
+    super::caller(shelf, authorization.and_then(|v| v.to_str().ok()))
 }
 
 fn hash_of(b: &[u8]) -> Result<BlockHash, ApiError> {

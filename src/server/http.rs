@@ -121,14 +121,8 @@ impl IntoResponse for HttpError {
 type Result<T> = std::result::Result<T, HttpError>;
 
 fn caller(shelf: &Shelf, headers: &HeaderMap) -> std::result::Result<Caller, ApiError> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        });
-    shelf.authenticate(bearer.map(str::trim))
+    let authorization = headers.get(header::AUTHORIZATION);
+    super::caller(shelf, authorization.and_then(|v| v.to_str().ok()))
 }
 
 async fn read_body(shelf: &Shelf, body: Body) -> std::result::Result<Bytes, ApiError> {

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
-use crate::shelf::{ApiError, Shelf};
+use crate::shelf::{ApiError, Caller, Shelf};
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
@@ -198,7 +198,45 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixList
     tokio::net::UnixListener::bind(path)
 }
 
+/// The caller an `Authorization` value stands for, the HTTP header and the gRPC metadata
+/// entry alike (so both transports accept exactly the same credentials).
+fn caller(shelf: &Shelf, authorization: Option<&str>) -> Result<Caller, ApiError> {
+    shelf.authenticate(authorization.and_then(bearer_token))
+}
+
+/// The token of a `Bearer <token>` credential: the scheme in any case (RFC 9110 §11.1),
+/// blanks around the token ignored. Any other value carries no token.
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// Classifies an error for logs: 5xx-like failures are worth a warning, caller errors not.
 fn is_server_side(e: &ApiError) -> bool {
     matches!(e, ApiError::BackendUnavailable(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_tokens_are_parsed_one_way() {
+        for (value, token) in [
+            ("Bearer tok", Some("tok")),
+            ("bearer tok", Some("tok")),
+            ("BEARER tok", Some("tok")),
+            ("Bearer   tok  ", Some("tok")),
+            ("Bearer\ttok", Some("tok")),
+            (" Bearer tok", Some("tok")),
+            ("Bearer ", None),
+            ("Bearer", None),
+            ("Basic dXNlcjpwdw==", None),
+            ("Bearertok", None),
+            ("tok", None),
+            ("", None),
+        ] {
+            assert_eq!(bearer_token(value), token, "{value:?}");
+        }
+    }
 }

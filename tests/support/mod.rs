@@ -3,6 +3,10 @@
 //! Redis comes from `KVSHELF_TEST_REDIS_URL` when it is set; otherwise each test process
 //! starts its own `redis-server` on a free port. When neither works the tests fail loudly:
 //! a cache test that silently skipped would prove nothing.
+//!
+//! Servers that can bind port 0 do (the in-process sidecar takes a bound listener);
+//! `redis-server` cannot report a port it picked itself, so it is given a free one and
+//! started again on another when someone took that port first.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -21,16 +25,72 @@ pub struct RedisServer {
     pub dir: PathBuf,
 }
 
+/// Why a `redis-server` did not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// One of its ports was taken (by anyone) before it could bind it: try other ports.
+    PortTaken(String),
+    /// Anything else, with its log.
+    Failed(String),
+}
+
+/// How many times [`RedisServer::start`] picks new ports after a lost bind race.
+const START_ATTEMPTS: usize = 20;
+
 impl RedisServer {
     /// Starts `redis-server` on a free loopback port with the given extra arguments.
     pub fn start(extra: &[&str]) -> RedisServer {
-        Self::start_on(free_port(), extra)
+        Self::start_with(|[]| extra.iter().map(|s| s.to_string()).collect()).0
+    }
+
+    /// Starts `redis-server` on a free loopback port with the arguments `extra(more)`, where
+    /// `more` are `N` more free ports for it to listen on (`--tls-port`, …); returns them.
+    ///
+    /// A free port is only free until someone binds it, and redis-server cannot bind port 0
+    /// and say which port it got: when it loses that race it is started again on new ports.
+    pub fn start_with<const N: usize>(
+        extra: impl Fn([u16; N]) -> Vec<String>,
+    ) -> (RedisServer, [u16; N]) {
+        Self::start_on_candidates(std::iter::repeat_with(free_ports::<1>).map(|[p]| p), extra)
+    }
+
+    /// [`Self::start_with`], taking its main port from `ports` (for tests of the retry).
+    pub fn start_on_candidates<const N: usize>(
+        ports: impl IntoIterator<Item = u16>,
+        extra: impl Fn([u16; N]) -> Vec<String>,
+    ) -> (RedisServer, [u16; N]) {
+        let mut lost = Vec::new();
+        for port in ports.into_iter().take(START_ATTEMPTS) {
+            let more = free_ports::<N>();
+            let args = extra(more);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            match Self::try_start_on(port, &args) {
+                Ok(server) => return (server, more),
+                Err(StartError::PortTaken(log)) => lost.push(log),
+                Err(StartError::Failed(log)) => panic!("redis-server did not start:\n{log}"),
+            }
+        }
+        panic!(
+            "redis-server lost the race for a free port {} times; its last log:\n{}",
+            lost.len(),
+            lost.last().map_or("", String::as_str)
+        )
     }
 
     /// Starts `redis-server` on `port` (for restarting a stopped server on the same port).
     pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
+        Self::try_start_on(port, extra)
+            .unwrap_or_else(|e| panic!("redis-server on port {port} did not start: {e:?}"))
+    }
+
+    /// Starts `redis-server` on `port`, and waits until it is ready (or failed).
+    pub fn try_start_on(port: u16, extra: &[&str]) -> Result<RedisServer, StartError> {
         let dir = std::env::temp_dir().join(format!("kvshelf-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // What the readiness check reads must come from this start, not an earlier one.
+        for file in ["redis.log", "pid"] {
+            let _ = std::fs::remove_file(dir.join(file));
+        }
         let mut args = vec![
             "--port".to_owned(),
             port.to_string(),
@@ -50,9 +110,10 @@ impl RedisServer {
         args.extend(extra.iter().map(|s| s.to_string()));
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         let script = format!(
-            "redis-server {} >'{}/redis.log' 2>&1 & pid=$!; read _; kill $pid; wait $pid",
+            "redis-server {} >'{dir}/redis.log' 2>&1 & pid=$!; echo $pid >'{dir}/pid'; \
+             read _; kill $pid 2>/dev/null; wait $pid",
             quoted.join(" "),
-            dir.display()
+            dir = dir.display()
         );
         let child = Command::new("sh")
             .arg("-c")
@@ -61,28 +122,51 @@ impl RedisServer {
             .spawn()
             .expect("cannot run sh");
         let server = RedisServer { child, port, dir };
-        server.wait_ready();
-        server
+        server.wait_ready()?;
+        Ok(server)
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn wait_ready(&self) {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    /// Waits until our redis-server says it is ready, or has exited. A PING alone could be
+    /// answered by another server that holds the port.
+    fn wait_ready(&self) -> Result<(), StartError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if redis_cli(&self.url(), &["PING"]).is_some_and(|o| o.trim() == "PONG") {
-                return;
+            let log = self.log();
+            if log.contains("Ready to accept connections")
+                && redis_cli(&self.url(), &["PING"]).is_some_and(|o| o.trim() == "PONG")
+            {
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {} did not start; its log:\n{}",
-                self.port,
-                std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
-            );
+            if self.exited() {
+                let log = self.log();
+                return Err(if log.contains("Address already in use") {
+                    StartError::PortTaken(log)
+                } else {
+                    StartError::Failed(log)
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(StartError::Failed(format!("not ready after 10 s:\n{log}")));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether redis-server has exited (its wrapper shell reaps it only when told to stop,
+    /// so until then it stays a zombie).
+    fn exited(&self) -> bool {
+        let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) else {
+            return false; // not even started yet
+        };
+        process_state(pid.trim().parse().unwrap_or(0)).is_none_or(|state| state == 'Z')
     }
 }
 
@@ -91,16 +175,31 @@ impl Drop for RedisServer {
         // Closing stdin makes the wrapper shell kill redis-server.
         drop(self.child.stdin.take());
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// A free TCP port on loopback (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The state letter (`R`, `S`, `Z`, …) of process `pid`, or `None` when there is none.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// `N` distinct TCP ports that were free on loopback a moment ago. Only for programs that
+/// cannot bind port 0 themselves (redis-server): they must cope with losing one.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    // Held together, so the N are distinct.
+    let held: [TcpListener; N] = std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|l| l.local_addr().unwrap().port())
+}
+
+/// A loopback port where connections are refused, for as long as the returned socket lives:
+/// it is bound (so no one else can listen there) but not listening.
+pub fn refused_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 /// The URL of the Redis shared by this test process, from (in order):
@@ -133,7 +232,7 @@ pub fn redis_url() -> String {
             }
             assert!(
                 which("redis-server"),
-                "no Redis for the tests: set KVSHELF_TEST_REDIS_URL, run a Docker engine, or install redis-server"
+                "no Redis for the tests: run them with ./test.sh (it installs redis-server), set KVSHELF_TEST_REDIS_URL, or run a Docker engine"
             );
             let server = RedisServer::start(&[]);
             (server.url(), Some(server))
@@ -156,8 +255,9 @@ mod container {
     use testcontainers::runners::SyncRunner;
     use testcontainers::{Container, GenericImage, ImageExt};
 
-    /// The container lives as long as the test process: it is stopped by the next test run
-    /// (see `remove_orphans`) or by CI, since statics are never dropped.
+    /// The container lives as long as the test process: statics are never dropped. It is
+    /// removed by `./test.sh` when the run that made it ends (label `kvshelf.test.run`), or
+    /// else by a later test process on this host (see `remove_orphans`).
     static CONTAINER: OnceLock<Container<GenericImage>> = OnceLock::new();
 
     pub fn start() -> Result<String, String> {
@@ -182,7 +282,11 @@ mod container {
                 "volatile-lfu",
             ])
             .with_label("kvshelf.test", "1")
-            .with_label("kvshelf.test.pid", std::process::id().to_string())
+            .with_label(
+                "kvshelf.test.run",
+                std::env::var("KVSHELF_TEST_RUN_ID").unwrap_or_default(),
+            )
+            .with_label("kvshelf.test.owner", super::owner_label())
             .with_startup_timeout(Duration::from_secs(60));
         // The blocking runner drives its own runtime, and every blocking call (start, port,
         // drop) panics on a tokio thread: do them all on a plain thread of our own.
@@ -200,33 +304,87 @@ mod container {
         .map_err(|_| "the testcontainers thread panicked".to_string())?
     }
 
-    /// Removes test containers whose test process is gone.
+    /// Removes the test containers left behind by test processes that are provably gone
+    /// (see [`super::is_orphan`]); every other one is left alone, whoever made it.
     fn remove_orphans() {
         let Ok(out) = std::process::Command::new("docker")
+            // Not `-q`: it overrides `--format`.
             .args([
                 "ps",
-                "-aq",
+                "-a",
                 "--filter",
                 "label=kvshelf.test=1",
                 "--format",
-                "{{.ID}} {{.Label \"kvshelf.test.pid\"}}",
+                "{{.ID}} {{.Label \"kvshelf.test.owner\"}}",
             ])
             .output()
         else {
             return;
         };
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let mut it = line.split_whitespace();
-            let (Some(id), Some(pid)) = (it.next(), it.next()) else {
-                continue;
+            let Some((id, owner)) = line.split_once(' ') else {
+                continue; // no owner label: not ours to judge
             };
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if super::is_orphan(owner) {
                 let _ = std::process::Command::new("docker")
                     .args(["rm", "-f", id])
                     .output();
             }
         }
     }
+}
+
+/// Who made a test container: `<boot id>/<pid namespace>/<pid>/<start time>` of this test
+/// process. A pid alone names a process only within one pid namespace of one boot: on a
+/// Docker daemon shared with other containers or machines, another run's pid is not in our
+/// `/proc`, and a pid can be reused.
+pub fn owner_label() -> String {
+    let pid = std::process::id();
+    match (pid_namespace(), start_time(pid)) {
+        (Some(namespace), Some(started)) => format!("{namespace}/{pid}/{started}"),
+        _ => String::new(), // no /proc: no container is ever judged an orphan
+    }
+}
+
+/// Whether a container labelled `owner` (see [`owner_label`]) is an orphan we may remove:
+/// only when its test process provably no longer exists — made in this boot and this pid
+/// namespace (so its pid means the same here), and that pid is now gone or is a process
+/// started at another time. Anything else (another host, another container, a label we
+/// cannot read) is left to the run that made it: removing it could pull Redis out from
+/// under a test that is still running.
+pub fn is_orphan(owner: &str) -> bool {
+    let Some(here) = pid_namespace() else {
+        return false;
+    };
+    let Some((pid, started)) = owner
+        .strip_prefix(&format!("{here}/"))
+        .and_then(|rest| rest.split_once('/'))
+    else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    !started.is_empty() && start_time(pid).as_deref() != Some(started)
+}
+
+/// This kernel boot and this process's pid namespace, e.g. `<uuid>/pid:[4026531836]`.
+fn pid_namespace() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}", boot.trim(), ns.display()))
+}
+
+/// The start time of process `pid` (field 22 of `/proc/<pid>/stat`, in clock ticks since
+/// boot), or `None` when there is no such process.
+fn start_time(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(22 - 3)
+        .map(str::to_owned)
 }
 
 /// Runs `redis-cli -u url args…` and returns its stdout, or `None` if it failed.
@@ -458,18 +616,63 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        // Every node must see the whole cluster before a test starts: all slots assigned,
+        // every node known, state ok.
+        let settled = [
+            "cluster_state:ok".to_owned(),
+            "cluster_slots_assigned:16384".to_owned(),
+            format!("cluster_known_nodes:{n}"),
+        ];
         let deadline = Instant::now() + Duration::from_secs(15);
         for s in &nodes {
-            while !redis_cli(&s.url(), &["CLUSTER", "INFO"])
-                .is_some_and(|i| i.contains("cluster_state:ok"))
-            {
-                assert!(Instant::now() < deadline, "cluster did not become ok");
+            loop {
+                let info = redis_cli(&s.url(), &["CLUSTER", "INFO"]).unwrap_or_default();
+                if settled
+                    .iter()
+                    .all(|line| info.lines().any(|l| l.trim() == line))
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not settle; node {}:\n{info}",
+                    s.port
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
         RedisCluster {
             nodes: nodes.into_iter().map(Some).collect(),
             ports,
+        }
+    }
+
+    /// Waits until every live node has marked node `i` as failed (`fail` in `CLUSTER
+    /// NODES`, not just the local suspicion `fail?`), after `cluster-node-timeout`.
+    pub fn wait_failed(&self, i: usize) {
+        let lost = format!("127.0.0.1:{}@", self.ports[i]);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for n in self.nodes.iter().flatten() {
+            loop {
+                let nodes = redis_cli(&n.url(), &["CLUSTER", "NODES"]).unwrap_or_default();
+                let flags = nodes
+                    .lines()
+                    .find(|l| {
+                        l.split_whitespace()
+                            .nth(1)
+                            .is_some_and(|a| a.starts_with(&lost))
+                    })
+                    .and_then(|l| l.split_whitespace().nth(2));
+                if flags.is_some_and(|f| f.split(',').any(|f| f == "fail")) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} never marked node {i} failed:\n{nodes}",
+                    n.port
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 

