@@ -26,8 +26,8 @@ use crate::hashing::{BlockHash, PrefixHasher};
 use crate::l1::{L1, Served};
 use crate::memory::MemoryStore;
 use crate::namespace::{Dtype, Layout, Namespace};
-pub use crate::store::PutResult;
 use crate::store::RedisStore;
+pub use crate::store::{PurgeReport, PutResult, SkippedNode};
 
 /// Errors of the sidecar API, each with a stable machine-readable code.
 #[derive(Debug, thiserror::Error)]
@@ -842,7 +842,9 @@ impl Shelf {
     }
 
     /// Deletes every block of a namespace. Needs an admin token when tokens are configured.
-    pub async fn purge(&self, caller: &Caller, label: &str) -> Result<u64, ApiError> {
+    /// Every node works under `operator_timeout`; the report lists the cluster nodes that
+    /// failed or did not finish in time. An error only when no node could delete anything.
+    pub async fn purge(&self, caller: &Caller, label: &str) -> Result<PurgeReport, ApiError> {
         let _permit = self.admit()?;
         self.namespace(label)?;
         if !self.inner.tenants.is_empty() && !caller.tenant.as_ref().is_some_and(|t| t.admin) {
@@ -853,25 +855,38 @@ impl Shelf {
         if let Some(l1) = &self.inner.l1 {
             l1.remove_namespace(label);
         }
-        let n = self.inner.backend.purge(label).await?;
-        tracing::info!(namespace = label, deleted = n, tenant = ?caller.tenant_name(), "namespace purged");
-        Ok(n)
+        let report = self
+            .inner
+            .backend
+            .purge_within(label, self.inner.cfg.operator_timeout)
+            .await
+            .map_err(|e| match e {
+                Error::Deadline(_) => self.operator_timed_out(),
+                e => e.into(),
+            })?;
+        tracing::info!(namespace = label, deleted = report.deleted, skipped = ?report.skipped,
+            tenant = ?caller.tenant_name(), "namespace purged");
+        Ok(report)
     }
 
-    /// An operator action (delete, pin, unpin, ttl) under `put_timeout`: these report the
-    /// backend's failure instead of failing open, but they never hold a request slot for
-    /// longer than a put would.
+    /// An operator action (delete, pin, unpin, ttl) under `operator_timeout`: these report
+    /// the backend's failure instead of failing open, within a deadline of their own rather
+    /// than the Redis client's retries.
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, Error>>,
     ) -> Result<T, ApiError> {
-        let timeout = self.inner.cfg.put_timeout;
-        match tokio::time::timeout(timeout, call).await {
+        match tokio::time::timeout(self.inner.cfg.operator_timeout, call).await {
             Ok(r) => Ok(r?),
-            Err(_) => Err(ApiError::BackendUnavailable(format!(
-                "no answer within {timeout:?}"
-            ))),
+            Err(_) => Err(self.operator_timed_out()),
         }
+    }
+
+    fn operator_timed_out(&self) -> ApiError {
+        ApiError::BackendUnavailable(format!(
+            "no answer within operator_timeout ({:?})",
+            self.inner.cfg.operator_timeout
+        ))
     }
 
     /// Whether the backend answers within the lookup timeout.

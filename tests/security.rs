@@ -54,7 +54,7 @@ async fn exercise_every_operation(cfg: StoreConfig) {
     );
     assert!(s.info("memory").await.unwrap().contains("used_memory"));
     assert_eq!(s.delete(&ns.label, &hs[2..]).await.unwrap(), 1);
-    assert_eq!(s.purge(&ns.label).await.unwrap(), 2);
+    assert_eq!(s.purge(&ns.label).await.unwrap().deleted, 2);
 }
 
 #[tokio::test]

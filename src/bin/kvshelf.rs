@@ -252,7 +252,21 @@ async fn main() -> Result<()> {
                 println!("{label}: {n} blocks would be deleted; run again with --yes");
                 return Ok(());
             }
-            println!("{label}: {} blocks deleted", s.purge(&label).await?);
+            let report = s.purge(&label).await?;
+            println!("{label}: {} blocks deleted", report.deleted);
+            for node in &report.skipped {
+                println!(
+                    "skipped node {}: {} ({} blocks deleted there before it stopped)",
+                    node.node, node.error, node.deleted
+                );
+            }
+            if !report.skipped.is_empty() {
+                bail!(
+                    "the purge of {label} is incomplete: {} node(s) skipped, their blocks stay; \
+                     run it again once they are back",
+                    report.skipped.len()
+                );
+            }
             Ok(())
         }
         Command::Pin { label, hash } => {

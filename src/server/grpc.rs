@@ -256,8 +256,19 @@ impl proto::shelf_server::Shelf for GrpcShelf {
             let who = caller_of(&self.shelf, &req)?;
             self.shelf.purge(&who, &req.get_ref().namespace).await
         };
-        let deleted = run.await.map_err(|e| status_of(&e))?;
-        Ok(Response::new(proto::PurgeResponse { deleted }))
+        let report = run.await.map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::PurgeResponse {
+            deleted: report.deleted,
+            skipped: report
+                .skipped
+                .into_iter()
+                .map(|s| proto::SkippedNode {
+                    node: s.node,
+                    deleted: s.deleted,
+                    error: s.error,
+                })
+                .collect(),
+        }))
     }
 
     async fn stats(&self, req: Request<proto::StatsRequest>) -> RpcResult<proto::StatsResponse> {

@@ -444,6 +444,6 @@ async fn purge(
     Path(namespace): Path<String>,
 ) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let deleted = shelf.purge(&who, &namespace).await?;
-    Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
+    let report = shelf.purge(&who, &namespace).await?;
+    Ok(axum::Json(report).into_response())
 }
