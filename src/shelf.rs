@@ -197,7 +197,8 @@ pub struct Stats {
     pub l1_capacity_bytes: u64,
     /// Entries in L1.
     pub l1_entries: u64,
-    /// Bytes waiting in the asynchronous put queue.
+    /// Bytes of asynchronous puts accepted and not yet written: waiting in the queue or
+    /// being written. 0 means every queued put has been written (or dropped and counted).
     pub put_queue_bytes: u64,
     /// The queue's bound.
     pub put_queue_capacity_bytes: u64,
@@ -971,9 +972,18 @@ async fn put_queue_worker(shelf: Shelf, mut rx: mpsc::UnboundedReceiver<QueuedPu
             .await
             .expect("never closed");
         let shelf = shelf.clone();
+        // The job's share of the queue budget moves into the task by name: an async block
+        // that uses only `job.ns` and `job.blocks` captures only those fields (edition 2021
+        // capture rules), so `_budget` was dropped here and the bytes stopped counting in
+        // `put_queue_bytes` while they were still being written.
+        let QueuedPut {
+            ns,
+            blocks,
+            _budget: budget,
+        } = job;
         tasks.spawn(async move {
-            let _permit = permit;
-            shelf.put_now(&job.ns, &job.blocks).await;
+            shelf.put_now(&ns, &blocks).await;
+            drop((permit, budget));
         });
         while tasks.try_join_next().is_some() {}
     }

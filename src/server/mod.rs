@@ -89,7 +89,7 @@ fn describe_metrics() {
     describe_gauge!("kvshelf_l1_bytes", "Bytes held in L1.");
     describe_gauge!(
         "kvshelf_put_queue_bytes",
-        "Bytes waiting in the asynchronous put queue."
+        "Bytes of asynchronous puts accepted and not yet written (queued or being written)."
     );
     describe_histogram!(
         "kvshelf_request_duration_seconds",
