@@ -127,6 +127,12 @@ impl Caller {
         self.tenant.as_ref().and_then(|t| t.salt.as_deref())
     }
 
+    /// Whether this caller's hashes are salted: then only the sidecar can compute them
+    /// (the salt never leaves it), and a client must ask `hash` rather than hash itself.
+    pub fn salted(&self) -> bool {
+        self.salt().is_some()
+    }
+
     /// The tenant's name, for logs.
     pub fn tenant_name(&self) -> Option<&str> {
         self.tenant.as_ref().map(|t| t.name.as_str())
@@ -206,7 +212,8 @@ pub struct Stats {
     pub namespaces: Vec<NamespaceInfo>,
 }
 
-/// A namespace as clients need to know it.
+/// A namespace as clients need to know it: with `docs/hashing.md`, enough to compute its
+/// block hashes (for a caller without a tenant salt).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NamespaceInfo {
     /// Label.
@@ -215,7 +222,7 @@ pub struct NamespaceInfo {
     pub model_id: String,
     /// Model revision.
     pub model_revision: String,
-    /// KV dtype.
+    /// KV dtype (its canonical name is the one hashed).
     pub kv_dtype: Dtype,
     /// Tokens per block.
     pub block_size: u32,
@@ -225,6 +232,18 @@ pub struct NamespaceInfo {
     pub block_shape: Vec<u64>,
     /// Axis order.
     pub layout_order: String,
+    /// Transformer layers.
+    pub num_layers: u32,
+    /// KV heads of the whole model, before tensor-parallel sharding.
+    pub num_kv_heads: u32,
+    /// Dimension of one attention head.
+    pub head_dim: u32,
+    /// Tensor-parallel world size.
+    pub tp_size: u32,
+    /// Tensor-parallel rank whose shard this namespace stores.
+    pub tp_rank: u32,
+    /// LoRA adapter; `None` (JSON `null`) for the base model.
+    pub lora_adapter: Option<String>,
 }
 
 impl NamespaceInfo {
@@ -238,6 +257,12 @@ impl NamespaceInfo {
             block_bytes: ns.block_bytes(),
             block_shape: ns.block_shape(),
             layout_order: ns.layout.order.clone(),
+            num_layers: ns.layout.num_layers,
+            num_kv_heads: ns.layout.num_kv_heads,
+            head_dim: ns.layout.head_dim,
+            tp_size: ns.layout.tp_size,
+            tp_rank: ns.layout.tp_rank,
+            lora_adapter: ns.lora_adapter.clone(),
         }
     }
 }

@@ -222,8 +222,9 @@ async fn metrics(State(shelf): State<Shelf>) -> Response {
 }
 
 async fn namespaces(State(shelf): State<Shelf>, headers: HeaderMap) -> Result<Response> {
-    caller(&shelf, &headers)?;
-    Ok(axum::Json(serde_json::json!({ "namespaces": shelf.namespaces() })).into_response())
+    let who = caller(&shelf, &headers)?;
+    let body = serde_json::json!({ "namespaces": shelf.namespaces(), "salted": who.salted() });
+    Ok(axum::Json(body).into_response())
 }
 
 async fn stats(State(shelf): State<Shelf>, headers: HeaderMap) -> Result<Response> {
