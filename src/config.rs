@@ -103,7 +103,9 @@ pub struct ServerConfig {
     /// Deadline of an operator action (delete, pin, unpin, purge): past it the action
     /// answers `backend_unavailable` instead of waiting for the Redis client's own retries.
     /// A purge works on every cluster primary at once; a primary that has not finished by
-    /// then is reported as skipped (its blocks stay; run the purge again). Default: 10s.
+    /// then is reported as skipped (its blocks stay; run the purge again). Below the store's
+    /// `response_timeout`, so that a Redis that does not answer is reported as this deadline.
+    /// Default: 3s.
     #[serde(with = "humantime_serde")]
     pub operator_timeout: Duration,
     /// Blocks are read from the backend in chunks of about this many bytes, so a fetch's
@@ -142,7 +144,7 @@ impl Default for ServerConfig {
             lookup_timeout: Duration::from_millis(100),
             fetch_timeout: Duration::from_millis(100),
             put_timeout: Duration::from_secs(2),
-            operator_timeout: Duration::from_secs(10),
+            operator_timeout: Duration::from_secs(3),
             fetch_chunk_bytes: 8 << 20,
             fetch_memory_bytes: 1 << 30,
             max_body_bytes: 256 << 20,

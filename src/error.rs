@@ -31,7 +31,7 @@ pub enum Error {
     #[error("config: {0}")]
     Config(String),
     /// The backend did not finish within a deadline the caller set (an operator action's).
-    #[error("no answer within {0:?}")]
+    #[error("did not finish within {0:?}")]
     Deadline(std::time::Duration),
 }
 

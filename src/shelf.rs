@@ -910,7 +910,7 @@ impl Shelf {
 
     fn operator_timed_out(&self) -> ApiError {
         ApiError::BackendUnavailable(format!(
-            "no answer within operator_timeout ({:?})",
+            "did not finish within operator_timeout ({:?})",
             self.inner.cfg.operator_timeout
         ))
     }
