@@ -612,11 +612,13 @@ impl RedisStore {
     ) -> Result<PurgeReport, Error> {
         validate_label(label)?;
         let deadline = deadline.map(|d| (tokio::time::Instant::now() + d, d));
-        let targets = within(deadline, self.purge_targets()).await?;
+        let targets = within(deadline, self.scan_targets()).await?;
         let pattern = namespace_pattern(label);
         let purges = targets.into_iter().map(|(node, failed)| {
             let pattern = &pattern;
             async move {
+                // Counted outside the scan, so that a node cut off by the deadline still
+                // reports what it had deleted.
                 let unlinked = AtomicU64::new(0);
                 let result = if failed {
                     Err(Error::Backend(redis::RedisError::from((
@@ -735,7 +737,7 @@ impl RedisStore {
         F: Fn(RedisStore, Vec<String>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
-        for (node, failed) in self.purge_targets().await? {
+        for (node, failed) in self.scan_targets().await? {
             if !failed {
                 self.scan_node(&node, pattern, &batch, &mut sink).await?;
             }
@@ -778,7 +780,7 @@ impl RedisStore {
 
     /// The nodes a full `SCAN` must visit: the one Redis, or every primary of the cluster,
     /// each with whether the cluster marks it as failed (then its slots are unreachable).
-    async fn purge_targets(&self) -> Result<Vec<(Node, bool)>, Error> {
+    async fn scan_targets(&self) -> Result<Vec<(Node, bool)>, Error> {
         match &self.conn {
             Conn::Single(_) => Ok(vec![(Node::AnyPrimary, false)]),
             Conn::Cluster(c) => {
