@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::hashing::BlockHash;
 use crate::memory::MemoryStore;
 use crate::namespace::Namespace;
-use crate::store::{Hit, PinOutcome, PutOutcome, RedisStore};
+use crate::store::{Hit, PinOutcome, PurgeReport, PutOutcome, RedisStore};
 
 /// Where blocks live.
 #[derive(Debug)]
@@ -120,11 +120,19 @@ impl Backend {
         }
     }
 
-    /// Deletes every block of a namespace (and its pin records); returns how many.
-    pub async fn purge(&self, label: &str) -> Result<u64, Error> {
+    /// Deletes every block of a namespace (and its pin records), each node within `deadline`; says how many,
+    /// and which cluster nodes it could not finish.
+    pub async fn purge_within(
+        &self,
+        label: &str,
+        deadline: Duration,
+    ) -> Result<PurgeReport, Error> {
         match self {
-            Backend::Redis(r) => r.purge(label).await,
-            Backend::Memory(m) => m.purge(label),
+            Backend::Redis(r) => r.purge_within(label, deadline).await,
+            Backend::Memory(m) => Ok(PurgeReport {
+                deleted: m.purge(label)?,
+                skipped: Vec::new(),
+            }),
         }
     }
 }

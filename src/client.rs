@@ -28,7 +28,7 @@ use serde::Deserialize;
 use crate::frame::{self, Decoder, EndReason, Frame};
 use crate::hashing::BlockHash;
 use crate::proto;
-use crate::store::PutResult;
+use crate::store::{PurgeReport, PutResult, SkippedNode};
 
 /// Which protocol to speak.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -650,29 +650,37 @@ impl Client {
     }
 
     /// Deletes every block of a namespace (admin token needed when tokens are configured).
-    pub async fn purge(&self, namespace: &str) -> Result<u64, ClientError> {
+    /// On a Redis Cluster with a primary down, the others are purged and the report lists
+    /// the skipped node.
+    pub async fn purge(&self, namespace: &str) -> Result<PurgeReport, ClientError> {
         match &self.transport {
             Transport::Http { .. } => {
-                #[derive(Deserialize)]
-                struct R {
-                    deleted: u64,
-                }
                 let path = format!("/v1/namespaces/{namespace}/purge");
-                Ok(self
-                    .http_json::<R>(&path, serde_json::json!({}))
-                    .await?
-                    .deleted)
+                self.http_json::<PurgeReport>(&path, serde_json::json!({}))
+                    .await
             }
             Transport::Grpc(c) => {
                 let req = self.request(proto::PurgeRequest {
                     namespace: namespace.into(),
                 });
-                Ok(c.clone()
+                let r = c
+                    .clone()
                     .purge(req)
                     .await
                     .map_err(from_status)?
-                    .into_inner()
-                    .deleted)
+                    .into_inner();
+                Ok(PurgeReport {
+                    deleted: r.deleted,
+                    skipped: r
+                        .skipped
+                        .into_iter()
+                        .map(|s| SkippedNode {
+                            node: s.node,
+                            deleted: s.deleted,
+                            error: s.error,
+                        })
+                        .collect(),
+                })
             }
         }
     }

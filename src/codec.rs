@@ -352,6 +352,25 @@ mod tests {
     }
 
     #[test]
+    fn the_header_is_preamble_then_json_spaces_and_one_newline_as_docs_format_md_draws() {
+        let (ns, hash, payload) = sample();
+        let head = Header::for_block(&ns, &hash, &payload).encode();
+        let text = std::str::from_utf8(&head).unwrap();
+        let (preamble, line) = text.split_once('\n').unwrap();
+        assert_eq!(preamble.len() + 1, PREAMBLE_LEN);
+        let padded = line
+            .strip_suffix('\n')
+            .expect("the header ends with its one newline");
+        assert!(
+            !padded.contains('\n'),
+            "JSON and padding share one line: {padded:?}"
+        );
+        let json = padded.trim_end_matches(' ');
+        let _: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert!(json.ends_with('}'));
+    }
+
+    #[test]
     fn header_is_readable_in_the_first_512_bytes() {
         let (ns, hash, payload) = sample();
         let value = encode(&Header::for_block(&ns, &hash, &payload), &payload);

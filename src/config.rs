@@ -102,6 +102,14 @@ pub struct ServerConfig {
     /// dropped. Default: 2s.
     #[serde(with = "humantime_serde")]
     pub put_timeout: Duration,
+    /// Deadline of an operator action (delete, pin, unpin, purge): past it the action
+    /// answers `backend_unavailable` instead of waiting for the Redis client's own retries.
+    /// A purge works on every cluster primary at once; a primary that has not finished by
+    /// then is reported as skipped (its blocks stay; run the purge again). Below the store's
+    /// `response_timeout`, so that a Redis that does not answer is reported as this deadline.
+    /// Default: 3s.
+    #[serde(with = "humantime_serde")]
+    pub operator_timeout: Duration,
     /// Blocks are read from the backend in chunks of about this many bytes, so a fetch's
     /// memory stays bounded whatever its length. Default: 8 MiB.
     pub fetch_chunk_bytes: u64,
@@ -147,6 +155,7 @@ impl Default for ServerConfig {
             lookup_timeout: Duration::from_millis(100),
             fetch_timeout: Duration::from_millis(100),
             put_timeout: Duration::from_secs(2),
+            operator_timeout: Duration::from_secs(3),
             fetch_chunk_bytes: 8 << 20,
             fetch_memory_bytes: 1 << 30,
             max_body_bytes: 256 << 20,
@@ -269,8 +278,27 @@ mod tests {
             cfg.server, defaults.server,
             "the example shows the defaults"
         );
-        let store = cfg.store.unwrap();
-        assert_eq!(store.ttl, crate::store::StoreConfig::default().ttl);
+        let store = cfg.store.clone().unwrap();
+        assert_eq!(
+            store,
+            crate::store::StoreConfig::default(),
+            "the example shows the defaults"
+        );
+        // Every key that has a default is written out, not just left to default.
+        let example: toml::Table =
+            toml::from_str(include_str!("../examples/kvshelf.toml")).unwrap();
+        for (section, defaults) in [
+            ("server", toml::Table::try_from(&defaults.server).unwrap()),
+            ("store", toml::Table::try_from(&store).unwrap()),
+        ] {
+            let shown = example[section].as_table().unwrap();
+            for (key, value) in defaults {
+                assert!(
+                    shown.contains_key(&key),
+                    "examples/kvshelf.toml lacks [{section}] {key} = {value:?}"
+                );
+            }
+        }
         assert_eq!(cfg.namespaces.len(), 2);
         assert_eq!(cfg.namespaces[1].layout.kv_heads_per_rank(), 4);
         assert_eq!(cfg.namespaces[1].ttl, Some(Duration::from_secs(6 * 3600)));

@@ -30,6 +30,9 @@ pub enum Error {
     /// Bad configuration (URL, certificate file, …).
     #[error("config: {0}")]
     Config(String),
+    /// The backend did not finish within a deadline the caller set (an operator action's).
+    #[error("did not finish within {0:?}")]
+    Deadline(std::time::Duration),
 }
 
 impl Error {
@@ -42,13 +45,17 @@ impl Error {
             Error::Codec(_) => "bad_block",
             Error::Backend(e) if e.is_timeout() => "backend_timeout",
             Error::Backend(_) => "backend_unavailable",
+            Error::Deadline(_) => "backend_timeout",
             Error::Config(_) => "config",
         }
     }
 
     /// True for errors caused by the caller's input (a 4xx), false for the backend's.
     pub fn is_caller_error(&self) -> bool {
-        !matches!(self, Error::Backend(_) | Error::Config(_))
+        !matches!(
+            self,
+            Error::Backend(_) | Error::Config(_) | Error::Deadline(_)
+        )
     }
 
     /// True when the backend could not be reached or did not answer in time: the kind of
@@ -62,6 +69,7 @@ impl Error {
                     || e.is_connection_refusal()
                     || e.is_unrecoverable_error()
             }
+            Error::Deadline(_) => true,
             _ => false,
         }
     }

@@ -84,24 +84,40 @@ impl fmt::Display for Dtype {
 impl FromStr for Dtype {
     type Err = Error;
 
-    /// Accepts the canonical names and the usual short aliases (`f32`, `fp16`, `bf16`,
-    /// `fp8_e4m3`, `e5m2`, `i8`, `u8`, …), case-insensitively.
+    /// Accepts the canonical names and the aliases of [`DTYPE_ALIASES`], case-insensitively.
     fn from_str(s: &str) -> Result<Self, Error> {
-        let d = match s.to_ascii_lowercase().as_str() {
-            "float32" | "f32" | "fp32" => Dtype::Float32,
-            "float16" | "f16" | "fp16" | "half" => Dtype::Float16,
-            "bfloat16" | "bf16" => Dtype::Bfloat16,
-            "float8_e4m3fn" | "float8_e4m3" | "fp8_e4m3" | "e4m3" | "fp8" => Dtype::Float8E4m3,
-            "float8_e5m2" | "fp8_e5m2" | "e5m2" => Dtype::Float8E5m2,
-            "int8" | "i8" => Dtype::Int8,
-            "uint8" | "u8" => Dtype::Uint8,
-            _ => {
-                return Err(Error::UnknownDtype(s.to_owned()));
-            }
-        };
-        Ok(d)
+        let lower = s.to_ascii_lowercase();
+        Dtype::ALL
+            .into_iter()
+            .find(|d| d.name() == lower)
+            .or_else(|| {
+                DTYPE_ALIASES
+                    .iter()
+                    .find(|(alias, _)| *alias == lower)
+                    .map(|(_, d)| *d)
+            })
+            .ok_or_else(|| Error::UnknownDtype(s.to_owned()))
     }
 }
+
+/// The other names a config file may give a dtype (matched case-insensitively). Only the
+/// canonical [`Dtype::name`] is hashed, stored and shown. Listed in `docs/hashing.md` §2.
+pub const DTYPE_ALIASES: &[(&str, Dtype)] = &[
+    ("f32", Dtype::Float32),
+    ("fp32", Dtype::Float32),
+    ("f16", Dtype::Float16),
+    ("fp16", Dtype::Float16),
+    ("half", Dtype::Float16),
+    ("bf16", Dtype::Bfloat16),
+    ("float8_e4m3", Dtype::Float8E4m3),
+    ("fp8_e4m3", Dtype::Float8E4m3),
+    ("e4m3", Dtype::Float8E4m3),
+    ("fp8", Dtype::Float8E4m3),
+    ("fp8_e5m2", Dtype::Float8E5m2),
+    ("e5m2", Dtype::Float8E5m2),
+    ("i8", Dtype::Int8),
+    ("u8", Dtype::Uint8),
+];
 
 impl TryFrom<String> for Dtype {
     type Error = Error;
@@ -374,6 +390,34 @@ pub(crate) mod tests {
         ns.layout.tp_rank = 0;
         ns.block_size = 0;
         assert!(ns.validate().is_err());
+    }
+
+    #[test]
+    fn docs_hashing_md_lists_every_dtype_alias() {
+        let doc = include_str!("../docs/hashing.md");
+        for d in Dtype::ALL {
+            let row = doc
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with(&format!("| `{}` |", d.name())))
+                .unwrap_or_else(|| panic!("docs/hashing.md has no row for {d}"));
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            assert_eq!(cells[2], d.size().to_string(), "{row}");
+            let documented: Vec<&str> = cells[3]
+                .split(',')
+                .map(|a| a.trim().trim_matches('`'))
+                .filter(|a| !a.is_empty())
+                .collect();
+            let accepted: Vec<&str> = DTYPE_ALIASES
+                .iter()
+                .filter(|(_, of)| *of == d)
+                .map(|(alias, _)| *alias)
+                .collect();
+            assert_eq!(documented, accepted, "aliases of {d}");
+            for alias in documented {
+                assert_eq!(alias.to_uppercase().parse::<Dtype>().unwrap(), d);
+            }
+        }
     }
 
     #[test]

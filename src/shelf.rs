@@ -29,8 +29,8 @@ use crate::hashing::{BlockHash, PrefixHasher};
 use crate::l1::{L1, Served};
 use crate::memory::MemoryStore;
 use crate::namespace::{Dtype, Layout, Namespace};
-pub use crate::store::PutResult;
 use crate::store::{PinOutcome, RedisStore};
+pub use crate::store::{PurgeReport, PutResult, SkippedNode};
 
 /// Errors of the sidecar API, each with a stable machine-readable code.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +147,12 @@ impl Caller {
         self.tenant.as_ref().and_then(|t| t.salt.as_deref())
     }
 
+    /// Whether this caller's hashes are salted: then only the sidecar can compute them
+    /// (the salt never leaves it), and a client must ask `hash` rather than hash itself.
+    pub fn salted(&self) -> bool {
+        self.salt().is_some()
+    }
+
     /// The tenant's name, for logs.
     pub fn tenant_name(&self) -> Option<&str> {
         self.tenant.as_ref().map(|t| t.name.as_str())
@@ -221,7 +227,8 @@ pub struct Stats {
     pub l1_capacity_bytes: u64,
     /// Entries in L1.
     pub l1_entries: u64,
-    /// Bytes waiting in the asynchronous put queue.
+    /// Bytes of asynchronous puts accepted and not yet written: waiting in the queue or
+    /// being written. 0 means every queued put has been written (or dropped and counted).
     pub put_queue_bytes: u64,
     /// The queue's bound.
     pub put_queue_capacity_bytes: u64,
@@ -229,7 +236,8 @@ pub struct Stats {
     pub namespaces: Vec<NamespaceInfo>,
 }
 
-/// A namespace as clients need to know it.
+/// A namespace as clients need to know it: with `docs/hashing.md`, enough to compute its
+/// block hashes (for a caller without a tenant salt).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct NamespaceInfo {
     /// Label.
@@ -238,7 +246,7 @@ pub struct NamespaceInfo {
     pub model_id: String,
     /// Model revision.
     pub model_revision: String,
-    /// KV dtype.
+    /// KV dtype (its canonical name is the one hashed).
     pub kv_dtype: Dtype,
     /// Tokens per block.
     pub block_size: u32,
@@ -248,6 +256,18 @@ pub struct NamespaceInfo {
     pub block_shape: Vec<u64>,
     /// Axis order.
     pub layout_order: String,
+    /// Transformer layers.
+    pub num_layers: u32,
+    /// KV heads of the whole model, before tensor-parallel sharding.
+    pub num_kv_heads: u32,
+    /// Dimension of one attention head.
+    pub head_dim: u32,
+    /// Tensor-parallel world size.
+    pub tp_size: u32,
+    /// Tensor-parallel rank whose shard this namespace stores.
+    pub tp_rank: u32,
+    /// LoRA adapter; `None` (JSON `null`) for the base model.
+    pub lora_adapter: Option<String>,
 }
 
 impl NamespaceInfo {
@@ -261,6 +281,12 @@ impl NamespaceInfo {
             block_bytes: ns.block_bytes(),
             block_shape: ns.block_shape(),
             layout_order: ns.layout.order.clone(),
+            num_layers: ns.layout.num_layers,
+            num_kv_heads: ns.layout.num_kv_heads,
+            head_dim: ns.layout.head_dim,
+            tp_size: ns.layout.tp_size,
+            tp_rank: ns.layout.tp_rank,
+            lora_adapter: ns.lora_adapter.clone(),
         }
     }
 }
@@ -918,16 +944,27 @@ impl Shelf {
     }
 
     /// Deletes every block of a namespace. Needs an admin token when tokens are configured.
-    pub async fn purge(&self, caller: &Caller, label: &str) -> Result<u64, ApiError> {
+    /// Every node works under `operator_timeout`; the report lists the cluster nodes that
+    /// failed or did not finish in time. An error only when no node could delete anything.
+    pub async fn purge(&self, caller: &Caller, label: &str) -> Result<PurgeReport, ApiError> {
         self.require_admin(caller, "purging a namespace")?;
         let _permit = self.admit()?;
         self.namespace(label)?;
         if let Some(l1) = &self.inner.l1 {
             l1.remove_namespace(label);
         }
-        let n = self.inner.backend.purge(label).await?;
-        tracing::info!(namespace = label, deleted = n, tenant = ?caller.tenant_name(), "namespace purged");
-        Ok(n)
+        let report = self
+            .inner
+            .backend
+            .purge_within(label, self.inner.cfg.operator_timeout)
+            .await
+            .map_err(|e| match e {
+                Error::Deadline(_) => self.operator_timed_out(),
+                e => e.into(),
+            })?;
+        tracing::info!(namespace = label, deleted = report.deleted, skipped = ?report.skipped,
+            tenant = ?caller.tenant_name(), "namespace purged");
+        Ok(report)
     }
 
     /// Sets `kvshelf_pinned_bytes{namespace}` for every namespace from the backend's
@@ -949,20 +986,24 @@ impl Shelf {
         futures_util::future::join_all(reads).await;
     }
 
-    /// An operator action (delete, pin, unpin, ttl) under `put_timeout`: these report the
-    /// backend's failure instead of failing open, but they never hold a request slot for
-    /// longer than a put would.
+    /// An operator action (delete, pin, unpin, ttl) under `operator_timeout`: these report
+    /// the backend's failure instead of failing open, within a deadline of their own rather
+    /// than the Redis client's retries.
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, Error>>,
     ) -> Result<T, ApiError> {
-        let timeout = self.inner.cfg.put_timeout;
-        match tokio::time::timeout(timeout, call).await {
+        match tokio::time::timeout(self.inner.cfg.operator_timeout, call).await {
             Ok(r) => Ok(r?),
-            Err(_) => Err(ApiError::BackendUnavailable(format!(
-                "no answer within {timeout:?}"
-            ))),
+            Err(_) => Err(self.operator_timed_out()),
         }
+    }
+
+    fn operator_timed_out(&self) -> ApiError {
+        ApiError::BackendUnavailable(format!(
+            "did not finish within operator_timeout ({:?})",
+            self.inner.cfg.operator_timeout
+        ))
     }
 
     /// Whether the backend answers within the lookup timeout.
@@ -1047,9 +1088,18 @@ async fn put_queue_worker(shelf: Shelf, mut rx: mpsc::UnboundedReceiver<QueuedPu
             .await
             .expect("never closed");
         let shelf = shelf.clone();
+        // The job's share of the queue budget moves into the task by name: an async block
+        // that uses only `job.ns` and `job.blocks` captures only those fields (edition 2021
+        // capture rules), so `_budget` was dropped here and the bytes stopped counting in
+        // `put_queue_bytes` while they were still being written.
+        let QueuedPut {
+            ns,
+            blocks,
+            _budget: budget,
+        } = job;
         tasks.spawn(async move {
-            let _permit = permit;
-            shelf.put_now(&job.ns, &job.blocks).await;
+            shelf.put_now(&ns, &blocks).await;
+            drop((permit, budget));
         });
         while tasks.try_join_next().is_some() {}
     }

@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -241,6 +242,27 @@ pub enum PinOutcome {
         /// Pinned payload bytes of the namespace, without this block.
         pinned_bytes: u64,
     },
+}
+
+/// What a purge did: the blocks it unlinked, and the nodes it could not finish.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeReport {
+    /// Blocks unlinked, on every node together.
+    pub deleted: u64,
+    /// The nodes (Redis Cluster primaries) that failed or did not finish in time: their
+    /// blocks of the namespace stay, or some of them do. Empty when the purge is complete.
+    pub skipped: Vec<SkippedNode>,
+}
+
+/// A node a purge could not finish.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedNode {
+    /// `host:port` of the cluster primary (the redacted URL for a single Redis).
+    pub node: String,
+    /// Blocks it had unlinked before it stopped (included in the report's `deleted`).
+    pub deleted: u64,
+    /// Why it stopped.
+    pub error: String,
 }
 
 /// A block read from the store, and how long it has left there (`None`: pinned, no TTL).
@@ -768,20 +790,88 @@ impl RedisStore {
     }
 
     /// Deletes every block of one namespace with `SCAN` + `UNLINK` (never `KEYS`, which
-    /// blocks Redis), then the pin records of the blocks that are gone. Returns how many
-    /// blocks were unlinked. Blocks put (or pinned) while the purge runs may survive it,
-    /// and keep their records.
-    pub async fn purge(&self, label: &str) -> Result<u64, Error> {
+    /// blocks Redis). Blocks put while the purge runs may survive it.
+    ///
+    /// On a cluster every primary is purged at once, and a primary that fails (or that the
+    /// cluster marks as failed) does not stop the others: it is listed in
+    /// [`PurgeReport::skipped`] and its blocks stay. The call fails only when no node could
+    /// delete anything (always the case when the one Redis is down).
+    pub async fn purge(&self, label: &str) -> Result<PurgeReport, Error> {
+        self.purge_nodes(label, None).await
+    }
+
+    /// [`purge`](Self::purge) with a deadline: a node that has not finished by then is
+    /// skipped (its error is [`Error::Deadline`]), so the call answers within about
+    /// `deadline` whatever the backend does.
+    pub async fn purge_within(
+        &self,
+        label: &str,
+        deadline: Duration,
+    ) -> Result<PurgeReport, Error> {
+        self.purge_nodes(label, Some(deadline)).await
+    }
+
+    async fn purge_nodes(
+        &self,
+        label: &str,
+        deadline: Option<Duration>,
+    ) -> Result<PurgeReport, Error> {
         validate_label(label)?;
-        let mut removed = 0;
-        self.scan(
-            &namespace_pattern(label),
-            |store, keys| async move { store.unlink_keys(&keys).await },
-            |n| removed += n,
-        )
-        .await?;
-        self.prune_pins(label).await?;
-        Ok(removed)
+        let deadline = deadline.map(|d| (tokio::time::Instant::now() + d, d));
+        let targets = within(deadline, self.scan_targets()).await?;
+        let pattern = namespace_pattern(label);
+        let purges = targets.into_iter().map(|(node, failed)| {
+            let pattern = &pattern;
+            async move {
+                // Counted outside the scan, so that a node cut off by the deadline still
+                // reports what it had deleted.
+                let unlinked = AtomicU64::new(0);
+                let result = if failed {
+                    Err(Error::Backend(redis::RedisError::from((
+                        redis::ErrorKind::ClusterConnectionNotFound,
+                        "the cluster marks this primary as failed",
+                    ))))
+                } else {
+                    let run = self.scan_node(
+                        &node,
+                        pattern,
+                        |store, keys| async move { store.unlink_keys(&keys).await },
+                        |n| {
+                            unlinked.fetch_add(n, Ordering::Relaxed);
+                        },
+                    );
+                    within(deadline, run).await
+                };
+                (node, unlinked.into_inner(), result)
+            }
+        });
+        let mut report = PurgeReport::default();
+        let mut nodes = 0;
+        let mut first_error = None;
+        for (node, deleted, result) in futures_util::future::join_all(purges).await {
+            nodes += 1;
+            report.deleted += deleted;
+            if let Err(e) = result {
+                report.skipped.push(SkippedNode {
+                    node: self.node_name(&node),
+                    deleted,
+                    error: e.to_string(),
+                });
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error
+            && report.skipped.len() == nodes
+            && report.deleted == 0
+        {
+            return Err(e);
+        }
+        // The pin records of the blocks that are gone. Best effort: a record left behind
+        // is pruned the next time a pin would pass the namespace's cap.
+        if let Err(e) = within(deadline, self.prune_pins(label)).await {
+            tracing::warn!(namespace = label, error = %e, "purge: pin records not pruned");
+        }
+        Ok(report)
     }
 
     /// Counts the blocks of one namespace with `SCAN` (approximate while puts run).
@@ -849,8 +939,8 @@ impl RedisStore {
         Ok(Some((header, ttl)))
     }
 
-    /// Runs `SCAN MATCH pattern` to the end (on every primary of a cluster), handing each
-    /// batch of keys to `batch` and its result to `sink`.
+    /// Runs `SCAN MATCH pattern` to the end (on every live primary of a cluster), handing
+    /// each batch of keys to `batch` and its result to `sink`.
     async fn scan<T, F, Fut>(
         &self,
         pattern: &str,
@@ -861,48 +951,82 @@ impl RedisStore {
         F: Fn(RedisStore, Vec<String>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
-        for node in self.scan_nodes().await? {
-            let mut cursor: u64 = 0;
-            loop {
-                let mut cmd = redis::cmd("SCAN");
-                cmd.arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(1000);
-                let (next, keys): (u64, Vec<String>) =
-                    redis::from_redis_value(self.on_node(&node, cmd).await?)
-                        .map_err(redis::RedisError::from)?;
-                if !keys.is_empty() {
-                    sink(batch(self.clone(), keys).await?);
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+        for (node, failed) in self.scan_targets().await? {
+            if !failed {
+                self.scan_node(&node, pattern, &batch, &mut sink).await?;
             }
         }
         Ok(())
     }
 
-    /// The nodes a full `SCAN` must visit: the one Redis, or every primary of the cluster.
-    async fn scan_nodes(&self) -> Result<Vec<Node>, Error> {
+    /// [`scan`](Self::scan) on one node.
+    async fn scan_node<T, F, Fut>(
+        &self,
+        node: &Node,
+        pattern: &str,
+        batch: F,
+        mut sink: impl FnMut(T),
+    ) -> Result<(), Error>
+    where
+        F: Fn(RedisStore, Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut cursor: u64 = 0;
+        loop {
+            let mut cmd = redis::cmd("SCAN");
+            cmd.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, keys): (u64, Vec<String>) =
+                redis::from_redis_value(self.on_node(node, cmd).await?)
+                    .map_err(redis::RedisError::from)?;
+            if !keys.is_empty() {
+                sink(batch(self.clone(), keys).await?);
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    /// The nodes a full `SCAN` must visit: the one Redis, or every primary of the cluster,
+    /// each with whether the cluster marks it as failed (then its slots are unreachable).
+    async fn scan_targets(&self) -> Result<Vec<(Node, bool)>, Error> {
         match &self.conn {
-            Conn::Single(_) => Ok(vec![Node::AnyPrimary]),
-            Conn::Cluster(_) => {
-                let text: String = redis::from_redis_value(
-                    self.on_node(
-                        &Node::AnyPrimary,
-                        redis::cmd("CLUSTER").arg("NODES").clone(),
-                    )
-                    .await?,
-                )
-                .map_err(redis::RedisError::from)?;
+            Conn::Single(_) => Ok(vec![(Node::AnyPrimary, false)]),
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{
+                    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                };
+                // Asked of every primary, the first answer wins: a primary that is down must
+                // not make the whole cluster's node list unreadable.
+                let routing = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::OneSucceeded),
+                ));
+                let reply = c
+                    .get()
+                    .await?
+                    .route_command(redis::cmd("CLUSTER").arg("NODES").clone(), routing)
+                    .await?;
+                let text: String =
+                    redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
                 Ok(cluster_primaries(&text)
                     .into_iter()
-                    .map(|(host, port)| Node::At(host, port))
+                    .map(|(host, port, failed)| (Node::At(host, port), failed))
                     .collect())
             }
+        }
+    }
+
+    /// How a report names a node.
+    fn node_name(&self, node: &Node) -> String {
+        match node {
+            Node::AnyPrimary => self.cfg.redacted_url(),
+            Node::At(host, port) => format!("{host}:{port}"),
         }
     }
 
@@ -1038,22 +1162,42 @@ enum Node {
     At(String, u16),
 }
 
-/// `host:port` of every primary in a `CLUSTER NODES` reply that is not failing.
-fn cluster_primaries(nodes: &str) -> Vec<(String, u16)> {
+/// `host:port` of every primary in a `CLUSTER NODES` reply, and whether the cluster has
+/// marked it as failed (`fail`, not the mere suspicion `fail?`). A failed primary that
+/// serves no slots any more (a replica took over) is left out: it holds nothing.
+fn cluster_primaries(nodes: &str) -> Vec<(String, u16, bool)> {
     nodes
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let flags = fields.get(2)?;
-            if !flags.contains("master") || flags.contains("fail") {
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+            if !flags.contains(&"master") {
+                return None;
+            }
+            let failed = flags.contains(&"fail");
+            let has_slots = fields.len() > 8;
+            if failed && !has_slots {
                 return None;
             }
             // `ip:port@cport[,hostname]`
             let addr = fields.get(1)?.split('@').next()?;
             let (host, port) = addr.rsplit_once(':')?;
-            Some((host.to_owned(), port.parse().ok()?))
+            Some((host.to_owned(), port.parse().ok()?, failed))
         })
         .collect()
+}
+
+/// `call`, failing with [`Error::Deadline`] if it has not finished by `deadline`.
+async fn within<T>(
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    call: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match deadline {
+        Some((at, d)) => tokio::time::timeout_at(at, call)
+            .await
+            .unwrap_or(Err(Error::Deadline(d))),
+        None => call.await,
+    }
 }
 
 /// The single reply of a one-command pipeline.
@@ -1224,5 +1368,25 @@ mod tests {
         assert_eq!(cfg.ttl, Duration::from_secs(600));
         assert!(!cfg.sliding_ttl);
         assert_eq!(cfg.response_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn cluster_primaries_say_which_failed() {
+        let nodes = "\
+a1 10.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 10.0.0.2:7001@17001 master,fail - 0 0 2 connected 5461-10922
+c3 10.0.0.3:7002@17002 master,fail? - 0 0 3 connected 10923-16383
+d4 10.0.0.4:7003@17003 master,fail - 0 0 4 disconnected
+e5 10.0.0.5:7004@17004 slave a1 0 0 1 connected
+";
+        assert_eq!(
+            cluster_primaries(nodes),
+            vec![
+                ("10.0.0.1".to_owned(), 7000, false),
+                ("10.0.0.2".to_owned(), 7001, true),
+                ("10.0.0.3".to_owned(), 7002, false),
+            ],
+            "a failed primary with slots is reported; one without slots holds nothing"
+        );
     }
 }

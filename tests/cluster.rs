@@ -72,7 +72,7 @@ async fn every_store_operation_works_across_slots_and_nodes() {
     assert!(s.inspect(&key).await.unwrap().is_some());
     assert_eq!(s.delete(&ns.label, &hashes[60..]).await.unwrap(), 4);
     assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 60);
-    assert_eq!(s.purge(&ns.label).await.unwrap(), 60);
+    assert_eq!(s.purge(&ns.label).await.unwrap().deleted, 60);
     assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 0);
 
     // Capped pins: the record key and the blocks live on different slots.
@@ -110,7 +110,7 @@ async fn every_store_operation_works_across_slots_and_nodes() {
         }
     );
     assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 2 * bb);
-    assert_eq!(s.purge(&ns.label).await.unwrap(), 2);
+    assert_eq!(s.purge(&ns.label).await.unwrap().deleted, 2);
     assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 0);
     for i in 0..3 {
         assert_eq!(cluster.dbsize(i), 0, "no block and no pin record is left");
@@ -181,4 +181,96 @@ async fn losing_one_primary_costs_only_its_blocks() {
             .hit_blocks,
         first_lost
     );
+}
+
+/// A purge with one primary down deletes every block on the live primaries, and says which
+/// node it skipped: through the API (both protocols' client) and the CLI.
+#[tokio::test]
+async fn purge_with_a_primary_down_purges_the_rest_and_reports_the_node() {
+    let mut cluster = RedisCluster::start(3);
+    let ns = namespace("cluster-purge");
+    let mut cfg = support::sidecar_config(None, vec![ns.clone()]);
+    cfg.store = Some(cluster_config(&cluster));
+    cfg.server.operator_timeout = Duration::from_secs(5);
+    let side = Sidecar::start(cfg).await;
+    let hashes =
+        PrefixHasher::new(&ns, None).hash_prefix(&(0..30 * ns.block_size).collect::<Vec<_>>());
+    let blocks: Vec<(BlockHash, _)> = hashes.iter().map(|h| (*h, payload(&ns, 3))).collect();
+    let owners: Vec<usize> = {
+        let c = side.client(Protocol::Http, None);
+        c.put(&ns.label, &blocks, false).await.unwrap();
+        hashes
+            .iter()
+            .map(|h| cluster.owner(&block_key(&ns.label, h)).unwrap())
+            .collect()
+    };
+    let lost = 0;
+    let on_live = owners.iter().filter(|o| **o != lost).count() as u64;
+    assert!(on_live > 0 && on_live < 30, "{owners:?}");
+    cluster.stop(lost);
+    let lost_node = format!("127.0.0.1:{}", cluster.ports[lost]);
+    let within = Duration::from_secs(60);
+
+    for protocol in [Protocol::Http, Protocol::Grpc] {
+        let c = side.client(protocol, None);
+        // What the lost node held is gone from reach; put the rest back for each round.
+        c.put(&ns.label, &blocks, false).await.unwrap();
+        let report = tokio::time::timeout(within, c.purge(&ns.label))
+            .await
+            .expect("purge answers")
+            .expect("a partial purge is not an error");
+        assert_eq!(report.deleted, on_live, "{protocol:?}: {report:?}");
+        assert_eq!(report.skipped.len(), 1, "{protocol:?}: {report:?}");
+        assert_eq!(report.skipped[0].node, lost_node);
+        assert_eq!(report.skipped[0].deleted, 0);
+        assert!(!report.skipped[0].error.is_empty());
+        for i in (0..3).filter(|i| *i != lost) {
+            assert_eq!(cluster.dbsize(i), 0, "{protocol:?}: node {i} purged");
+        }
+    }
+
+    // The CLI: the same report on stdout, and a failing exit status (the purge is incomplete).
+    let c = side.client(Protocol::Http, None);
+    c.put(&ns.label, &blocks, false).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("kvshelf-cluster-purge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("kvshelf.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\ncluster = true\nurl = \"{}\"\nconnection_timeout = \"300ms\"\n\
+             response_timeout = \"500ms\"\nreconnect_retries = 1\n",
+            cluster.url()
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        within,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_kvshelf"))
+            .arg("--config")
+            .arg(&config)
+            .args(["purge", &ns.label, "--yes"])
+            .env_remove("KVSHELF_REDIS_URL")
+            .env_remove("KVSHELF_CONFIG")
+            .output(),
+    )
+    .await
+    .expect("the CLI answers")
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an incomplete purge fails: {stdout}");
+    assert!(
+        stdout.contains(&format!("{}: {on_live} blocks deleted", ns.label)),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("skipped node {lost_node}:")),
+        "{stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("incomplete"), "{stderr}");
+    for i in (0..3).filter(|i| *i != lost) {
+        assert_eq!(cluster.dbsize(i), 0, "CLI: node {i} purged");
+    }
 }

@@ -12,25 +12,41 @@ use kvshelf::store::PinOutcome;
 use kvshelf::{PrefixHasher, StoreConfig};
 use support::{RedisServer, namespace, payload, redis_cli, store_with};
 
-/// The `ACL SETUSER kvshelf …` line of docs/operations.md, with the password replaced.
-fn documented_acl_rule(password: &str) -> Vec<String> {
+/// Runs the `redis-cli ACL SETUSER kvshelf …` line of docs/operations.md in `sh`, as an
+/// operator would paste it (password replaced, pointed at `port`), in an empty directory:
+/// an unquoted `>password` would be a redirection there, creating a file and leaving the
+/// user without its password.
+fn apply_documented_acl_rule(port: u16, password: &str) {
     let doc =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
             .unwrap();
     let line = doc
         .lines()
-        .find(|l| l.trim_start().starts_with("ACL SETUSER kvshelf "))
-        .expect("docs/operations.md documents the ACL rule");
-    line.split_whitespace()
-        .map(|w| w.trim_matches('\''))
-        .map(|w| {
-            if w.starts_with('>') {
-                format!(">{password}")
-            } else {
-                w.to_owned()
-            }
-        })
-        .collect()
+        .find(|l| l.trim_start().starts_with("redis-cli ACL SETUSER kvshelf "))
+        .expect("docs/operations.md documents the ACL rule as a redis-cli command");
+    assert!(line.contains("CHANGE-ME"), "{line}");
+    let line = line
+        .replacen("redis-cli ", &format!("redis-cli -p {port} "), 1)
+        .replace("CHANGE-ME", password);
+    let dir = std::env::temp_dir().join(format!("kvshelf-acl-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new("sh")
+        .args(["-c", &line])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let created: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "OK",
+        "{line}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        created.is_empty(),
+        "the shell redirected something: {created:?}"
+    );
 }
 
 async fn exercise_every_operation(cfg: StoreConfig) {
@@ -63,18 +79,13 @@ async fn exercise_every_operation(cfg: StoreConfig) {
     );
     assert!(s.info("memory").await.unwrap().contains("used_memory"));
     assert_eq!(s.delete(&ns.label, &hs[2..]).await.unwrap(), 1);
-    assert_eq!(s.purge(&ns.label).await.unwrap(), 2);
+    assert_eq!(s.purge(&ns.label).await.unwrap().deleted, 2);
 }
 
 #[tokio::test]
 async fn the_documented_acl_rule_is_enough_and_passwords_are_checked() {
     let server = RedisServer::start(&[]);
-    let rule = documented_acl_rule("s3cret-pw");
-    let args: Vec<&str> = rule.iter().map(String::as_str).collect();
-    assert_eq!(
-        redis_cli(&server.url(), &args).as_deref().map(str::trim),
-        Some("OK")
-    );
+    apply_documented_acl_rule(server.port, "s3cret-pw");
 
     let url = format!("redis://kvshelf:s3cret-pw@127.0.0.1:{}", server.port);
     exercise_every_operation(StoreConfig {
@@ -88,6 +99,17 @@ async fn the_documented_acl_rule_is_enough_and_passwords_are_checked() {
     let denied = redis_cli(&user_url, &["SET", "other:key", "x"]).unwrap_or_default();
     assert!(denied.contains("NOPERM"), "{denied}");
     let denied = redis_cli(&user_url, &["FLUSHALL"]).unwrap_or_default();
+    assert!(denied.contains("NOPERM"), "{denied}");
+    // What docs/operations.md warns of: `+scan` lists key names outside `kvshelf:*`, though
+    // the user can neither read nor change those keys.
+    redis_cli(&server.url(), &["SET", "other:secret-name", "x"]).unwrap();
+    let names = redis_cli(
+        &user_url,
+        &["SCAN", "0", "MATCH", "other:*", "COUNT", "1000"],
+    )
+    .unwrap();
+    assert!(names.contains("other:secret-name"), "{names}");
+    let denied = redis_cli(&user_url, &["GET", "other:secret-name"]).unwrap_or_default();
     assert!(denied.contains("NOPERM"), "{denied}");
 
     let wrong = store_with(StoreConfig {

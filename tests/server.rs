@@ -108,7 +108,7 @@ async fn every_operation_through_both_protocols() {
                 .hit_blocks,
             3
         );
-        assert_eq!(c.purge(&ns.label).await.unwrap(), 3);
+        assert_eq!(c.purge(&ns.label).await.unwrap().deleted, 3);
         let gone = c.fetch(&ns.label, &hashes).await.unwrap();
         assert!(
             gone.blocks.is_empty(),
@@ -453,7 +453,11 @@ async fn every_error_code_through_both_protocols() {
         "payload_too_large"
     );
     let root = side.client(Protocol::Grpc, Some("tok-root"));
-    assert_eq!(root.purge(&ns.label).await.unwrap(), 0, "admins may purge");
+    assert_eq!(
+        root.purge(&ns.label).await.unwrap().deleted,
+        0,
+        "admins may purge"
+    );
 
     // Raw gRPC status codes, through the generated client.
     let channel = tonic::transport::Endpoint::from_shared(side.url())

@@ -202,7 +202,7 @@ async fn purge_touches_only_its_namespace() {
     let other = format!("unrelated:{}", a.label);
     let _: () = c.set(&other, "precious").await.unwrap();
 
-    assert_eq!(s.purge(&a.label).await.unwrap(), 20);
+    assert_eq!(s.purge(&a.label).await.unwrap().deleted, 20);
     assert_eq!(s.count(&a.label).await.unwrap(), 0);
     assert_eq!(s.count(&b.label).await.unwrap(), 20);
     assert_eq!(s.count(&a2.label).await.unwrap(), 20);

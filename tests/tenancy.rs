@@ -188,7 +188,7 @@ async fn only_admins_delete_pin_unpin_or_purge_and_a_refusal_changes_nothing() {
     ));
     assert_eq!(ops_grpc.delete(&label, &hashes[2..]).await.unwrap(), 1);
     assert_eq!(ops_http.delete(&label, &hashes[1..2]).await.unwrap(), 1);
-    assert_eq!(ops_grpc.purge(&label).await.unwrap(), 1);
+    assert_eq!(ops_grpc.purge(&label).await.unwrap().deleted, 1);
     assert_eq!(
         a.lookup_hashes(&label, &hashes, false)
             .await

@@ -129,10 +129,17 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
-    /// Keeps a block forever (PERSIST).
+    /// Keeps a block forever (PERSIST). Fails when the block does not exist.
     Pin { label: String, hash: String },
-    /// Gives a pinned block its TTL back.
-    Unpin { label: String, hash: String },
+    /// Gives a pinned block its TTL back: the namespace's `ttl` from the config file, else
+    /// the store's. Fails when the block does not exist.
+    Unpin {
+        label: String,
+        hash: String,
+        /// The TTL to give it instead (e.g. `6h`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
 }
 
 #[tokio::main]
@@ -252,17 +259,50 @@ async fn main() -> Result<()> {
                 println!("{label}: {n} blocks would be deleted; run again with --yes");
                 return Ok(());
             }
-            println!("{label}: {} blocks deleted", s.purge(&label).await?);
+            let report = s.purge(&label).await?;
+            println!("{label}: {} blocks deleted", report.deleted);
+            for node in &report.skipped {
+                println!(
+                    "skipped node {}: {} ({} blocks deleted there before it stopped)",
+                    node.node, node.error, node.deleted
+                );
+            }
+            if !report.skipped.is_empty() {
+                bail!(
+                    "the purge of {label} is incomplete: {} node(s) skipped, their blocks stay; \
+                     run it again once they are back",
+                    report.skipped.len()
+                );
+            }
             Ok(())
         }
         Command::Pin { label, hash } => {
-            let found = store()?.pin(&label, &hash.parse()?).await?;
-            println!("{}", if found { "pinned" } else { "no such block" });
+            if !store()?.pin(&label, &hash.parse()?).await? {
+                bail!("no such block: {label} {hash}");
+            }
+            println!("pinned");
             Ok(())
         }
-        Command::Unpin { label, hash } => {
-            let found = store()?.unpin(&label, &hash.parse()?).await?;
-            println!("{}", if found { "unpinned" } else { "no such block" });
+        Command::Unpin { label, hash, ttl } => {
+            // The same TTL the sidecar's unpin gives: the namespace's, else the store's.
+            let (ttl, whose) = match (ttl, cfg.namespace(&label).and_then(|ns| ns.ttl)) {
+                (Some(ttl), _) => (ttl, "--ttl"),
+                (None, Some(ttl)) => (ttl, "the namespace's ttl"),
+                (None, None) if cfg.namespace(&label).is_some() => {
+                    (store_cfg.ttl, "the store's ttl")
+                }
+                (None, None) => (
+                    store_cfg.ttl,
+                    "the store's ttl; the namespace is not in the config file, which may give it another",
+                ),
+            };
+            if !store()?.unpin_with(&label, &hash.parse()?, ttl).await? {
+                bail!("no such block: {label} {hash}");
+            }
+            println!(
+                "unpinned: ttl {} ({whose})",
+                humantime::format_duration(ttl)
+            );
             Ok(())
         }
     }

@@ -249,12 +249,23 @@ impl proto::shelf_server::Shelf for GrpcShelf {
             let who = caller_of(&self.shelf, &req)?;
             self.shelf.purge(&who, &req.get_ref().namespace).await
         };
-        let deleted = run.await.map_err(|e| status_of(&e))?;
-        Ok(Response::new(proto::PurgeResponse { deleted }))
+        let report = run.await.map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::PurgeResponse {
+            deleted: report.deleted,
+            skipped: report
+                .skipped
+                .into_iter()
+                .map(|s| proto::SkippedNode {
+                    node: s.node,
+                    deleted: s.deleted,
+                    error: s.error,
+                })
+                .collect(),
+        }))
     }
 
     async fn stats(&self, req: Request<proto::StatsRequest>) -> RpcResult<proto::StatsResponse> {
-        caller_of(&self.shelf, &req).map_err(|e| status_of(&e))?;
+        let who = caller_of(&self.shelf, &req).map_err(|e| status_of(&e))?;
         let s = self.shelf.stats().await;
         Ok(Response::new(proto::StatsResponse {
             backend: s.backend.to_owned(),
@@ -276,8 +287,15 @@ impl proto::shelf_server::Shelf for GrpcShelf {
                     block_bytes: n.block_bytes,
                     block_shape: n.block_shape,
                     layout_order: n.layout_order,
+                    num_layers: n.num_layers,
+                    num_kv_heads: n.num_kv_heads,
+                    head_dim: n.head_dim,
+                    tp_size: n.tp_size,
+                    tp_rank: n.tp_rank,
+                    lora_adapter: n.lora_adapter,
                 })
                 .collect(),
+            salted: who.salted(),
         }))
     }
 }

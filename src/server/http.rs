@@ -10,7 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -21,7 +21,9 @@ use crate::shelf::{ApiError, Caller, FetchItem, LookupInput, PutResult, Shelf};
 
 /// The HTTP routes.
 pub fn routes(shelf: Shelf) -> Router {
-    Router::new()
+    // No endpoint but the two puts takes a query parameter: one layer refuses any on all of
+    // them, before a handler runs. The put handlers parse (and check) their own.
+    let no_query = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -30,19 +32,37 @@ pub fn routes(shelf: Shelf) -> Router {
         .route("/v1/hash", post(hash))
         .route("/v1/lookup", post(lookup))
         .route("/v1/fetch", post(fetch))
-        .route("/v1/put", post(put_batch))
         .route("/v1/delete", post(delete_batch))
         .route(
             "/v1/blocks/{namespace}/{hash}",
-            get(get_block).put(put_block).delete(delete_block),
+            get(get_block).delete(delete_block),
         )
         .route("/v1/blocks/{namespace}/{hash}/pin", post(pin))
         .route("/v1/blocks/{namespace}/{hash}/unpin", post(unpin))
         .route("/v1/namespaces/{namespace}/purge", post(purge))
+        .route_layer(axum::middleware::from_fn(refuse_query));
+    let with_query = Router::new()
+        .route("/v1/put", post(put_batch))
+        .route("/v1/blocks/{namespace}/{hash}", put(put_block));
+    no_query
+        .merge(with_query)
         .with_state(shelf)
         // The body limit is enforced while reading, in `read_body`, so that the error has
         // the API's shape; axum's own default limit (2 MiB) would cut tensor uploads.
         .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+/// Refuses a request to an endpoint that takes no query parameters but got some: unknown
+/// parameters are errors, not silently ignored (`docs/api.md` §3).
+async fn refuse_query(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match req.uri().query().filter(|q| !q.is_empty()) {
+        Some(q) => HttpError(ApiError::InvalidRequest(format!(
+            "{} takes no query parameters (got {q:?})",
+            req.uri().path()
+        )))
+        .into_response(),
+        None => next.run(req).await,
+    }
 }
 
 /// Any path no route matches: gRPC's UNIMPLEMENTED for gRPC requests, a JSON 404 otherwise.
@@ -198,8 +218,9 @@ async fn metrics(State(shelf): State<Shelf>) -> Response {
 }
 
 async fn namespaces(State(shelf): State<Shelf>, headers: HeaderMap) -> Result<Response> {
-    caller(&shelf, &headers)?;
-    Ok(axum::Json(serde_json::json!({ "namespaces": shelf.namespaces() })).into_response())
+    let who = caller(&shelf, &headers)?;
+    let body = serde_json::json!({ "namespaces": shelf.namespaces(), "salted": who.salted() });
+    Ok(axum::Json(body).into_response())
 }
 
 async fn stats(State(shelf): State<Shelf>, headers: HeaderMap) -> Result<Response> {
@@ -440,6 +461,6 @@ async fn purge(
     Path(namespace): Path<String>,
 ) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let deleted = shelf.purge(&who, &namespace).await?;
-    Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
+    let report = shelf.purge(&who, &namespace).await?;
+    Ok(axum::Json(report).into_response())
 }

@@ -12,16 +12,26 @@ pub mod http;
 use std::future::Future;
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
 use crate::shelf::{ApiError, Caller, Shelf};
+
+/// Bucket bounds of every `…_seconds` histogram: 100 µs to 10 s, about three per decade.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
 
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
+        // Durations are histograms, not summaries: per-process quantiles cannot be added up
+        // across sidecars, bucket counts can.
         let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)
+            .expect("buckets are not empty")
             .install_recorder()
             .expect("no other metrics recorder is installed");
         describe_metrics();
@@ -99,7 +109,7 @@ fn describe_metrics() {
     describe_gauge!("kvshelf_l1_bytes", "Bytes held in L1.");
     describe_gauge!(
         "kvshelf_put_queue_bytes",
-        "Bytes waiting in the asynchronous put queue."
+        "Bytes of asynchronous puts accepted and not yet written (queued or being written)."
     );
     describe_histogram!(
         "kvshelf_request_duration_seconds",
