@@ -556,6 +556,7 @@ impl Fixture {
             server_cfg.server.put_timeout = Duration::from_secs(60);
             server_cfg.server.max_concurrent_requests = 4096;
             server_cfg.server.max_body_bytes = u64::MAX;
+            server_cfg.server.body_memory_bytes = u64::MAX;
             if !l1 {
                 server_cfg.server.l1_bytes = 0;
             }

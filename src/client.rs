@@ -527,6 +527,8 @@ impl Client {
         match &self.transport {
             Transport::Http { http, base } => {
                 // Frame heads and payloads go out as separate chunks: no copy of the tensors.
+                // The length is announced, so that the sidecar reserves the body's memory
+                // once, before reading it (a body of unknown length reserves step by step).
                 let mut parts: Vec<Bytes> = Vec::with_capacity(2 * blocks.len() + 2);
                 parts.push(Bytes::from_static(frame::STREAM_MAGIC));
                 for (i, (hash, payload)) in blocks.iter().enumerate() {
@@ -534,6 +536,7 @@ impl Client {
                     parts.push(payload.clone());
                 }
                 parts.push(frame::end(blocks.len() as u32, EndReason::Complete));
+                let len: usize = parts.iter().map(Bytes::len).sum();
                 let body = reqwest::Body::wrap_stream(futures_util::stream::iter(
                     parts.into_iter().map(Ok::<_, std::convert::Infallible>),
                 ));
@@ -541,6 +544,7 @@ impl Client {
                 let rb = http
                     .post(url)
                     .header(reqwest::header::CONTENT_TYPE, frame::CONTENT_TYPE)
+                    .header(reqwest::header::CONTENT_LENGTH, len)
                     .body(body);
                 #[derive(Deserialize)]
                 struct R {
@@ -555,18 +559,24 @@ impl Client {
                 Ok(r.outcomes)
             }
             Transport::Grpc(c) => {
-                let msg = proto::PutRequest {
+                // One message per block (the first also names the namespace): the sidecar
+                // checks each block as its message arrives, and no message is larger than
+                // one block.
+                let first = proto::PutRequest {
                     namespace: namespace.into(),
                     r#async: asynchronous,
-                    blocks: blocks
-                        .iter()
-                        .map(|(h, p)| proto::PutBlock {
+                    blocks: Vec::new(),
+                };
+                let msgs =
+                    std::iter::once(first).chain(blocks.iter().map(|(h, p)| proto::PutRequest {
+                        blocks: vec![proto::PutBlock {
                             block_hash: Bytes::copy_from_slice(&h.0),
                             payload: p.clone(),
-                        })
-                        .collect(),
-                };
-                let req = self.request(futures_util::stream::iter([msg]));
+                        }],
+                        ..Default::default()
+                    }));
+                let msgs: Vec<proto::PutRequest> = msgs.collect();
+                let req = self.request(futures_util::stream::iter(msgs));
                 let r = c.clone().put(req).await.map_err(from_status)?.into_inner();
                 r.outcomes
                     .into_iter()

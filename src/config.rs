@@ -118,8 +118,14 @@ pub struct ServerConfig {
     /// so sidecar memory stays near `l1_bytes` + this, however many clients fetch how much.
     /// Default: 1 GiB.
     pub fetch_memory_bytes: u64,
-    /// Largest request body. Default: 256 MiB.
+    /// Largest request body, whatever it carries. Each request's own cap follows from what
+    /// it may carry (`docs/api.md` §9) and is never above this. Default: 256 MiB.
     pub max_body_bytes: u64,
+    /// Request body bytes all requests together may hold at once. A request reserves its
+    /// body's room (its `Content-Length`, or step by step as a body of unknown length
+    /// arrives) before reading it; with no room it waits up to `put_timeout`, then is
+    /// refused as overloaded. Default: 1 GiB.
+    pub body_memory_bytes: u64,
     /// Most blocks one request may name. Default: 4096.
     pub max_blocks_per_request: usize,
     /// Requests served at once; more get 429 / RESOURCE_EXHAUSTED. Default: 256.
@@ -159,6 +165,7 @@ impl Default for ServerConfig {
             fetch_chunk_bytes: 8 << 20,
             fetch_memory_bytes: 1 << 30,
             max_body_bytes: 256 << 20,
+            body_memory_bytes: 1 << 30,
             max_blocks_per_request: 4096,
             max_concurrent_requests: 256,
             l1_bytes: 1 << 30,

@@ -24,7 +24,8 @@ const BLOCK: u8 = 0x01;
 const END: u8 = 0x02;
 /// Bytes of a block frame before its payload.
 pub const BLOCK_HEAD_LEN: usize = 1 + 4 + 32 + 8;
-const END_LEN: usize = 1 + 4 + 1;
+/// Bytes of the end frame.
+pub const END_LEN: usize = 1 + 4 + 1;
 
 /// Why a fetch stream ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -130,99 +131,135 @@ pub enum FrameError {
 }
 
 /// Incremental decoder: feed it chunks as they arrive, take frames out as they complete.
-/// Memory is bounded by one frame (`max_payload` + head) plus one chunk.
+///
+/// Each payload is copied exactly once: from the chunks fed, straight into a buffer of its
+/// own, allocated at the frame's announced length once that length has been checked against
+/// `max_payload`. A decoded payload never shares memory with the chunks it arrived in (nor
+/// with other payloads), so whoever keeps it (an L1 cache) holds exactly what it counts.
+/// Memory is the frames decoded and not yet taken out, plus the one being filled.
 #[derive(Debug)]
 pub struct Decoder {
-    buf: BytesMut,
-    seen_magic: bool,
-    ended: bool,
+    max_payload: u64,
+    state: State,
+    /// The magic, a block frame's head or an end frame, while it is being assembled.
+    head: Vec<u8>,
+    ready: std::collections::VecDeque<Frame>,
+    error: Option<FrameError>,
     blocks: u32,
     consumed: u64,
-    max_payload: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    Magic,
+    /// Between frames: the next byte is a frame type.
+    Type,
+    BlockHead,
+    Payload {
+        index: u32,
+        hash: BlockHash,
+        buf: BytesMut,
+        len: usize,
+    },
+    End,
+    Ended,
 }
 
 impl Decoder {
     /// A decoder refusing payloads over `max_payload` bytes.
     pub fn new(max_payload: u64) -> Decoder {
         Decoder {
-            buf: BytesMut::new(),
-            seen_magic: false,
-            ended: false,
+            max_payload,
+            state: State::Magic,
+            head: Vec::with_capacity(BLOCK_HEAD_LEN),
+            ready: Default::default(),
+            error: None,
             blocks: 0,
             consumed: 0,
-            max_payload,
         }
     }
 
-    /// Appends received bytes.
-    pub fn feed(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
+    /// Decodes received bytes. Frames completed by them wait for [`Decoder::next_frame`];
+    /// an error stops decoding and is reported there, after the frames before it.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        while !chunk.is_empty() && self.error.is_none() {
+            match self.step(chunk) {
+                Ok(used) => {
+                    chunk = &chunk[used..];
+                    self.consumed += used as u64;
+                }
+                Err(e) => self.error = Some(e),
+            }
+        }
     }
 
-    /// The next complete frame, `Ok(None)` when more bytes are needed.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        if !self.seen_magic {
-            if self.buf.len() < STREAM_MAGIC.len() {
-                return if STREAM_MAGIC.starts_with(&self.buf) {
-                    Ok(None)
-                } else {
-                    Err(FrameError::BadMagic)
+    /// Takes what it can of `chunk` in the current state; returns how many bytes it used.
+    fn step(&mut self, chunk: &[u8]) -> Result<usize, FrameError> {
+        match &mut self.state {
+            State::Magic => {
+                let used = self.fill_head(STREAM_MAGIC.len(), chunk);
+                if !STREAM_MAGIC.starts_with(&self.head) {
+                    return Err(FrameError::BadMagic);
+                }
+                if self.head.len() == STREAM_MAGIC.len() {
+                    self.head.clear();
+                    self.state = State::Type;
+                }
+                Ok(used)
+            }
+            State::Type => {
+                // The type byte stays in `chunk`: it is the first byte of the frame's head.
+                self.state = match chunk[0] {
+                    BLOCK => State::BlockHead,
+                    END => State::End,
+                    other => return Err(FrameError::UnknownFrame(other, self.consumed)),
                 };
+                Ok(0)
             }
-            if &self.buf[..STREAM_MAGIC.len()] != STREAM_MAGIC {
-                return Err(FrameError::BadMagic);
-            }
-            self.buf.advance(STREAM_MAGIC.len());
-            self.consumed += STREAM_MAGIC.len() as u64;
-            self.seen_magic = true;
-        }
-        if self.ended {
-            return if self.buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(FrameError::BadEnd("bytes after the end frame".into()))
-            };
-        }
-        let Some(&kind) = self.buf.first() else {
-            return Ok(None);
-        };
-        match kind {
-            BLOCK => {
-                if self.buf.len() < BLOCK_HEAD_LEN {
-                    return Ok(None);
+            State::BlockHead => {
+                let used = self.fill_head(BLOCK_HEAD_LEN, chunk);
+                if self.head.len() < BLOCK_HEAD_LEN {
+                    return Ok(used);
                 }
-                let len = u64::from_le_bytes(self.buf[37..45].try_into().expect("8 bytes"));
-                if len > self.max_payload {
-                    return Err(FrameError::TooLarge {
-                        len,
-                        max: self.max_payload,
-                    });
-                }
-                let total = BLOCK_HEAD_LEN + len as usize;
-                if self.buf.len() < total {
-                    self.buf.reserve(total - self.buf.len());
-                    return Ok(None);
-                }
-                let mut frame = self.buf.split_to(total);
-                frame.advance(1);
-                let index = frame.get_u32_le();
+                let mut head = &self.head[1..];
+                let index = head.get_u32_le();
                 let mut hash = [0u8; 32];
-                frame.copy_to_slice(&mut hash);
-                frame.advance(8);
-                self.consumed += total as u64;
-                self.blocks += 1;
-                Ok(Some(Frame::Block {
+                head.copy_to_slice(&mut hash);
+                let len = head.get_u64_le();
+                let too_large = FrameError::TooLarge {
+                    len,
+                    max: self.max_payload,
+                };
+                if len > self.max_payload {
+                    return Err(too_large);
+                }
+                let len = usize::try_from(len).map_err(|_| too_large)?;
+                self.head.clear();
+                self.state = State::Payload {
                     index,
                     hash: BlockHash(hash),
-                    payload: frame.freeze(),
-                }))
-            }
-            END => {
-                if self.buf.len() < END_LEN {
-                    return Ok(None);
+                    buf: BytesMut::with_capacity(len),
+                    len,
+                };
+                if len == 0 {
+                    self.complete_block();
                 }
-                let mut frame = self.buf.split_to(END_LEN);
-                frame.advance(1);
+                Ok(used)
+            }
+            State::Payload { buf, len, .. } => {
+                let used = (*len - buf.len()).min(chunk.len());
+                buf.extend_from_slice(&chunk[..used]);
+                if buf.len() == *len {
+                    self.complete_block();
+                }
+                Ok(used)
+            }
+            State::End => {
+                let used = self.fill_head(END_LEN, chunk);
+                if self.head.len() < END_LEN {
+                    return Ok(used);
+                }
+                let mut frame = &self.head[1..];
                 let blocks = frame.get_u32_le();
                 let reason = EndReason::from_u8(frame.get_u8())
                     .ok_or_else(|| FrameError::BadEnd("unknown end reason".into()))?;
@@ -232,20 +269,51 @@ impl Decoder {
                         self.blocks
                     )));
                 }
-                self.consumed += END_LEN as u64;
-                self.ended = true;
-                Ok(Some(Frame::End { blocks, reason }))
+                self.head.clear();
+                self.state = State::Ended;
+                self.ready.push_back(Frame::End { blocks, reason });
+                Ok(used)
             }
-            other => Err(FrameError::UnknownFrame(other, self.consumed)),
+            State::Ended => Err(FrameError::BadEnd("bytes after the end frame".into())),
+        }
+    }
+
+    /// Appends to `head` up to `want` bytes in all; returns how many it took.
+    fn fill_head(&mut self, want: usize, chunk: &[u8]) -> usize {
+        let used = (want - self.head.len()).min(chunk.len());
+        self.head.extend_from_slice(&chunk[..used]);
+        used
+    }
+
+    fn complete_block(&mut self) {
+        if let State::Payload {
+            index, hash, buf, ..
+        } = std::mem::replace(&mut self.state, State::Type)
+        {
+            self.blocks += 1;
+            self.ready.push_back(Frame::Block {
+                index,
+                hash,
+                payload: buf.freeze(),
+            });
+        }
+    }
+
+    /// The next complete frame, `Ok(None)` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        match (self.ready.pop_front(), &self.error) {
+            (Some(frame), _) => Ok(Some(frame)),
+            (None, Some(e)) => Err(e.clone()),
+            (None, None) => Ok(None),
         }
     }
 
     /// Call when the input is exhausted: an error unless the end frame was seen.
     pub fn finish(&self) -> Result<(), FrameError> {
-        if self.ended && self.buf.is_empty() {
-            Ok(())
-        } else {
-            Err(FrameError::Truncated)
+        match (&self.error, &self.state) {
+            (Some(e), _) => Err(e.clone()),
+            (None, State::Ended) => Ok(()),
+            (None, _) => Err(FrameError::Truncated),
         }
     }
 }
@@ -319,6 +387,22 @@ mod tests {
             decode_all(&s, 64),
             Err(FrameError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_long_frame_is_refused_from_its_head_after_the_frames_before_it() {
+        let mut d = Decoder::new(4);
+        let mut s = STREAM_MAGIC.to_vec();
+        s.extend_from_slice(&block_head(0, &BlockHash([1; 32]), 4));
+        s.extend_from_slice(b"abcd");
+        s.extend_from_slice(&block_head(1, &BlockHash([2; 32]), 5));
+        d.feed(&s); // the long frame's payload never arrives
+        assert!(matches!(
+            d.next_frame(),
+            Ok(Some(Frame::Block { index: 0, .. }))
+        ));
+        assert_eq!(d.next_frame(), Err(FrameError::TooLarge { len: 5, max: 4 }));
+        assert_eq!(d.finish(), Err(FrameError::TooLarge { len: 5, max: 4 }));
     }
 
     proptest! {

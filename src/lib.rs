@@ -18,6 +18,7 @@
 //! | `memory` | the embedded in-process store (no Redis) |
 //! | `backend` | Redis or the embedded store, behind one enum |
 //! | `shelf` | the sidecar's transport-agnostic core: tenants, fail-open, limits, put queue |
+//! | `admission` | a request's slot and body budget, taken before its body is read; body caps |
 //! | `server` | thin HTTP (axum) and gRPC (tonic) adapters on one port, health, metrics |
 //! | `client` | the Rust client workers use to call the sidecar (feature `client`) |
 //! | `bench` | `kvshelf bench`: every fetch path side by side against the same Redis |
@@ -47,6 +48,8 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "server")]
+pub mod admission;
 #[cfg(feature = "server")]
 pub mod backend;
 #[cfg(feature = "cli")]

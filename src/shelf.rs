@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
+use crate::admission::Admitter;
+pub use crate::admission::{Admission, BodyKind, BodyMeter, PutBatch};
 use crate::backend::Backend;
 use crate::config::{Config, ServerConfig};
 use crate::error::Error;
@@ -48,7 +50,7 @@ pub enum ApiError {
     /// A malformed request: bad JSON, protobuf or frames, a bad hash, a wrong payload size.
     #[error("{0}")]
     InvalidRequest(String),
-    /// The body is larger than `max_body_bytes`.
+    /// The body is larger than what the request may carry (its cap, `docs/api.md` §9).
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge {
         /// The limit.
@@ -193,7 +195,7 @@ pub use crate::frame::Frame as FetchItem;
 #[derive(Debug)]
 pub struct FetchStream {
     rx: mpsc::Receiver<FetchItem>,
-    _permit: OwnedSemaphorePermit,
+    _admission: Admission,
 }
 
 impl FetchStream {
@@ -309,7 +311,8 @@ struct Inner {
     namespaces: HashMap<String, Namespace>,
     tenants: HashMap<String, Arc<Tenant>>,
     cfg: ServerConfig,
-    requests: Arc<Semaphore>,
+    /// The concurrency slots and the body budget.
+    admitter: Admitter,
     queue_tx: std::sync::Mutex<Option<mpsc::UnboundedSender<QueuedPut>>>,
     queue_budget: Arc<Semaphore>,
     /// `fetch_memory_bytes`, one permit per byte.
@@ -393,6 +396,7 @@ impl Shelf {
                 (t.token.clone(), Arc::new(tenant))
             })
             .collect();
+        let admitter = Admitter::new(&server, namespaces.values());
         let (tx, rx) = mpsc::unbounded_channel();
         let shelf = Shelf {
             inner: Arc::new(Inner {
@@ -400,7 +404,7 @@ impl Shelf {
                 l1,
                 namespaces,
                 tenants,
-                requests: Arc::new(Semaphore::new(server.max_concurrent_requests)),
+                admitter,
                 queue_budget: Arc::new(Semaphore::new(
                     server.put_queue_bytes.min(Semaphore::MAX_PERMITS as u64) as usize,
                 )),
@@ -451,17 +455,28 @@ impl Shelf {
             .ok_or(ApiError::Unauthenticated)
     }
 
-    /// Takes one of the `max_concurrent_requests` slots, or refuses at once.
-    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        self.inner
-            .requests
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                metrics::counter!("kvshelf_rejected_requests_total", "reason" => "overloaded")
-                    .increment(1);
-                ApiError::Overloaded
-            })
+    /// Lets a request in before its body is read (`crate::admission`): refuses an
+    /// `announced` body length over what `body` may carry (`payload_too_large`), takes one of
+    /// the `max_concurrent_requests` slots (`overloaded` at once when none is free), and
+    /// reserves the body's room in the `body_memory_bytes` budget (waiting at most
+    /// `put_timeout`, then `overloaded`). Every counted operation takes the result.
+    pub async fn admit(
+        &self,
+        body: BodyKind<'_>,
+        announced: Option<u64>,
+    ) -> Result<Admission, ApiError> {
+        self.inner.admitter.admit(body, announced).await
+    }
+
+    /// The largest body any request may send (`max_body_bytes`, or `body_memory_bytes` when
+    /// smaller).
+    pub fn largest_body(&self) -> u64 {
+        self.inner.admitter.largest_cap()
+    }
+
+    /// Request body bytes reserved in the body budget right now.
+    pub fn body_memory_in_use(&self) -> u64 {
+        self.inner.admitter.in_use()
     }
 
     /// A configured namespace.
@@ -512,12 +527,12 @@ impl Shelf {
     /// answer, so a fetch right after is served locally.
     pub async fn lookup(
         &self,
+        _admission: Admission,
         caller: &Caller,
         label: &str,
         input: LookupInput,
         warm: bool,
     ) -> Result<LookupResult, ApiError> {
-        let _permit = self.admit()?;
         let started = Instant::now();
         let ns = self.namespace(label)?.clone();
         let hashes = match input {
@@ -576,13 +591,16 @@ impl Shelf {
     /// `fetch_chunk_bytes` at a time and waits for the consumer.
     pub async fn fetch(
         &self,
+        admission: Admission,
         _caller: &Caller,
         label: &str,
         hashes: Vec<BlockHash>,
     ) -> Result<FetchStream, ApiError> {
-        let permit = self.admit()?;
         let ns = self.namespace(label)?.clone();
         self.check_count(hashes.len())?;
+        // The request is parsed: while its stream is sent it holds its slot, not its body's
+        // room (the stream's own memory is the fetch budget's).
+        admission.release_body();
         let chunk = self.chunk_blocks(&ns);
         let (tx, rx) = mpsc::channel(chunk);
         let me = self.clone();
@@ -594,18 +612,19 @@ impl Shelf {
         });
         Ok(FetchStream {
             rx,
-            _permit: permit,
+            _admission: admission,
         })
     }
 
     /// One block, or `NotFound`.
     pub async fn get_one(
         &self,
+        admission: Admission,
         caller: &Caller,
         label: &str,
         hash: BlockHash,
     ) -> Result<Bytes, ApiError> {
-        let mut rx = self.fetch(caller, label, vec![hash]).await?;
+        let mut rx = self.fetch(admission, caller, label, vec![hash]).await?;
         match rx.recv().await {
             Some(FetchItem::Block { payload, .. }) => Ok(payload),
             _ => Err(ApiError::NotFound),
@@ -738,20 +757,32 @@ impl Shelf {
         }
     }
 
+    /// An empty put of the namespace `label`, for a request `admission` let in: the
+    /// transport adds the blocks as they arrive ([`PutBatch::push`], or [`PutBatch::feed`]
+    /// for a framed body), each checked then, and hands it to [`Shelf::put`].
+    pub fn put_batch(&self, admission: &Admission, label: &str) -> Result<PutBatch, ApiError> {
+        let ns = self.namespace(label)?;
+        admission.for_put(ns)?;
+        Ok(PutBatch::new(
+            admission,
+            ns,
+            self.inner.cfg.max_blocks_per_request,
+        ))
+    }
+
     /// Puts blocks. Synchronous: written before the answer (or dropped if the backend fails
     /// or is slower than `put_timeout`). With `asynchronous`: queued, answered at once; a
     /// full queue drops them. Invalid blocks refuse the whole request and write nothing.
+    /// The request's body budget is given back once the blocks are written or queued (the
+    /// queue has its own budget).
     pub async fn put(
         &self,
+        _admission: Admission,
         _caller: &Caller,
-        label: &str,
-        blocks: Vec<(BlockHash, Bytes)>,
+        batch: PutBatch,
         asynchronous: bool,
     ) -> Result<Vec<PutResult>, ApiError> {
-        let _permit = self.admit()?;
-        let ns = self.namespace(label)?.clone();
-        self.check_count(blocks.len())?;
-        crate::store::check_payloads(&ns, &blocks)?;
+        let (ns, blocks) = batch.into_blocks()?;
         if asynchronous {
             return Ok(self.enqueue(ns, blocks));
         }
@@ -872,12 +903,12 @@ impl Shelf {
     /// admin token when tokens are configured.
     pub async fn delete(
         &self,
+        _admission: Admission,
         caller: &Caller,
         label: &str,
         hashes: &[BlockHash],
     ) -> Result<u64, ApiError> {
         self.require_admin(caller, "deleting blocks")?;
-        let _permit = self.admit()?;
         self.namespace(label)?;
         self.check_count(hashes.len())?;
         if let Some(l1) = &self.inner.l1 {
@@ -891,13 +922,13 @@ impl Shelf {
     /// `max_pinned_bytes` is refused (`pin_limit`) and changes nothing.
     pub async fn pin(
         &self,
+        _admission: Admission,
         caller: &Caller,
         label: &str,
         hash: &BlockHash,
         pin: bool,
     ) -> Result<bool, ApiError> {
         self.require_admin(caller, if pin { "pinning" } else { "unpinning" })?;
-        let _permit = self.admit()?;
         let ns = self.namespace(label)?;
         let found = if pin {
             let limit = self.max_pinned_bytes(ns);
@@ -946,9 +977,13 @@ impl Shelf {
     /// Deletes every block of a namespace. Needs an admin token when tokens are configured.
     /// Every node works under `operator_timeout`; the report lists the cluster nodes that
     /// failed or did not finish in time. An error only when no node could delete anything.
-    pub async fn purge(&self, caller: &Caller, label: &str) -> Result<PurgeReport, ApiError> {
+    pub async fn purge(
+        &self,
+        _admission: Admission,
+        caller: &Caller,
+        label: &str,
+    ) -> Result<PurgeReport, ApiError> {
         self.require_admin(caller, "purging a namespace")?;
-        let _permit = self.admit()?;
         self.namespace(label)?;
         if let Some(l1) = &self.inner.l1 {
             l1.remove_namespace(label);

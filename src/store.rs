@@ -1210,15 +1210,20 @@ pub(crate) fn check_payloads(ns: &Namespace, blocks: &[(BlockHash, Bytes)]) -> R
     let want = ns.block_bytes();
     match blocks.iter().position(|(_, p)| p.len() as u64 != want) {
         None => Ok(()),
-        Some(i) => Err(Error::InvalidInput(format!(
-            "block {i} has {} bytes of payload; one block of namespace {:?} is {want} bytes \
-             ({} x {:?})",
-            blocks[i].1.len(),
-            ns.label,
-            ns.kv_dtype,
-            ns.block_shape()
-        ))),
+        Some(i) => Err(wrong_size(ns, i, blocks[i].1.len() as u64)),
     }
+}
+
+/// Block `i` of a request has `len` bytes of payload, not the namespace's `block_bytes`.
+pub(crate) fn wrong_size(ns: &Namespace, i: usize, len: u64) -> Error {
+    Error::InvalidInput(format!(
+        "block {i} has {len} bytes of payload; one block of namespace {:?} is {} bytes \
+         ({} x {:?})",
+        ns.label,
+        ns.block_bytes(),
+        ns.kv_dtype,
+        ns.block_shape()
+    ))
 }
 
 /// Counts and logs a bad block found on the shelf.

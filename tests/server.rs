@@ -7,6 +7,7 @@ use bytes::Bytes;
 use kvshelf::client::{ClientError, Protocol};
 use kvshelf::config::TenantConfig;
 use kvshelf::frame::{self, EndReason};
+use kvshelf::shelf::BodyKind;
 use kvshelf::store::PutResult;
 use kvshelf::{BlockHash, Namespace};
 use support::{Sidecar, namespace, payload, redis_url, sidecar_config};
@@ -410,6 +411,7 @@ async fn every_error_code_through_both_protocols() {
     assert_eq!(
         side.shelf
             .lookup(
+                side.shelf.admit(BodyKind::None, None).await.unwrap(),
                 &Default::default(),
                 &ns.label,
                 kvshelf::shelf::LookupInput::Hashes(hashes.clone()),
@@ -498,7 +500,12 @@ async fn too_many_concurrent_requests_get_429_and_resource_exhausted() {
     let hashes = kvshelf::PrefixHasher::new(&ns, None).hash_prefix(&prompt(&ns, 2, 4));
     let held = side
         .shelf
-        .fetch(&Default::default(), &ns.label, hashes.clone())
+        .fetch(
+            side.shelf.admit(BodyKind::None, None).await.unwrap(),
+            &Default::default(),
+            &ns.label,
+            hashes.clone(),
+        )
         .await
         .unwrap();
     let http = reqwest::Client::new();

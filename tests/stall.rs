@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use kvshelf::admission::BodyKind;
 use kvshelf::frame::EndReason;
 use kvshelf::shelf::{Caller, FetchItem, FetchStream, Shelf};
 use kvshelf::{BlockHash, Namespace, PrefixHasher};
@@ -29,8 +30,9 @@ async fn fetch(
     ns: &Namespace,
     hashes: &[BlockHash],
 ) -> (Vec<bytes::Bytes>, EndReason) {
+    let admission = shelf.admit(BodyKind::None, None).await.expect("admitted");
     let s = shelf
-        .fetch(&Caller::default(), &ns.label, hashes.to_vec())
+        .fetch(admission, &Caller::default(), &ns.label, hashes.to_vec())
         .await
         .expect("admitted");
     drain(s).await
@@ -137,16 +139,22 @@ async fn a_stalled_reader_does_not_block_other_fetches() {
         .enumerate()
         .map(|(i, h)| (*h, payload(&ns, i as u8)))
         .collect();
+    let admission = side.shelf.admit(BodyKind::None, None).await.unwrap();
+    let mut batch = side.shelf.put_batch(&admission, &ns.label).unwrap();
+    for (h, p) in blocks {
+        batch.push(h, p).unwrap();
+    }
     side.shelf
-        .put(&Caller::default(), &ns.label, blocks, false)
+        .put(admission, &Caller::default(), batch, false)
         .await
         .unwrap();
 
     tokio::time::timeout(TEST_LIMIT, async {
         // Opened, never read: its first block holds the whole budget.
+        let admission = side.shelf.admit(BodyKind::None, None).await.unwrap();
         let stalled = side
             .shelf
-            .fetch(&Caller::default(), &ns.label, vec![hs[0]])
+            .fetch(admission, &Caller::default(), &ns.label, vec![hs[0]])
             .await
             .unwrap();
         tokio::task::yield_now().await;

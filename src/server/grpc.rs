@@ -1,9 +1,17 @@
 //! The gRPC adapter: `kvshelf.v1.Shelf` from `proto/kvshelf/v1/shelf.proto`, plus the
 //! standard `grpc.health.v1.Health` service. Errors carry the API's stable code in the
 //! `kvshelf-error` metadata entry.
+//!
+//! tonic reads a call's messages before its handler runs, so every `kvshelf.v1.Shelf` call
+//! is admitted by a middleware in front of tonic (`admit`): slot and body budget first,
+//! then the body is read through the admission's meter, and the handler takes the
+//! admission from the request's extensions.
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
+use axum::extract::State;
+use axum::middleware::Next;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -11,10 +19,22 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::frame::EndReason;
 use crate::hashing::BlockHash;
 use crate::proto::{self, shelf_server::ShelfServer};
-use crate::shelf::{ApiError, Caller, FetchItem, LookupInput, PutResult, Shelf};
+use crate::shelf::{
+    Admission, ApiError, BodyKind, Caller, FetchItem, LookupInput, PutResult, Shelf,
+};
 
 /// The one table from API error to gRPC status code.
 pub fn status_of(e: &ApiError) -> Status {
+    metrics::counter!("kvshelf_grpc_errors_total", "code" => e.code()).increment(1);
+    if super::is_server_side(e) {
+        tracing::warn!(code = e.code(), error = %e, "rpc failed");
+    }
+    uncounted_status(e)
+}
+
+/// [`status_of`] without counting it: for a body refused while tonic reads it, which a
+/// handler may see again.
+fn uncounted_status(e: &ApiError) -> Status {
     use tonic::Code;
     let code = match e {
         ApiError::Unauthenticated => Code::Unauthenticated,
@@ -28,10 +48,6 @@ pub fn status_of(e: &ApiError) -> Status {
         ApiError::Overloaded | ApiError::PinLimit { .. } => Code::ResourceExhausted,
         ApiError::BackendUnavailable(_) => Code::Unavailable,
     };
-    metrics::counter!("kvshelf_grpc_errors_total", "code" => e.code()).increment(1);
-    if super::is_server_side(e) {
-        tracing::warn!(code = e.code(), error = %e, "rpc failed");
-    }
     let mut status = Status::new(code, e.to_string());
     status
         .metadata_mut()
@@ -45,19 +61,94 @@ pub struct GrpcShelf {
     shelf: Shelf,
 }
 
-/// The gRPC routes: the Shelf service and gRPC health checking.
+/// The gRPC routes: the Shelf service (behind its admission) and gRPC health checking.
 pub fn routes(shelf: Shelf) -> axum::Router {
-    let limit = usize::try_from(shelf.config().max_body_bytes).unwrap_or(usize::MAX);
-    let service = ShelfServer::new(GrpcShelf { shelf })
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    // Messages are metered by the admission as they arrive; this only spares tonic from
+    // reserving room for a length no request may have.
+    let decoding = usize::try_from(shelf.largest_body()).unwrap_or(usize::MAX);
+    let encoding = usize::try_from(shelf.config().max_body_bytes).unwrap_or(usize::MAX);
+    let service = ShelfServer::new(GrpcShelf {
+        shelf: shelf.clone(),
+    })
+    .max_decoding_message_size(decoding)
+    .max_encoding_message_size(encoding);
     let (reporter, health) = tonic_health::server::health_reporter();
+    // A health check is a service name: it needs no more.
+    let health = health.max_decoding_message_size(HEALTH_MESSAGE_BYTES);
     tokio::spawn(async move {
         reporter.set_serving::<ShelfServer<GrpcShelf>>().await;
     });
     tonic::service::Routes::new(service)
         .add_service(health)
         .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(shelf, admit))
+}
+
+const HEALTH_MESSAGE_BYTES: usize = 4096;
+
+/// Carries a call's admission from [`admit`] to its handler.
+#[derive(Clone)]
+struct Admitted(Arc<Mutex<Option<Admission>>>);
+
+/// Admits a `kvshelf.v1.Shelf` call before tonic reads its messages: the caller's token,
+/// a slot, the body budget; then the body reaches tonic through the admission's meter, which
+/// refuses it past its cap or when the budget has no room.
+async fn admit(
+    State(shelf): State<Shelf>,
+    req: axum::extract::Request,
+    next: Next,
+) -> axum::response::Response {
+    let Some(method) = req.uri().path().strip_prefix("/kvshelf.v1.Shelf/") else {
+        return next.run(req).await;
+    };
+    let body = match method {
+        "Put" => BodyKind::GrpcPut(None),
+        _ => BodyKind::Control,
+    };
+    // The token first, so that a caller without one holds neither a slot nor budget.
+    if let Err(e) = super::http::caller(&shelf, req.headers()) {
+        return status_of(&e).into_http();
+    }
+    let admission = match shelf.admit(body, None).await {
+        Ok(a) => a,
+        Err(e) => return status_of(&e).into_http(),
+    };
+    let meter = admission.meter();
+    let (mut parts, body) = req.into_parts();
+    parts
+        .extensions
+        .insert(Admitted(Arc::new(Mutex::new(Some(admission)))));
+    let metered =
+        futures_util::stream::unfold(Some((body.into_data_stream(), meter)), |state| async move {
+            let (mut chunks, meter) = state?;
+            match chunks.next().await? {
+                Ok(chunk) => match meter.receive(chunk.len()).await {
+                    Ok(()) => Some((Ok(chunk), Some((chunks, meter)))),
+                    Err(e) => Some((Err(uncounted_status(&e)), None)),
+                },
+                // tonic recognises a reset stream (h2) in the error's source chain.
+                Err(e) => Some((Err(Status::from_error(e.into_inner())), None)),
+            }
+        });
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from_stream(metered));
+    next.run(req).await
+}
+
+/// The admission [`admit`] made for this call (or one made now, should a call reach the
+/// service without the middleware).
+async fn admission_of<T>(
+    shelf: &Shelf,
+    req: &Request<T>,
+    body: BodyKind<'_>,
+) -> Result<Admission, ApiError> {
+    let taken = req
+        .extensions()
+        .get::<Admitted>()
+        .and_then(|a| a.0.lock().unwrap_or_else(|p| p.into_inner()).take());
+    match taken {
+        Some(a) => Ok(a),
+        None => shelf.admit(body, None).await,
+    }
 }
 
 fn caller_of<T>(shelf: &Shelf, req: &Request<T>) -> Result<Caller, ApiError> {
@@ -98,13 +189,14 @@ type RpcResult<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl proto::shelf_server::Shelf for GrpcShelf {
     async fn hash(&self, req: Request<proto::HashRequest>) -> RpcResult<proto::HashResponse> {
-        let run = || {
+        let run = async {
+            let _admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
             let who = caller_of(&self.shelf, &req)?;
             let r = req.get_ref();
             let extras = extras_of(r.extra_keys.clone());
             self.shelf.hash(&who, &r.namespace, &r.tokens, &extras)
         };
-        let hashes = run().map_err(|e| status_of(&e))?;
+        let hashes = run.await.map_err(|e| status_of(&e))?;
         Ok(Response::new(proto::HashResponse {
             block_hashes: hashes.iter().map(hash_bytes).collect(),
         }))
@@ -112,6 +204,7 @@ impl proto::shelf_server::Shelf for GrpcShelf {
 
     async fn lookup(&self, req: Request<proto::LookupRequest>) -> RpcResult<proto::LookupResponse> {
         let run = async {
+            let admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
             let who = caller_of(&self.shelf, &req)?;
             let r = req.into_inner();
             let input = match (r.tokens.is_empty(), r.block_hashes.is_empty()) {
@@ -124,7 +217,9 @@ impl proto::shelf_server::Shelf for GrpcShelf {
                     ));
                 }
             };
-            self.shelf.lookup(&who, &r.namespace, input, r.warm).await
+            self.shelf
+                .lookup(admission, &who, &r.namespace, input, r.warm)
+                .await
         };
         let res = run.await.map_err(|e| status_of(&e))?;
         Ok(Response::new(proto::LookupResponse {
@@ -139,10 +234,11 @@ impl proto::shelf_server::Shelf for GrpcShelf {
 
     async fn fetch(&self, req: Request<proto::FetchRequest>) -> RpcResult<Self::FetchStream> {
         let run = async {
+            let admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
             let who = caller_of(&self.shelf, &req)?;
             let r = req.into_inner();
             self.shelf
-                .fetch(&who, &r.namespace, hashes_of(&r.block_hashes)?)
+                .fetch(admission, &who, &r.namespace, hashes_of(&r.block_hashes)?)
                 .await
         };
         let rx = run.await.map_err(|e| status_of(&e))?;
@@ -173,41 +269,44 @@ impl proto::shelf_server::Shelf for GrpcShelf {
         req: Request<Streaming<proto::PutRequest>>,
     ) -> RpcResult<proto::PutResponse> {
         let run = async {
+            let admission = admission_of(&self.shelf, &req, BodyKind::GrpcPut(None)).await?;
             let who = caller_of(&self.shelf, &req)?;
-            let limit = self.shelf.config().max_body_bytes;
             let mut stream = req.into_inner();
-            let (mut label, mut asynchronous) = (String::new(), false);
-            let (mut blocks, mut bytes) = (Vec::new(), 0u64);
-            let mut first = true;
+            let mut batch = None;
+            let mut asynchronous = false;
+            // Blocks are counted and their sizes checked as each message arrives: a stream
+            // of empty payloads is refused at block max_blocks_per_request + 1.
             while let Some(msg) = stream.next().await {
-                let msg = msg.map_err(|s| match s.code() {
-                    // tonic refuses a message over the decoding limit (max_body_bytes).
-                    tonic::Code::OutOfRange => ApiError::PayloadTooLarge { limit },
-                    _ => ApiError::InvalidRequest(format!("put stream: {}", s.message())),
+                let msg = msg.map_err(|s| match admission.refusal() {
+                    Some(refused) => refused,
+                    // tonic refuses a message longer than any request may be.
+                    None if s.code() == tonic::Code::OutOfRange => ApiError::PayloadTooLarge {
+                        limit: self.shelf.largest_body(),
+                    },
+                    None => ApiError::InvalidRequest(format!("put stream: {}", s.message())),
                 })?;
-                if first {
-                    label = msg.namespace.clone();
-                    asynchronous = msg.r#async;
-                    first = false;
-                } else if !msg.namespace.is_empty() && msg.namespace != label {
-                    return Err(ApiError::InvalidRequest(
-                        "one put stream carries one namespace".into(),
-                    ));
-                }
-                for b in msg.blocks {
-                    bytes += b.payload.len() as u64;
-                    if bytes > limit {
-                        return Err(ApiError::PayloadTooLarge { limit });
+                let batch = match &mut batch {
+                    None => {
+                        asynchronous = msg.r#async;
+                        batch.insert(self.shelf.put_batch(&admission, &msg.namespace)?)
                     }
-                    blocks.push((hash_of(&b.block_hash)?, b.payload));
+                    Some(b) if msg.namespace.is_empty() || msg.namespace == b.label() => b,
+                    Some(_) => {
+                        return Err(ApiError::InvalidRequest(
+                            "one put stream carries one namespace".into(),
+                        ));
+                    }
+                };
+                for b in msg.blocks {
+                    batch.push(hash_of(&b.block_hash)?, b.payload)?;
                 }
             }
-            if first {
+            let Some(batch) = batch else {
                 return Err(ApiError::InvalidRequest(
                     "empty put stream: the first message names the namespace".into(),
                 ));
-            }
-            self.shelf.put(&who, &label, blocks, asynchronous).await
+            };
+            self.shelf.put(admission, &who, batch, asynchronous).await
         };
         let results = run.await.map_err(|e| status_of(&e))?;
         let outcomes = results
@@ -226,10 +325,11 @@ impl proto::shelf_server::Shelf for GrpcShelf {
 
     async fn delete(&self, req: Request<proto::DeleteRequest>) -> RpcResult<proto::DeleteResponse> {
         let run = async {
+            let admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
             let who = caller_of(&self.shelf, &req)?;
             let r = req.get_ref();
             self.shelf
-                .delete(&who, &r.namespace, &hashes_of(&r.block_hashes)?)
+                .delete(admission, &who, &r.namespace, &hashes_of(&r.block_hashes)?)
                 .await
         };
         let deleted = run.await.map_err(|e| status_of(&e))?;
@@ -246,8 +346,11 @@ impl proto::shelf_server::Shelf for GrpcShelf {
 
     async fn purge(&self, req: Request<proto::PurgeRequest>) -> RpcResult<proto::PurgeResponse> {
         let run = async {
+            let admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
             let who = caller_of(&self.shelf, &req)?;
-            self.shelf.purge(&who, &req.get_ref().namespace).await
+            self.shelf
+                .purge(admission, &who, &req.get_ref().namespace)
+                .await
         };
         let report = run.await.map_err(|e| status_of(&e))?;
         Ok(Response::new(proto::PurgeResponse {
@@ -265,7 +368,12 @@ impl proto::shelf_server::Shelf for GrpcShelf {
     }
 
     async fn stats(&self, req: Request<proto::StatsRequest>) -> RpcResult<proto::StatsResponse> {
-        let who = caller_of(&self.shelf, &req).map_err(|e| status_of(&e))?;
+        let run = async {
+            let admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
+            let who = caller_of(&self.shelf, &req)?;
+            Ok::<_, ApiError>((admission, who))
+        };
+        let (_admission, who) = run.await.map_err(|e| status_of(&e))?;
         let s = self.shelf.stats().await;
         Ok(Response::new(proto::StatsResponse {
             backend: s.backend.to_owned(),
@@ -307,10 +415,11 @@ impl GrpcShelf {
         pin: bool,
     ) -> RpcResult<proto::PinResponse> {
         let run = async {
+            let admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
             let who = caller_of(&self.shelf, &req)?;
             let r = req.get_ref();
             self.shelf
-                .pin(&who, &r.namespace, &hash_of(&r.block_hash)?, pin)
+                .pin(admission, &who, &r.namespace, &hash_of(&r.block_hash)?, pin)
                 .await
         };
         let found = run.await.map_err(|e| status_of(&e))?;

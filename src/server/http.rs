@@ -15,9 +15,11 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::frame::{self, Decoder, Frame};
+use crate::frame;
 use crate::hashing::BlockHash;
-use crate::shelf::{ApiError, Caller, FetchItem, LookupInput, PutResult, Shelf};
+use crate::shelf::{
+    Admission, ApiError, BodyKind, Caller, FetchItem, LookupInput, PutResult, Shelf,
+};
 
 /// The HTTP routes.
 pub fn routes(shelf: Shelf) -> Router {
@@ -47,8 +49,9 @@ pub fn routes(shelf: Shelf) -> Router {
     no_query
         .merge(with_query)
         .with_state(shelf)
-        // The body limit is enforced while reading, in `read_body`, so that the error has
-        // the API's shape; axum's own default limit (2 MiB) would cut tensor uploads.
+        // Each request's cap is enforced by its admission, before and while its body is
+        // read (`crate::admission`), so that the error has the API's shape; axum's own
+        // default limit (2 MiB) would cut tensor uploads.
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
@@ -140,33 +143,52 @@ impl IntoResponse for HttpError {
 
 type Result<T> = std::result::Result<T, HttpError>;
 
-fn caller(shelf: &Shelf, headers: &HeaderMap) -> std::result::Result<Caller, ApiError> {
+pub(super) fn caller(shelf: &Shelf, headers: &HeaderMap) -> std::result::Result<Caller, ApiError> {
     let authorization = headers.get(header::AUTHORIZATION);
     super::caller(shelf, authorization.and_then(|v| v.to_str().ok()))
 }
 
-async fn read_body(shelf: &Shelf, body: Body) -> std::result::Result<Bytes, ApiError> {
-    let limit = shelf.config().max_body_bytes;
-    axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .await
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
-            }
-        })
+/// The body length a request announces (`Content-Length`), if it does.
+fn announced(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
-async fn read_json<T: DeserializeOwned>(
-    shelf: &Shelf,
+/// Hands each chunk of `body` to `keep` as it arrives, once `admission` has accounted for it
+/// (so a body over its cap, or one the body budget has no room for, stops being read).
+async fn each_chunk(
+    admission: &Admission,
     body: Body,
-) -> std::result::Result<T, ApiError> {
-    let bytes = read_body(shelf, body).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))
+    mut keep: impl FnMut(Bytes) -> std::result::Result<(), ApiError>,
+) -> std::result::Result<(), ApiError> {
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::InvalidRequest(format!("cannot read the request body: {e}")))?;
+        admission.receive(chunk.len()).await?;
+        keep(chunk)?;
+    }
+    Ok(())
+}
+
+/// Admits a request with a JSON body, then reads and parses the body.
+async fn admit_json<T: DeserializeOwned>(
+    shelf: &Shelf,
+    headers: &HeaderMap,
+    body: Body,
+) -> std::result::Result<(Admission, T), ApiError> {
+    let admission = shelf.admit(BodyKind::Control, announced(headers)).await?;
+    let mut bytes = Vec::new();
+    each_chunk(&admission, body, |c| {
+        bytes.extend_from_slice(&c);
+        Ok(())
+    })
+    .await?;
+    let req = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))?;
+    Ok((admission, req))
 }
 
 fn parse_query<T: DeserializeOwned>(uri: &Uri) -> std::result::Result<T, ApiError> {
@@ -213,6 +235,7 @@ async fn metrics(State(shelf): State<Shelf>) -> Response {
     metrics::gauge!("kvshelf_l1_bytes").set(stats.l1_bytes as f64);
     metrics::gauge!("kvshelf_put_queue_bytes").set(stats.put_queue_bytes as f64);
     shelf.refresh_pinned_gauges().await;
+    metrics::gauge!("kvshelf_body_memory_bytes").set(shelf.body_memory_in_use() as f64);
     let text = super::metrics_handle().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -239,7 +262,7 @@ struct HashBody {
 
 async fn hash(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let req: HashBody = read_json(&shelf, body).await?;
+    let (_admission, req): (_, HashBody) = admit_json(&shelf, &headers, body).await?;
     let extras = parse_extras(req.extra_keys)?;
     let hashes = shelf.hash(&who, &req.namespace, &req.tokens, &extras)?;
     Ok(axum::Json(serde_json::json!({ "block_hashes": hashes })).into_response())
@@ -259,7 +282,7 @@ struct LookupBody {
 
 async fn lookup(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let req: LookupBody = read_json(&shelf, body).await?;
+    let (admission, req): (_, LookupBody) = admit_json(&shelf, &headers, body).await?;
     let input = match (req.tokens, req.block_hashes) {
         (Some(t), None) => LookupInput::Tokens(t, parse_extras(req.extra_keys)?),
         (None, Some(h)) => LookupInput::Hashes(h),
@@ -270,7 +293,9 @@ async fn lookup(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> R
             .into());
         }
     };
-    let result = shelf.lookup(&who, &req.namespace, input, req.warm).await?;
+    let result = shelf
+        .lookup(admission, &who, &req.namespace, input, req.warm)
+        .await?;
     Ok(axum::Json(result).into_response())
 }
 
@@ -283,8 +308,10 @@ struct BlocksBody {
 
 async fn fetch(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let req: BlocksBody = read_json(&shelf, body).await?;
-    let rx = shelf.fetch(&who, &req.namespace, req.block_hashes).await?;
+    let (admission, req): (_, BlocksBody) = admit_json(&shelf, &headers, body).await?;
+    let rx = shelf
+        .fetch(admission, &who, &req.namespace, req.block_hashes)
+        .await?;
     // Each block goes out as a small frame head followed by the payload `Bytes` itself:
     // the tensor bytes are not copied into a frame buffer on their way to the socket.
     let head = futures_util::stream::once(async {
@@ -327,27 +354,14 @@ async fn put_batch(
         ApiError::InvalidRequest("the namespace query parameter is required".into())
     })?;
     let ns = shelf.namespace(&label)?;
-    let bytes = read_body(&shelf, body).await?;
-    // Validate the whole stream before writing anything: a malformed body changes nothing.
-    let mut decoder = Decoder::new(ns.block_bytes());
-    decoder.feed(&bytes);
-    let mut blocks = Vec::new();
-    loop {
-        match decoder.next_frame() {
-            Ok(Some(Frame::Block { hash, payload, .. })) => blocks.push((hash, payload)),
-            Ok(Some(Frame::End { .. })) => {}
-            Ok(None) => break,
-            Err(e) => {
-                return Err(
-                    ApiError::InvalidRequest(format!("malformed frame stream: {e}")).into(),
-                );
-            }
-        }
-    }
-    decoder
-        .finish()
-        .map_err(|e| ApiError::InvalidRequest(format!("malformed frame stream: {e}")))?;
-    let outcomes = shelf.put(&who, &label, blocks, q.asynchronous).await?;
+    let admission = shelf
+        .admit(BodyKind::Frames(ns), announced(&headers))
+        .await?;
+    // Frames are decoded as the body arrives, each payload copied once out of the received
+    // chunks; the whole stream is checked before anything is written.
+    let mut batch = shelf.put_batch(&admission, &label)?;
+    each_chunk(&admission, body, |chunk| batch.feed(&chunk)).await?;
+    let outcomes = shelf.put(admission, &who, batch, q.asynchronous).await?;
     Ok(axum::Json(serde_json::json!({ "outcomes": outcomes })).into_response())
 }
 
@@ -357,7 +371,9 @@ async fn get_block(
     Path((namespace, hash)): Path<(String, String)>,
 ) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let payload = shelf.get_one(&who, &namespace, parse_hash(&hash)?).await?;
+    let hash = parse_hash(&hash)?;
+    let admission = shelf.admit(BodyKind::None, None).await?;
+    let payload = shelf.get_one(admission, &who, &namespace, hash).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         payload,
@@ -382,10 +398,21 @@ async fn put_block(
     let who = caller(&shelf, &headers)?;
     let q: AsyncQuery = parse_query(&uri)?;
     let hash = parse_hash(&hash)?;
-    shelf.namespace(&namespace)?;
-    let payload = read_body(&shelf, body).await?;
+    let ns = shelf.namespace(&namespace)?;
+    // The cap is exactly one payload: a longer Content-Length is refused unread.
+    let admission = shelf
+        .admit(BodyKind::Payload(ns), announced(&headers))
+        .await?;
+    let mut batch = shelf.put_batch(&admission, &namespace)?;
+    let mut payload = bytes::BytesMut::with_capacity(admission.cap() as usize);
+    each_chunk(&admission, body, |chunk| {
+        payload.extend_from_slice(&chunk);
+        Ok(())
+    })
+    .await?;
+    batch.push(hash, payload.freeze())?;
     let outcome = shelf
-        .put(&who, &namespace, vec![(hash, payload)], q.asynchronous)
+        .put(admission, &who, batch, q.asynchronous)
         .await?
         .remove(0);
     let status = match outcome {
@@ -406,9 +433,9 @@ async fn delete_block(
     Path((namespace, hash)): Path<(String, String)>,
 ) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let deleted = shelf
-        .delete(&who, &namespace, &[parse_hash(&hash)?])
-        .await?;
+    let hash = parse_hash(&hash)?;
+    let admission = shelf.admit(BodyKind::None, None).await?;
+    let deleted = shelf.delete(admission, &who, &namespace, &[hash]).await?;
     Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
 }
 
@@ -418,9 +445,9 @@ async fn delete_batch(
     body: Body,
 ) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let req: BlocksBody = read_json(&shelf, body).await?;
+    let (admission, req): (_, BlocksBody) = admit_json(&shelf, &headers, body).await?;
     let deleted = shelf
-        .delete(&who, &req.namespace, &req.block_hashes)
+        .delete(admission, &who, &req.namespace, &req.block_hashes)
         .await?;
     Ok(axum::Json(serde_json::json!({ "deleted": deleted })).into_response())
 }
@@ -433,9 +460,9 @@ async fn pin_or_unpin(
     pin: bool,
 ) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let found = shelf
-        .pin(&who, &namespace, &parse_hash(&hash)?, pin)
-        .await?;
+    let hash = parse_hash(&hash)?;
+    let admission = shelf.admit(BodyKind::None, None).await?;
+    let found = shelf.pin(admission, &who, &namespace, &hash, pin).await?;
     Ok(axum::Json(serde_json::json!({ "found": found })).into_response())
 }
 
@@ -461,6 +488,7 @@ async fn purge(
     Path(namespace): Path<String>,
 ) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
-    let report = shelf.purge(&who, &namespace).await?;
+    let admission = shelf.admit(BodyKind::None, None).await?;
+    let report = shelf.purge(admission, &who, &namespace).await?;
     Ok(axum::Json(report).into_response())
 }

@@ -111,6 +111,10 @@ fn describe_metrics() {
         "kvshelf_put_queue_bytes",
         "Bytes of asynchronous puts accepted and not yet written (queued or being written)."
     );
+    describe_gauge!(
+        "kvshelf_body_memory_bytes",
+        "Request body bytes reserved in the body budget (body_memory_bytes)."
+    );
     describe_histogram!(
         "kvshelf_request_duration_seconds",
         "Time to serve lookups, fetches and puts."
