@@ -29,18 +29,9 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 [[ -x $bin ]] || cargo build --release --bin kvshelf
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-rport=$(free_port)
-redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no \
-    --maxmemory 4gb --maxmemory-policy volatile-lfu --logfile "$out/admission-redis.log" &
-pids+=($!)
-redis=redis://127.0.0.1:$rport
-for _ in $(seq 100); do redis-cli -u "$redis" ping >/dev/null 2>&1 && break; sleep 0.1; done
-redis-cli -u "$redis" ping >/dev/null
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
+start_redis 4gb "$out/admission-redis.log"
 
 config=$out/admission.toml
 write_config() {

@@ -24,17 +24,9 @@ out=${OUT:-target/bench}
 mkdir -p "$out"
 [[ -x $bin ]] || cargo build --release --bin kvshelf
 
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-rport=$(free_port)
-redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no \
-    --maxmemory 6gb --maxmemory-policy volatile-lfu --logfile "$(pwd)/$out/memory-redis.log" &
-pids+=($!)
-redis=redis://127.0.0.1:$rport
-until redis-cli -u "$redis" ping >/dev/null 2>&1; do sleep 0.1; done
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
+start_redis 6gb "$(pwd)/$out/memory-redis.log"
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
