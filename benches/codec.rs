@@ -29,6 +29,7 @@ fn namespace(kv_heads: u32, layers: u32) -> Namespace {
         block_size: 16,
         lora_adapter: None,
         ttl: None,
+        hash_scheme: Default::default(),
     }
 }
 

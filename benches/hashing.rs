@@ -24,6 +24,7 @@ fn namespace(block_size: u32) -> Namespace {
         block_size,
         lora_adapter: None,
         ttl: None,
+        hash_scheme: Default::default(),
     }
 }
 

@@ -56,6 +56,7 @@ impl ValueSize {
             block_size: block,
             lora_adapter: None,
             ttl: Some(Duration::from_secs(3600)),
+            hash_scheme: Default::default(),
         }
     }
 }

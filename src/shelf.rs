@@ -296,6 +296,7 @@ pub fn demo_namespace() -> Namespace {
         block_size: 16,
         lora_adapter: None,
         ttl: None,
+        hash_scheme: Default::default(),
     }
 }
 

@@ -501,6 +501,38 @@ impl RedisStore {
             .count())
     }
 
+    /// Whether each block of `hashes` is on the shelf, in one round trip: [`lookup`]'s
+    /// per-key answer, for callers that own their chunking (LMCache asks about every chunk,
+    /// not a prefix). Side-effect free, like `lookup`; on a cluster, a block whose node did
+    /// not answer is `false`.
+    ///
+    /// [`lookup`]: Self::lookup
+    pub async fn exists(&self, label: &str, hashes: &[BlockHash]) -> Result<Vec<bool>, Error> {
+        validate_label(label)?;
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(pool) = &self.bulk {
+            let mut req = resp::Request::default();
+            for hash in hashes {
+                let key = block_key(label, hash);
+                req.cmd(&[Arg::Small(b"EXISTS"), Arg::Small(key.as_bytes())]);
+            }
+            let replies = pool.exec(&req).await?;
+            return Ok(replies.iter().map(|r| *r == Reply::Int(1)).collect());
+        }
+        let replies = self
+            .per_key(hashes.len(), |i, pipe| {
+                pipe.exists(block_key(label, &hashes[i]));
+                1
+            })
+            .await?;
+        Ok(replies
+            .iter()
+            .map(|r| matches!(r.as_deref(), Ok([redis::Value::Int(1)])))
+            .collect())
+    }
+
     /// Deletes blocks (`UNLINK`: Redis frees the memory off its main thread). Returns how
     /// many existed.
     pub async fn delete(&self, label: &str, hashes: &[BlockHash]) -> Result<u64, Error> {
@@ -853,11 +885,22 @@ fn one<T>(v: (T,)) -> T {
     v.0
 }
 
-/// Every payload must be exactly one block of the namespace's shape and dtype.
+/// Every payload must be exactly one block of the namespace's shape and dtype (for a
+/// foreign hash scheme: 1 byte up to one full chunk).
 pub(crate) fn check_payloads(ns: &Namespace, blocks: &[(BlockHash, Bytes)]) -> Result<(), Error> {
     let want = ns.block_bytes();
-    match blocks.iter().position(|(_, p)| p.len() as u64 != want) {
+    match blocks
+        .iter()
+        .position(|(_, p)| !ns.accepts_payload_len(p.len() as u64))
+    {
         None => Ok(()),
+        Some(i) if !ns.hash_scheme.is_kvshelf() => Err(Error::InvalidInput(format!(
+            "chunk {i} has {} bytes of payload; namespace {:?} ({} hashes) stores chunks of \
+             1 to {want} bytes",
+            blocks[i].1.len(),
+            ns.label,
+            ns.hash_scheme
+        ))),
         Some(i) => Err(Error::InvalidInput(format!(
             "block {i} has {} bytes of payload; one block of namespace {:?} is {want} bytes \
              ({} x {:?})",

@@ -42,6 +42,7 @@ fn ns(model: &str, dtype: Dtype, block_size: u32) -> Namespace {
         block_size,
         lora_adapter: None,
         ttl: None,
+        hash_scheme: Default::default(),
     }
 }
 

@@ -66,6 +66,7 @@ pub fn namespace_for(cfg: &ModelConfig, dtype: Dtype) -> Namespace {
         block_size: BLOCK_SIZE,
         lora_adapter: None,
         ttl: None,
+        hash_scheme: Default::default(),
     }
 }
 

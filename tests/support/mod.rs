@@ -268,6 +268,7 @@ pub fn namespace(test: &str) -> Namespace {
         block_size: 4,
         lora_adapter: None,
         ttl: None,
+        hash_scheme: Default::default(),
     }
 }
 
