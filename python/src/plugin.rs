@@ -70,13 +70,20 @@ impl Outcome {
         }
     }
 
-    fn into_completion(self, id: u64, keys_total: usize) -> Completion {
-        let ok = self.bools.iter().all(|b| *b) && self.errors.is_empty();
+    /// `ok` of a get or set: every key was loaded or stored. `ok` of an exists or delete
+    /// (`answers`): Redis answered for every key, whatever the answers are, as LMCache's
+    /// adapter reads a lookup's bools only when `ok`.
+    fn into_completion(self, id: u64, keys_total: usize, answers: bool) -> Completion {
+        let ok = self.errors.is_empty() && (answers || self.bools.iter().all(|b| *b));
         let failed = self.bools.iter().filter(|b| !**b).count();
         let err = if ok {
             String::new()
         } else {
-            let mut e = format!("{failed} of {keys_total} keys failed or missed");
+            let mut e = if answers {
+                format!("{} of {keys_total} keys failed", self.errors.len())
+            } else {
+                format!("{failed} of {keys_total} keys failed or missed")
+            };
             for m in self.errors.iter().take(8) {
                 e.push_str("; ");
                 e.push_str(m);
@@ -245,11 +252,12 @@ impl Engine {
             }
         };
         let n = keys.len();
+        let answers = matches!(op, Op::Exists | Op::Delete);
         let mut outcome = Outcome::new(n);
         if self.shared.efd.lock().expect("not poisoned").is_none() {
             // Closed: nobody polls the fd any more; the completion is still queued.
             outcome.errors.push("connector closed".into());
-            self.shared.complete(outcome.into_completion(id, n));
+            self.shared.complete(outcome.into_completion(id, n, answers));
             return id;
         }
         let buffers: Option<Vec<Bound<'_, PyAny>>> = match bufs.map(|b| b.extract()) {
@@ -259,7 +267,7 @@ impl Engine {
                 outcome
                     .errors
                     .push(format!("bufs must be a list of buffers: {e}"));
-                self.shared.complete(outcome.into_completion(id, n));
+                self.shared.complete(outcome.into_completion(id, n, answers));
                 return id;
             }
         };
@@ -269,7 +277,7 @@ impl Engine {
             outcome
                 .errors
                 .push(format!("{n} keys but {} buffers", b.len()));
-            self.shared.complete(outcome.into_completion(id, n));
+            self.shared.complete(outcome.into_completion(id, n, answers));
             return id;
         }
         let mut items = Vec::with_capacity(n);
@@ -318,7 +326,7 @@ impl Engine {
                 // Keys that completed before the deadline keep their result; for a get
                 // they were fully copied, since each copy is synchronous.
             }
-            shared.complete(outcome.into_completion(id, n));
+            shared.complete(outcome.into_completion(id, n, answers));
         });
         tasks.insert(id, handle);
         id
