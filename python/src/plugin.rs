@@ -257,7 +257,8 @@ impl Engine {
         if self.shared.efd.lock().expect("not poisoned").is_none() {
             // Closed: nobody polls the fd any more; the completion is still queued.
             outcome.errors.push("connector closed".into());
-            self.shared.complete(outcome.into_completion(id, n, answers));
+            self.shared
+                .complete(outcome.into_completion(id, n, answers));
             return id;
         }
         let buffers: Option<Vec<Bound<'_, PyAny>>> = match bufs.map(|b| b.extract()) {
@@ -267,7 +268,8 @@ impl Engine {
                 outcome
                     .errors
                     .push(format!("bufs must be a list of buffers: {e}"));
-                self.shared.complete(outcome.into_completion(id, n, answers));
+                self.shared
+                    .complete(outcome.into_completion(id, n, answers));
                 return id;
             }
         };
@@ -277,7 +279,8 @@ impl Engine {
             outcome
                 .errors
                 .push(format!("{n} keys but {} buffers", b.len()));
-            self.shared.complete(outcome.into_completion(id, n, answers));
+            self.shared
+                .complete(outcome.into_completion(id, n, answers));
             return id;
         }
         let mut items = Vec::with_capacity(n);

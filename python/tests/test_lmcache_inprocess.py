@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lmcache")
 
 from lmcache_instance import CHUNK, Instance  # noqa: E402
 

@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("lmcache")
 
 from lmcache.v1.distributed.api import ObjectKey  # noqa: E402
 from lmcache.v1.distributed.l2_adapters.factory import create_l2_adapter_from_registry  # noqa: E402
