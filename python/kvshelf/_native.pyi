@@ -1,7 +1,9 @@
 """Type stubs of the Rust extension ``kvshelf._native``."""
 
-from collections.abc import Buffer, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
+
+from typing_extensions import Buffer
 
 Hash = bytes | str
 """A block hash: 32 bytes, or 64 hex digits."""

@@ -216,6 +216,24 @@ impl Engine {
     /// Cancels batches still running, waits until none can touch a buffer, closes the
     /// eventfd. Later submits complete at once with every key failed.
     fn close(&self, py: Python<'_>) {
+        py.detach(|| self.stop_tasks());
+        self.shared.efd.lock().expect("not poisoned").take();
+        self.pending.lock().expect("not poisoned").clear();
+    }
+}
+
+impl Drop for Engine {
+    /// An engine dropped without `close` must not free buffers a task still writes into:
+    /// stop the tasks first (they never take the GIL, so waiting here cannot deadlock).
+    fn drop(&mut self) {
+        self.stop_tasks();
+    }
+}
+
+impl Engine {
+    /// Aborts every running batch and waits until none can touch a buffer: a task is
+    /// either before its copy, in it (synchronous: it finishes), or done.
+    fn stop_tasks(&self) {
         let tasks: Vec<_> = self
             .tasks
             .lock()
@@ -226,21 +244,15 @@ impl Engine {
         for t in &tasks {
             t.abort();
         }
-        // A task is either before its copy, in it (synchronous: it finishes), or done;
-        // once every handle resolved, no task touches a buffer again.
-        py.detach(|| {
+        if !tasks.is_empty() {
             runtime().block_on(async {
                 for t in tasks {
                     let _ = t.await;
                 }
-            })
-        });
-        self.shared.efd.lock().expect("not poisoned").take();
-        self.pending.lock().expect("not poisoned").clear();
+            });
+        }
     }
-}
 
-impl Engine {
     fn submit(&self, op: Op, keys: &Bound<'_, PyAny>, bufs: Option<&Bound<'_, PyAny>>) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let keys: Vec<String> = match keys.extract() {
