@@ -149,7 +149,7 @@ def store_vs_redis_py(port: int, tokens: int, rounds: int) -> tuple[float, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--fanout", type=int, default=4, help="kvshelf plugin sub-batches")
+    ap.add_argument("--fanout", type=int, default=2, help="kvshelf plugin sub-batches")
     args = ap.parse_args()
     proc, port = start_redis()
     try:

@@ -89,7 +89,7 @@ class Engine:
         namespace: Namespace,
         event_fd: int,
         timeout: float = 5.0,
-        fanout: int = 4,
+        fanout: int = 2,
         **options: Any,
     ) -> None: ...
     def submit_get(self, keys: Sequence[str], bufs: Sequence[Buffer]) -> int: ...

@@ -64,7 +64,7 @@ class KvshelfNativeConnector:
     ``num_kv_heads``, ``head_dim``, ``chunk_size`` = 256, ``tp_size`` = 1), ``ttl``
     (seconds or ``"1h"``; default the store's 1h), ``timeout`` (seconds a batch may take
     before its keys fail, default 5), ``fanout`` (sub-batches a get or set is split into and
-    run concurrently, default 4), and any ``StoreConfig`` field (``response_timeout``,
+    run concurrently, default 2), and any ``StoreConfig`` field (``response_timeout``,
     ``max_connections``, ``tls_ca_file``, ``cluster``, ...).
     """
 
@@ -82,7 +82,7 @@ class KvshelfNativeConnector:
         model_id: str = "lmcache",
         ttl: Optional[float | str] = None,
         timeout: float = 5.0,
-        fanout: int = 4,
+        fanout: int = 2,
         **store_options: Any,
     ) -> None:
         self.namespace = lmcache_namespace(

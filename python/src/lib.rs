@@ -140,6 +140,29 @@ impl RawBuf {
     }
 }
 
+/// A caller's buffer lent to the library as `Bytes`, without a copy, for a write.
+struct Lent(RawBuf);
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: see `lend`.
+        unsafe { self.0.as_slice() }
+    }
+}
+
+/// The bytes of `raw` as `Bytes` that point at the caller's memory (dropping them frees
+/// nothing).
+///
+/// # Safety
+/// The buffer must stay alive and unmodified until every clone of the returned `Bytes` is
+/// dropped. The library's writes keep a value only inside the call's own future (the lean
+/// RESP path writes from the caller's future, redis-rs copies into its command), so the
+/// holder of the `PyBuffer` outliving that future is enough. Were the library ever to keep
+/// a value past the call (a queue, a cache), this must become a copy.
+pub(crate) unsafe fn lend(raw: RawBuf) -> bytes::Bytes {
+    bytes::Bytes::from_owner(Lent(raw))
+}
+
 /// Converts Python values to the JSON the library's serde configs read: durations may be
 /// numbers of seconds as well as humane strings (`"5s"`, `"1h"`).
 fn json_of(obj: &Bound<'_, PyAny>, duration_keys: &[&str]) -> PyResult<serde_json::Value> {
@@ -474,11 +497,12 @@ impl Store {
         let raws: Vec<RawBuf> = bufs.iter().map(RawBuf::of).collect();
         let outcomes = py
             .detach(|| {
-                // SAFETY: `bufs` keeps the buffers alive until this call returns.
+                // SAFETY: `bufs` keeps the buffers alive until this call returns, and the
+                // `Bytes` are dropped inside it.
                 let blocks: Vec<(BlockHash, bytes::Bytes)> = hashes
                     .iter()
                     .zip(&raws)
-                    .map(|(h, r)| (*h, bytes::Bytes::copy_from_slice(unsafe { r.as_slice() })))
+                    .map(|(h, r)| (*h, unsafe { lend(*r) }))
                     .collect();
                 runtime().block_on(self.store.put(&ns.0, &blocks))
             })

@@ -127,11 +127,11 @@ enum Op {
 
 #[pymethods]
 impl Engine {
-    /// `Engine(url, namespace, event_fd, timeout=5.0, fanout=4, **store_options)`. Takes
+    /// `Engine(url, namespace, event_fd, timeout=5.0, fanout=2, **store_options)`. Takes
     /// ownership of `event_fd` (an `os.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)`) and closes
     /// it in `close`.
     #[new]
-    #[pyo3(signature = (url, namespace, event_fd, timeout=5.0, fanout=4, **options))]
+    #[pyo3(signature = (url, namespace, event_fd, timeout=5.0, fanout=2, **options))]
     fn new(
         url: &str,
         namespace: &Namespace,
@@ -408,15 +408,12 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
                         )
                     }
                     _ => {
-                        // SAFETY: as above; the buffer is only read.
+                        // SAFETY: `pending` holds the buffer until this batch's completion
+                        // is drained; these `Bytes` are dropped inside this future, which
+                        // ends (or is cancelled by the timeout) before the completion.
                         let blocks: Vec<(BlockHash, bytes::Bytes)> = group
                             .iter()
-                            .map(|it| {
-                                (
-                                    it.hash,
-                                    bytes::Bytes::copy_from_slice(unsafe { it.buf.as_slice() }),
-                                )
-                            })
+                            .map(|it| (it.hash, unsafe { crate::lend(it.buf) }))
                             .collect();
                         let outcomes = store.put(ns, &blocks).await?;
                         Ok(outcomes
