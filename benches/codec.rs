@@ -30,6 +30,7 @@ fn namespace(kv_heads: u32, layers: u32) -> Namespace {
         lora_adapter: None,
         ttl: None,
         max_pinned_bytes: None,
+        hash_scheme: Default::default(),
     }
 }
 

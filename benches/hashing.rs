@@ -25,6 +25,7 @@ fn namespace(block_size: u32) -> Namespace {
         lora_adapter: None,
         ttl: None,
         max_pinned_bytes: None,
+        hash_scheme: Default::default(),
     }
 }
 

@@ -393,7 +393,7 @@ impl PutBatch {
                 limit: self.max_blocks,
             });
         }
-        if payload.len() as u64 != self.ns.block_bytes() {
+        if !self.ns.accepts_payload_len(payload.len() as u64) {
             return Err(crate::store::wrong_size(&self.ns, i, payload.len() as u64).into());
         }
         self.blocks.push((hash, payload));

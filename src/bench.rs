@@ -57,6 +57,7 @@ impl ValueSize {
             lora_adapter: None,
             ttl: Some(Duration::from_secs(3600)),
             max_pinned_bytes: None,
+            hash_scheme: Default::default(),
         }
     }
 }

@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::hashing::BlockHash;
-use crate::namespace::{Dtype, Namespace};
+use crate::namespace::{Dtype, HashScheme, Namespace};
+
+/// The `order` of a foreign-hash chunk: opaque bytes, `shape` is `[payload_len]`.
+pub const BYTES_ORDER: &str = "bytes";
 
 /// Magic that opens every block value; the format version follows it.
 pub const MAGIC: &[u8; 8] = b"KVSHELF/";
@@ -67,11 +70,34 @@ pub struct Header {
     pub checksum: String,
     /// The block hash this value is stored under, so a value under the wrong key is caught.
     pub block: BlockHash,
+    /// Whose hash `block` is. Absent for `kvshelf-v1`, so kvshelf's own headers are
+    /// unchanged; a foreign scheme's chunk is opaque bytes (see [`Header::for_block`]).
+    #[serde(default, skip_serializing_if = "HashScheme::is_kvshelf")]
+    pub hash_scheme: HashScheme,
 }
 
 impl Header {
     /// The header of a full block of `ns` under `hash`, with the checksum of `payload`.
+    ///
+    /// In a foreign-hash namespace the engine owns chunking, so kvshelf does not know how
+    /// many tokens a chunk holds or how its bytes are laid out: the header describes the
+    /// payload as bytes (`tokens` 0, `dtype` `uint8`, `order` `bytes`, `shape`
+    /// `[payload_len]`) and names the scheme.
     pub fn for_block(ns: &Namespace, hash: &BlockHash, payload: &[u8]) -> Header {
+        if !ns.hash_scheme.is_kvshelf() {
+            return Header {
+                namespace: ns.label.clone(),
+                tokens: 0,
+                dtype: Dtype::Uint8,
+                order: BYTES_ORDER.to_owned(),
+                shape: vec![payload.len() as u64],
+                codec: Codec::Raw,
+                payload_len: payload.len() as u64,
+                checksum: checksum(payload),
+                block: *hash,
+                hash_scheme: ns.hash_scheme,
+            };
+        }
         Header {
             namespace: ns.label.clone(),
             tokens: ns.block_size,
@@ -82,6 +108,7 @@ impl Header {
             payload_len: payload.len() as u64,
             checksum: checksum(payload),
             block: *hash,
+            hash_scheme: HashScheme::KvshelfV1,
         }
     }
 
@@ -120,6 +147,13 @@ impl Header {
         if self.block != *hash {
             return mismatch("block", hash.to_string(), self.block.to_string());
         }
+        if self.hash_scheme != ns.hash_scheme {
+            let (e, f) = (ns.hash_scheme.to_string(), self.hash_scheme.to_string());
+            return mismatch("hash_scheme", e, f);
+        }
+        if !ns.hash_scheme.is_kvshelf() {
+            return self.check_bytes(ns);
+        }
         if self.tokens != ns.block_size {
             return mismatch("tokens", ns.block_size.to_string(), self.tokens.to_string());
         }
@@ -136,6 +170,38 @@ impl Header {
         if self.payload_len != ns.block_bytes() {
             let (e, f) = (ns.block_bytes().to_string(), self.payload_len.to_string());
             return mismatch("payload_len", e, f);
+        }
+        Ok(())
+    }
+}
+
+impl Header {
+    /// The rest of [`check`](Self::check) for a foreign-hash chunk: opaque bytes, at most
+    /// one full chunk of the namespace.
+    fn check_bytes(&self, ns: &Namespace) -> Result<(), CodecError> {
+        let mismatch = |field: &'static str, expected: String, found: String| {
+            Err(CodecError::Mismatch {
+                field,
+                expected,
+                found,
+            })
+        };
+        if self.tokens != 0 {
+            return mismatch("tokens", "0".into(), self.tokens.to_string());
+        }
+        if self.dtype != Dtype::Uint8 {
+            return mismatch("dtype", "uint8".into(), self.dtype.to_string());
+        }
+        if self.order != BYTES_ORDER {
+            return mismatch("order", BYTES_ORDER.into(), self.order.clone());
+        }
+        if self.shape != [self.payload_len] {
+            let e = format!("[{}]", self.payload_len);
+            return mismatch("shape", e, format!("{:?}", self.shape));
+        }
+        if !ns.accepts_payload_len(self.payload_len) {
+            let e = format!("1..={}", ns.block_bytes());
+            return mismatch("payload_len", e, self.payload_len.to_string());
         }
         Ok(())
     }
@@ -488,6 +554,44 @@ mod tests {
         assert_eq!(field_of(&n, &hash), "dtype");
     }
 
+    #[test]
+    fn foreign_chunks_are_bytes_up_to_one_full_chunk() {
+        let (mut ns, hash, payload) = sample();
+        // kvshelf's own headers do not mention the scheme: they are unchanged.
+        let own = Header::for_block(&ns, &hash, &payload).encode();
+        assert!(!String::from_utf8_lossy(&own).contains("hash_scheme"));
+        ns.hash_scheme = HashScheme::Lmcache;
+        let partial = &payload[..1000];
+        let value = encode(&Header::for_block(&ns, &hash, partial), partial);
+        let text = String::from_utf8_lossy(&value[..512]).into_owned();
+        assert!(text.contains(r#""tokens":0,"dtype":"uint8","order":"bytes","shape":[1000]"#));
+        assert!(text.contains(r#""hash_scheme":"lmcache""#));
+        let block = decode(value).unwrap();
+        block.header.check(&ns, &hash).unwrap();
+        assert_eq!(block.payload, partial);
+        // The same bytes read through a kvshelf-v1 namespace of the same label: a mismatch.
+        let mut own_ns = ns.clone();
+        own_ns.hash_scheme = HashScheme::KvshelfV1;
+        assert!(matches!(
+            block.header.check(&own_ns, &hash),
+            Err(CodecError::Mismatch {
+                field: "hash_scheme",
+                ..
+            })
+        ));
+        // Larger than one full chunk of the namespace: refused on read as on write.
+        let mut small = ns.clone();
+        small.layout.num_layers = 1;
+        let big = Header::for_block(&ns, &hash, &payload);
+        assert!(matches!(
+            big.check(&small, &hash),
+            Err(CodecError::Mismatch {
+                field: "payload_len",
+                ..
+            })
+        ));
+    }
+
     fn arb_header() -> impl Strategy<Value = (Header, Vec<u8>)> {
         (
             "[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}",
@@ -496,8 +600,9 @@ mod tests {
             proptest::collection::vec(1u64..64, 5),
             proptest::collection::vec(any::<u8>(), 0..2048),
             any::<[u8; 32]>(),
+            any::<bool>(),
         )
-            .prop_map(|(label, tokens, dtype, shape, payload, hash)| {
+            .prop_map(|(label, tokens, dtype, shape, payload, hash, foreign)| {
                 let header = Header {
                     namespace: label,
                     tokens,
@@ -508,6 +613,11 @@ mod tests {
                     payload_len: payload.len() as u64,
                     checksum: checksum(&payload),
                     block: BlockHash(hash),
+                    hash_scheme: if foreign {
+                        HashScheme::Lmcache
+                    } else {
+                        HashScheme::KvshelfV1
+                    },
                 };
                 (header, payload)
             })

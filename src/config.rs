@@ -210,6 +210,16 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for ns in &self.namespaces {
             ns.validate()?;
+            // The sidecar hashes tokens with kvshelf's scheme and checks payloads against a
+            // layout; chunks under an engine's own hashes go through the library or the
+            // Python package (docs/lmcache.md), not through the sidecar.
+            if !ns.hash_scheme.is_kvshelf() {
+                return Err(Error::InvalidNamespace(format!(
+                    "namespace {:?}: hash_scheme {} is served by the library and the Python \
+                     package (docs/lmcache.md), not by the sidecar",
+                    ns.label, ns.hash_scheme
+                )));
+            }
             if !seen.insert(&ns.label) {
                 return Err(Error::InvalidNamespace(format!(
                     "label {:?} is configured twice",
@@ -309,6 +319,14 @@ mod tests {
         assert_eq!(cfg.namespaces.len(), 2);
         assert_eq!(cfg.namespaces[1].layout.kv_heads_per_rank(), 4);
         assert_eq!(cfg.namespaces[1].ttl, Some(Duration::from_secs(6 * 3600)));
+    }
+
+    #[test]
+    fn the_sidecar_refuses_foreign_hash_namespaces() {
+        let mut cfg: Config = toml::from_str(include_str!("../examples/kvshelf.toml")).unwrap();
+        cfg.namespaces[0].hash_scheme = crate::namespace::HashScheme::Lmcache;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("docs/lmcache.md"), "{err}");
     }
 
     #[test]

@@ -200,6 +200,43 @@ fn optional(v: Option<&[u8]>) -> Vec<u8> {
     }
 }
 
+/// Tag that opens the message hashing an LMCache key (16 bytes, including the final NUL).
+pub const LMCACHE_TAG: &[u8; 16] = b"kvshelf.lmcache\0";
+
+/// Longest LMCache key accepted, in bytes (LMCache caps its salt at 128 bytes; model ids
+/// are short).
+pub const MAX_FOREIGN_KEY_LEN: usize = 1024;
+
+/// The block hash under which kvshelf stores the LMCache chunk whose key is `key`
+/// (`docs/hashing.md` §8): `SHA256("kvshelf.lmcache\0" || str(key))`.
+///
+/// LMCache owns chunking and hashing; its key names everything that distinguishes a chunk's
+/// KV — model, rank (or world size and worker id), object group, chunk hash, dtype, salt —
+/// so hashing the whole key keeps all of it in the Redis key while no salt appears there.
+/// Both of LMCache's key forms are accepted as they are: the distributed one
+/// (`model@{kv_rank:08x}@{group:x}@{chunk_hash_hex}[@salt]`) and the in-process
+/// `CacheEngineKey` string (`model@world_size@worker_id@chunk_hash_hex@dtype[@tags]`).
+/// A key must have at least four `@`-separated fields, none empty, no NUL, and at most
+/// [`MAX_FOREIGN_KEY_LEN`] bytes.
+pub fn lmcache_key_hash(key: &str) -> Result<BlockHash, Error> {
+    let fields = key.split('@').count();
+    if key.len() > MAX_FOREIGN_KEY_LEN
+        || fields < 4
+        || key.split('@').any(str::is_empty)
+        || key.contains('\0')
+    {
+        return Err(Error::InvalidInput(format!(
+            "LMCache key {:?} is not 4 or more non-empty '@'-separated fields of at most \
+             {MAX_FOREIGN_KEY_LEN} bytes",
+            key.chars().take(80).collect::<String>()
+        )));
+    }
+    let mut m = Vec::with_capacity(LMCACHE_TAG.len() + 4 + key.len());
+    m.extend_from_slice(LMCACHE_TAG);
+    put_bytes(&mut m, key.as_bytes());
+    Ok(BlockHash(Sha256::digest(&m).into()))
+}
+
 fn put_bytes(m: &mut Vec<u8>, b: &[u8]) {
     m.extend_from_slice(&len_u32(b.len()).to_le_bytes());
     m.extend_from_slice(b);
@@ -262,6 +299,54 @@ fn sha256_padded_in_place(buf: &mut Vec<u8>) -> [u8; 32] {
 mod tests {
     use super::*;
     use crate::namespace::tests::qwen;
+
+    /// Pinned here and in `docs/hashing.md` §8 (and from Python by `python/tests`).
+    #[test]
+    fn lmcache_keys_hash_as_documented() {
+        let key = "Qwen/Qwen3-8B@00000000@0@\
+                   0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let mut m = b"kvshelf.lmcache\0".to_vec();
+        m.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        m.extend_from_slice(key.as_bytes());
+        let want = BlockHash(Sha256::digest(&m).into());
+        assert_eq!(lmcache_key_hash(key).unwrap(), want);
+        assert_eq!(
+            want.to_hex(),
+            "35ab7b8c4c367b84f173de2259b439afcf7318d9c57963b2eee6988a9ab69725"
+        );
+        // Everything in the key is in the hash: rank, group and salt each change it.
+        let other_rank = key.replacen("@00000000@", "@00000001@", 1);
+        let other_group = key.replacen("@0@", "@1@", 1);
+        let salted = format!("{key}@tenant-a");
+        let hashes = [
+            key,
+            &other_rank,
+            &other_group,
+            &salted,
+            &format!("{key}@tenant-b"),
+        ]
+        .map(|k| lmcache_key_hash(k).unwrap());
+        for (i, a) in hashes.iter().enumerate() {
+            for b in &hashes[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        // The in-process CacheEngineKey form is accepted as it is.
+        lmcache_key_hash("m@1@0@abcd@bfloat16").unwrap();
+        for bad in [
+            "",
+            "a@b@c",
+            "a@@b@c",
+            "a@b@c@",
+            "a@b\0@c@d",
+            &"x@".repeat(600),
+        ] {
+            assert!(
+                matches!(lmcache_key_hash(bad), Err(Error::InvalidInput(_))),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn partial_block_is_not_hashed() {

@@ -39,6 +39,7 @@
 //!     lora_adapter: None,
 //!     ttl: None,
 //!     max_pinned_bytes: None,
+//!     hash_scheme: Default::default(),
 //! };
 //! let hashes = PrefixHasher::new(&ns, None).hash_prefix(&[1, 2, 3 /* prompt token ids */]);
 //! let store = RedisStore::connect(StoreConfig::default()).await?;
@@ -79,7 +80,7 @@ pub mod worker;
 pub use codec::{Block, CodecError, Header};
 pub use error::Error;
 pub use hashing::{BlockHash, PrefixHasher};
-pub use namespace::{Dtype, Layout, Namespace};
+pub use namespace::{Dtype, HashScheme, Layout, Namespace};
 pub use store::{PutOutcome, RedisStore, StoreConfig};
 
 /// The README's Rust example, compiled as a doctest so it stays true.

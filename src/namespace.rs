@@ -132,6 +132,47 @@ impl From<Dtype> for String {
     }
 }
 
+/// Whose hashes a namespace's keys carry, and so who owns its chunking.
+///
+/// `kvshelf-v1`: kvshelf computes the block hashes (`docs/hashing.md`) over full blocks of
+/// `block_size` tokens, and every payload is exactly one block of the namespace's shape.
+/// A foreign scheme (`lmcache`): the engine owns chunking and hashing; kvshelf derives the
+/// key hash from the engine's own key (`docs/hashing.md`, "Foreign hashes") and stores its
+/// chunks as opaque bytes of any length up to one full chunk of the namespace's layout
+/// (`docs/format.md`, "Foreign-hash chunks").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum HashScheme {
+    /// kvshelf's chained SHA-256 over token blocks.
+    #[default]
+    #[serde(rename = "kvshelf-v1")]
+    KvshelfV1,
+    /// LMCache's chunk keys (`model@kv_rank@group@chunk_hash[@salt]`).
+    #[serde(rename = "lmcache")]
+    Lmcache,
+}
+
+impl HashScheme {
+    /// The name used in configuration and block headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashScheme::KvshelfV1 => "kvshelf-v1",
+            HashScheme::Lmcache => "lmcache",
+        }
+    }
+
+    /// Whether kvshelf computes this scheme's hashes itself.
+    pub fn is_kvshelf(&self) -> bool {
+        *self == HashScheme::KvshelfV1
+    }
+}
+
+impl fmt::Display for HashScheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Shape of the KV cache of one rank: what a block's tensor bytes must look like.
 ///
 /// A block holds, for every layer, the keys and the values of `block_size` tokens for the
@@ -255,6 +296,10 @@ pub struct Namespace {
     /// none (the server's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pinned_bytes: Option<u64>,
+    /// Whose hashes this namespace's keys carry (see [`HashScheme`]). Not hashed: a foreign
+    /// scheme's hashes are the engine's. Default: `kvshelf-v1`.
+    #[serde(default, skip_serializing_if = "HashScheme::is_kvshelf")]
+    pub hash_scheme: HashScheme,
 }
 
 fn default_block_size() -> u32 {
@@ -283,9 +328,21 @@ impl Namespace {
         self.layout.shape(self.block_size)
     }
 
-    /// Exact byte length of one full block's tensor payload.
+    /// Exact byte length of one full block's tensor payload; for a foreign hash scheme,
+    /// the largest chunk accepted.
     pub fn block_bytes(&self) -> u64 {
         self.block_shape().iter().product::<u64>() * self.kv_dtype.size() as u64
+    }
+
+    /// Whether `len` bytes is a payload this namespace stores: exactly one block for
+    /// `kvshelf-v1`; 1 to [`block_bytes`](Self::block_bytes) bytes for a foreign scheme,
+    /// whose engine owns chunking (partial chunks included).
+    pub fn accepts_payload_len(&self, len: u64) -> bool {
+        if self.hash_scheme.is_kvshelf() {
+            len == self.block_bytes()
+        } else {
+            len >= 1 && len <= self.block_bytes()
+        }
     }
 }
 
@@ -334,6 +391,7 @@ pub(crate) mod tests {
             lora_adapter: None,
             ttl: None,
             max_pinned_bytes: None,
+            hash_scheme: HashScheme::KvshelfV1,
         }
     }
 
@@ -418,6 +476,34 @@ pub(crate) mod tests {
                 assert_eq!(alias.to_uppercase().parse::<Dtype>().unwrap(), d);
             }
         }
+    }
+
+    #[test]
+    fn hash_scheme_defaults_and_payload_rule() {
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "label": "l", "model_id": "m", "kv_dtype": "bf16",
+            "layout": {"num_layers": 2, "num_kv_heads": 1, "head_dim": 4}, "block_size": 4,
+        }))
+        .unwrap();
+        assert_eq!(ns.hash_scheme, HashScheme::KvshelfV1);
+        // The default is not written out, so existing namespace JSON stays byte-identical.
+        assert!(!serde_json::to_string(&ns).unwrap().contains("hash_scheme"));
+        let full = ns.block_bytes();
+        assert_eq!(full, 2 * 2 * 4 * 4 * 2);
+        assert!(ns.accepts_payload_len(full));
+        assert!(!ns.accepts_payload_len(full - 2));
+        let lm = Namespace {
+            hash_scheme: HashScheme::Lmcache,
+            ..ns
+        };
+        let json = serde_json::to_value(&lm).unwrap();
+        assert_eq!(json["hash_scheme"], "lmcache");
+        assert_eq!(serde_json::from_value::<Namespace>(json).unwrap(), lm);
+        assert!(lm.accepts_payload_len(1));
+        assert!(lm.accepts_payload_len(full - 2));
+        assert!(lm.accepts_payload_len(full));
+        assert!(!lm.accepts_payload_len(0));
+        assert!(!lm.accepts_payload_len(full + 1));
     }
 
     #[test]

@@ -350,6 +350,7 @@ pub fn demo_namespace() -> Namespace {
         lora_adapter: None,
         ttl: None,
         max_pinned_bytes: None,
+        hash_scheme: Default::default(),
     }
 }
 

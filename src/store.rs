@@ -587,6 +587,38 @@ impl RedisStore {
             .count())
     }
 
+    /// Whether each block of `hashes` is on the shelf, in one round trip: [`lookup`]'s
+    /// per-key answer, for callers that own their chunking (LMCache asks about every chunk,
+    /// not a prefix). Side-effect free, like `lookup`; on a cluster, a block whose node did
+    /// not answer is `false`.
+    ///
+    /// [`lookup`]: Self::lookup
+    pub async fn exists(&self, label: &str, hashes: &[BlockHash]) -> Result<Vec<bool>, Error> {
+        validate_label(label)?;
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(pool) = &self.bulk {
+            let mut req = resp::Request::default();
+            for hash in hashes {
+                let key = block_key(label, hash);
+                req.cmd(&[Arg::Small(b"EXISTS"), Arg::Small(key.as_bytes())]);
+            }
+            let replies = pool.exec(&req).await?;
+            return Ok(replies.iter().map(|r| *r == Reply::Int(1)).collect());
+        }
+        let replies = self
+            .per_key(hashes.len(), |i, pipe| {
+                pipe.exists(block_key(label, &hashes[i]));
+                1
+            })
+            .await?;
+        Ok(replies
+            .iter()
+            .map(|r| matches!(r.as_deref(), Ok([redis::Value::Int(1)])))
+            .collect())
+    }
+
     /// Deletes blocks (`UNLINK`: Redis frees the memory off its main thread). Returns how
     /// many existed.
     pub async fn delete(&self, label: &str, hashes: &[BlockHash]) -> Result<u64, Error> {
@@ -1205,22 +1237,32 @@ fn one<T>(v: (T,)) -> T {
     v.0
 }
 
-/// Every payload must be exactly one block of the namespace's shape and dtype.
+/// Every payload must be exactly one block of the namespace's shape and dtype (for a
+/// foreign hash scheme: 1 byte up to one full chunk).
 pub(crate) fn check_payloads(ns: &Namespace, blocks: &[(BlockHash, Bytes)]) -> Result<(), Error> {
-    let want = ns.block_bytes();
-    match blocks.iter().position(|(_, p)| p.len() as u64 != want) {
+    match blocks
+        .iter()
+        .position(|(_, p)| !ns.accepts_payload_len(p.len() as u64))
+    {
         None => Ok(()),
         Some(i) => Err(wrong_size(ns, i, blocks[i].1.len() as u64)),
     }
 }
 
-/// Block `i` of a request has `len` bytes of payload, not the namespace's `block_bytes`.
+/// Block `i` of a request has `len` bytes of payload, which its namespace does not accept.
 pub(crate) fn wrong_size(ns: &Namespace, i: usize, len: u64) -> Error {
+    let want = ns.block_bytes();
+    if !ns.hash_scheme.is_kvshelf() {
+        return Error::InvalidInput(format!(
+            "chunk {i} has {len} bytes of payload; namespace {:?} ({} hashes) stores chunks of \
+             1 to {want} bytes",
+            ns.label, ns.hash_scheme
+        ));
+    }
     Error::InvalidInput(format!(
-        "block {i} has {len} bytes of payload; one block of namespace {:?} is {} bytes \
+        "block {i} has {len} bytes of payload; one block of namespace {:?} is {want} bytes \
          ({} x {:?})",
         ns.label,
-        ns.block_bytes(),
         ns.kv_dtype,
         ns.block_shape()
     ))

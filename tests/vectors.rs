@@ -43,6 +43,7 @@ fn ns(model: &str, dtype: Dtype, block_size: u32) -> Namespace {
         lora_adapter: None,
         ttl: None,
         max_pinned_bytes: None,
+        hash_scheme: Default::default(),
     }
 }
 

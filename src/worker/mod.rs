@@ -67,6 +67,7 @@ pub fn namespace_for(cfg: &ModelConfig, dtype: Dtype) -> Namespace {
         lora_adapter: None,
         ttl: None,
         max_pinned_bytes: None,
+        hash_scheme: Default::default(),
     }
 }
 

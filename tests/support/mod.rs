@@ -427,6 +427,7 @@ pub fn namespace(test: &str) -> Namespace {
         lora_adapter: None,
         ttl: None,
         max_pinned_bytes: None,
+        hash_scheme: Default::default(),
     }
 }
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# CI for the Python package and the LMCache plugin, on CPU, with the real LMCache classes.
+#
+# Creates the LMCache environment once and keeps it (lmcache==0.5.6 pulls a CUDA torch
+# wheel, ~5 GB; its CPU paths run without a GPU), checks the bindings' Rust code, builds
+# the wheel with maturin, installs it into that environment and runs pytest against real
+# redis-server processes. Needs python3 >= 3.11, redis-server and redis-cli.
+#
+#   bash python/ci.sh                 # env: KVSHELF_LMCACHE_VENV, CARGO_TARGET_DIR
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(dirname "$here")"
+venv="${KVSHELF_LMCACHE_VENV:-$HOME/.cache/kvshelf/lmcache-venv}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}/py"
+start=$SECONDS
+
+if ! "$venv/bin/python" -c 'import lmcache, pytest, numpy, maturin' 2>/dev/null; then
+  echo "python/ci: creating $venv (lmcache==0.5.6, pytest, maturin, numpy)"
+  python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
+    || { echo "python/ci: python3 >= 3.11 needed" >&2; exit 1; }
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet lmcache==0.5.6 pytest maturin numpy
+fi
+export PYO3_PYTHON="$venv/bin/python"
+
+cd "$here"
+echo "python/ci: cargo fmt --check, clippy (bindings)"
+cargo fmt --check
+cargo clippy --locked --release -- -D warnings
+
+echo "python/ci: maturin build (abi3 wheel) and install"
+rm -rf "$CARGO_TARGET_DIR/wheels"
+"$venv/bin/maturin" build --locked --release --quiet --interpreter "$venv/bin/python" \
+  --out "$CARGO_TARGET_DIR/wheels"
+"$venv/bin/pip" install --quiet --force-reinstall --no-deps "$CARGO_TARGET_DIR"/wheels/kvshelf-*.whl
+
+echo "python/ci: pytest"
+# From tests/, so `import kvshelf` is the installed wheel, not the source tree.
+cd "$here/tests"
+set +e
+"$venv/bin/pytest" -q -p no:cacheprovider -W ignore::DeprecationWarning .
+rc=$?
+set -e
+if ((rc == 5)); then
+  echo "python/ci: pytest collected no tests" >&2
+  exit 1
+fi
+echo "python/ci: pytest exit $rc after $((SECONDS - start))s"
+exit "$rc"

@@ -1,0 +1,69 @@
+"""kvshelf: a shared, Redis-backed shelf of attention KV blocks, keyed by prompt prefix.
+
+The Rust library in this process (no sidecar): the hashing contract (``docs/hashing.md``),
+the Redis store (``Store``: reads land in your buffers with the GIL released) and the
+LMCache storage plugin (``kvshelf.lmcache``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any, Optional, Sequence
+
+from ._native import (
+    KvshelfError,
+    Namespace,
+    PrefixHasher,
+    Store,
+    block_key,
+    lmcache_key_hash,
+)
+
+__all__ = [
+    "AsyncStore",
+    "KvshelfError",
+    "Namespace",
+    "PrefixHasher",
+    "Store",
+    "block_key",
+    "lmcache_key_hash",
+]
+
+
+class AsyncStore:
+    """``Store`` for asyncio code: each call runs the synchronous method on a worker
+    thread of the loop's default executor. The Rust side releases the GIL while it talks
+    to Redis, so the event loop and other threads keep running meanwhile."""
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379", **options: Any) -> None:
+        self.sync = Store(url, **options)
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(getattr(self.sync, name), *args))
+
+    async def ping(self) -> None:
+        return await self._run("ping")
+
+    async def lookup(self, ns: Namespace, hashes: Sequence[bytes | str]) -> int:
+        return await self._run("lookup", ns, hashes)
+
+    async def exists(self, ns: Namespace, hashes: Sequence[bytes | str]) -> list[bool]:
+        return await self._run("exists", ns, hashes)
+
+    async def get_into(
+        self, ns: Namespace, hashes: Sequence[bytes | str], buffers: Sequence[Any]
+    ) -> list[Optional[int]]:
+        return await self._run("get_into", ns, hashes, buffers)
+
+    async def get(self, ns: Namespace, hashes: Sequence[bytes | str]) -> list[Optional[bytes]]:
+        return await self._run("get", ns, hashes)
+
+    async def put(
+        self, ns: Namespace, hashes: Sequence[bytes | str], buffers: Sequence[Any]
+    ) -> list[str]:
+        return await self._run("put", ns, hashes, buffers)
+
+    async def delete(self, ns: Namespace, hashes: Sequence[bytes | str]) -> int:
+        return await self._run("delete", ns, hashes)

@@ -1,0 +1,101 @@
+"""Type stubs of the Rust extension ``kvshelf._native``."""
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from typing_extensions import Buffer
+
+Hash = bytes | str
+"""A block hash: 32 bytes, or 64 hex digits."""
+
+class KvshelfError(Exception):
+    """A failure that is not the caller's input; ``code`` is the library's stable code
+    (``backend_unavailable``, ``backend_timeout``, ``config``, ...)."""
+
+    code: str
+
+class Namespace:
+    """What must match for KV to be reusable, and whose hashes its keys carry.
+
+    Keyword arguments are the sidecar configuration's namespace fields; the layout fields
+    (``num_layers``, ``num_kv_heads``, ``head_dim``, ``tp_size``, ``tp_rank``, ``order``)
+    may be given flat or nested under ``layout``. ``ttl`` in seconds or as ``"1h"``;
+    ``hash_scheme`` is ``"kvshelf-v1"`` (default) or ``"lmcache"``. Raises ``ValueError``
+    on an invalid namespace."""
+
+    def __init__(self, **fields: Any) -> None: ...
+    def to_json(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one full block (for a foreign scheme: the largest chunk)."""
+    @property
+    def block_shape(self) -> list[int]: ...
+    @property
+    def hash_scheme(self) -> str: ...
+
+class PrefixHasher:
+    """Hashes token prefixes of one namespace and tenant salt (``docs/hashing.md``)."""
+
+    def __init__(self, namespace: Namespace, salt: Optional[bytes] = None) -> None: ...
+    @property
+    def root(self) -> bytes: ...
+    @property
+    def block_size(self) -> int: ...
+    def hash_prefix(
+        self, tokens: Sequence[int], extra_keys: Optional[Sequence[Sequence[bytes]]] = None
+    ) -> list[bytes]:
+        """32-byte hashes of every full block; a partial last block is not hashed."""
+
+def lmcache_key_hash(key: str) -> bytes:
+    """The block hash kvshelf stores an LMCache chunk under (``docs/hashing.md`` §8)."""
+
+def block_key(label: str, hash: Hash) -> str:
+    """``kvshelf:v1:<label>:<64 hex digits>``: the Redis key of a block."""
+
+class Store:
+    """The kvshelf library's Redis store in this process. Every call releases the GIL while
+    it talks to Redis. ``options`` are ``StoreConfig`` fields (``ttl``, ``sliding_ttl``,
+    ``response_timeout``, ``connection_timeout``, ``cluster``, ``tls_ca_file``,
+    ``max_connections``, ...); durations in seconds or as ``"5s"``. Backend failures raise
+    ``KvshelfError``; bad input raises ``ValueError`` and changes nothing."""
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379", **options: Any) -> None: ...
+    def ping(self) -> None: ...
+    def lookup(self, ns: Namespace, hashes: Sequence[Hash]) -> int:
+        """Leading blocks on the shelf, one round trip."""
+    def exists(self, ns: Namespace, hashes: Sequence[Hash]) -> list[bool]: ...
+    def get_into(
+        self, ns: Namespace, hashes: Sequence[Hash], buffers: Sequence[Buffer]
+    ) -> list[Optional[int]]:
+        """Reads block i into writable ``buffers[i]`` (bytearray, memoryview, numpy array,
+        ``tensor.view(torch.uint8).numpy()``); returns bytes written, ``None`` for a miss."""
+    def get(self, ns: Namespace, hashes: Sequence[Hash]) -> list[Optional[bytes]]: ...
+    def put(self, ns: Namespace, hashes: Sequence[Hash], buffers: Sequence[Buffer]) -> list[str]:
+        """``"stored"``, ``"already_present"`` or ``"unavailable"`` per block."""
+    def delete(self, ns: Namespace, hashes: Sequence[Hash]) -> int: ...
+    def ttl(self, ns: Namespace, hash: Hash) -> Optional[float]:
+        """Seconds left; ``None`` when missing, ``inf`` when pinned."""
+
+class Engine:
+    """The Rust half of ``kvshelf.lmcache.KvshelfNativeConnector``; use that class."""
+
+    def __init__(
+        self,
+        url: str,
+        namespace: Namespace,
+        event_fd: int,
+        timeout: float = 5.0,
+        fanout: int = 2,
+        **options: Any,
+    ) -> None: ...
+    def submit_get(self, keys: Sequence[str], bufs: Sequence[Buffer]) -> int: ...
+    def submit_set(self, keys: Sequence[str], bufs: Sequence[Buffer]) -> int: ...
+    def submit_exists(self, keys: Sequence[str]) -> int: ...
+    def submit_delete(self, keys: Sequence[str]) -> int: ...
+    def drain(self) -> list[tuple[int, bool, str, Optional[list[bool]]]]: ...
+    def in_flight(self) -> int: ...
+    def close(self) -> None: ...

@@ -1,0 +1,105 @@
+"""Fixtures: real redis-server processes on free ports (never a mock)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import kvshelf
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process; stop() and start() again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="kvshelf-py-redis-")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)  # the server is starting: nothing to wait on but the port
+        raise RuntimeError(f"redis-server did not start on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def cli(self, *args: str) -> bytes:
+        exe = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        return subprocess.run(
+            [exe, "-p", str(self.port), *args], check=True, capture_output=True
+        ).stdout
+
+
+@pytest.fixture(scope="session")
+def redis():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def own_redis():
+    """A Redis of the test's own, for tests that stop and restart it."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def label() -> str:
+    return f"py-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture()
+def ns(label: str) -> kvshelf.Namespace:
+    return kvshelf.Namespace(
+        label=label, model_id="kvshelf/test-model", kv_dtype="float16",
+        num_layers=2, num_kv_heads=2, head_dim=8, block_size=4,
+    )
+
+
+@pytest.fixture()
+def store(redis) -> kvshelf.Store:
+    return kvshelf.Store(redis.url)
+
+
+def pytest_sessionstart(session):
+    os.environ.setdefault("KVSHELF_THREADS", "2")

@@ -1,0 +1,64 @@
+"""The hashing contract from Python: the golden vectors of tests/vectors/hashing.json and
+the LMCache key mapping of docs/hashing.md §8."""
+
+import hashlib
+import json
+import struct
+
+import pytest
+
+import kvshelf
+from conftest import REPO
+
+VECTORS = json.loads((REPO / "tests/vectors/hashing.json").read_text())["vectors"]
+
+
+def namespace_of(v: dict) -> kvshelf.Namespace:
+    n = v["namespace"]
+    return kvshelf.Namespace(
+        label="golden", model_id=n["model_id"], model_revision=n["model_revision"],
+        kv_dtype=n["kv_dtype"], num_layers=n["num_layers"], num_kv_heads=n["num_kv_heads"],
+        head_dim=n["head_dim"], tp_size=n["tp_size"], tp_rank=n["tp_rank"],
+        order=n["layout_order"], block_size=n["block_size"], lora_adapter=n["lora_adapter"],
+    )
+
+
+def test_there_are_golden_vectors():
+    assert len(VECTORS) >= 5
+
+
+@pytest.mark.parametrize("v", VECTORS, ids=[v["name"] for v in VECTORS])
+def test_golden_vector(v):
+    salt = None if v.get("salt_hex") is None else bytes.fromhex(v["salt_hex"])
+    hasher = kvshelf.PrefixHasher(namespace_of(v), salt)
+    assert hasher.root.hex() == v["root"].lower()
+    extras = [[bytes.fromhex(e) for e in blk] for blk in v.get("extra_keys_hex", [])]
+    got = hasher.hash_prefix(v["tokens"], extras if extras else None)
+    assert [h.hex() for h in got] == [h.lower() for h in v["block_hashes"]]
+
+
+def test_lmcache_key_hash_matches_the_document():
+    key = ("Qwen/Qwen3-8B@00000000@0@"
+           "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+    golden = "35ab7b8c4c367b84f173de2259b439afcf7318d9c57963b2eee6988a9ab69725"
+    assert kvshelf.lmcache_key_hash(key).hex() == golden
+    k = key.encode()
+    stdlib = hashlib.sha256(b"kvshelf.lmcache\0" + struct.pack("<I", len(k)) + k).hexdigest()
+    assert stdlib == golden
+    assert kvshelf.block_key("lmc", bytes.fromhex(golden)) == f"kvshelf:v1:lmc:{golden}"
+    assert kvshelf.lmcache_key_hash(key + "@salt") != kvshelf.lmcache_key_hash(key)
+
+
+@pytest.mark.parametrize("bad", ["", "a@b@c", "a@@b@c", "x@" * 600])
+def test_malformed_lmcache_keys_are_value_errors(bad):
+    with pytest.raises(ValueError):
+        kvshelf.lmcache_key_hash(bad)
+
+
+def test_invalid_namespace_is_a_value_error():
+    with pytest.raises(ValueError, match="label"):
+        kvshelf.Namespace(label="a:b", model_id="m", kv_dtype="bf16",
+                          num_layers=1, num_kv_heads=1, head_dim=1)
+    with pytest.raises(ValueError, match="dtype"):
+        kvshelf.Namespace(label="a", model_id="m", kv_dtype="int4",
+                          num_layers=1, num_kv_heads=1, head_dim=1)
