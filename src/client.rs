@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use crate::frame::{self, Decoder, EndReason, Frame};
+use crate::frame::{self, Decoder, EndReason, FetchReader};
 use crate::hashing::BlockHash;
 use crate::proto;
 use crate::store::{PurgeReport, PutResult, SkippedNode};
@@ -146,6 +146,9 @@ enum Transport {
 pub struct Client {
     transport: Transport,
     credential: Option<Credential>,
+    /// `block_bytes` per namespace label, learned from `GET /v1/namespaces`: what a fetch
+    /// answer's frames may carry. Shared by clones.
+    block_bytes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 /// The `Authorization` value of the configured token, ready for either transport. Both are
@@ -208,6 +211,10 @@ impl tower_service::Service<tonic::codegen::http::Uri> for UnixConnector {
         })
     }
 }
+
+/// What a gRPC message holds besides a block's payload: its hash, index and the protobuf
+/// framing, with room to spare.
+const MESSAGE_OVERHEAD: usize = 4096;
 
 fn transport_err(e: impl std::fmt::Display) -> ClientError {
     ClientError::Transport(e.to_string())
@@ -278,7 +285,11 @@ impl Client {
                 };
                 Transport::Grpc(
                     proto::shelf_client::ShelfClient::new(channel)
-                        .max_decoding_message_size(usize::MAX)
+                        // A message carries one block at most: never more than the largest
+                        // block (plus its hash and the message framing).
+                        .max_decoding_message_size(
+                            crate::codec::MAX_PAYLOAD_LEN as usize + MESSAGE_OVERHEAD,
+                        )
                         .max_encoding_message_size(usize::MAX),
                 )
             }
@@ -286,7 +297,43 @@ impl Client {
         Ok(Client {
             transport,
             credential,
+            block_bytes: Default::default(),
         })
+    }
+
+    /// The `block_bytes` of `namespace`, asked of the sidecar once (`None`: it does not know
+    /// the namespace, and the fetch will say so).
+    async fn block_bytes(&self, namespace: &str) -> Result<Option<u64>, ClientError> {
+        if let Some(&n) = self.known_block_bytes().get(namespace) {
+            return Ok(Some(n));
+        }
+        let Transport::Http { http, base } = &self.transport else {
+            unreachable!("only HTTP fetches decode frames")
+        };
+        #[derive(Deserialize)]
+        struct Info {
+            label: String,
+            block_bytes: u64,
+        }
+        #[derive(Deserialize)]
+        struct R {
+            namespaces: Vec<Info>,
+        }
+        let r: R = self
+            .http_send(http.get(format!("{base}/v1/namespaces")))
+            .await?
+            .json()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut known = self.known_block_bytes();
+        known.extend(r.namespaces.into_iter().map(|i| (i.label, i.block_bytes)));
+        Ok(known.get(namespace).copied())
+    }
+
+    fn known_block_bytes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u64>> {
+        self.block_bytes.lock().expect("block_bytes lock")
     }
 
     fn request<T>(&self, msg: T) -> tonic::Request<T> {
@@ -447,36 +494,46 @@ impl Client {
     }
 
     /// Fetches the leading run of `hashes` the sidecar can serve.
+    ///
+    /// The answer is checked against the request ([`FetchReader`]): blocks in request
+    /// order with the hashes asked for, each exactly the namespace's `block_bytes` (over
+    /// HTTP the client learns it from `GET /v1/namespaces` on its first fetch of a namespace,
+    /// and never accepts a frame longer than that). Anything else is a
+    /// [`ClientError::Protocol`].
     pub async fn fetch(
         &self,
         namespace: &str,
         hashes: &[BlockHash],
     ) -> Result<Fetched, ClientError> {
-        let mut blocks = Vec::with_capacity(hashes.len());
-        let mut end = None;
-        match &self.transport {
+        let protocol = |e: frame::FrameError| ClientError::Protocol(e.to_string());
+        let (blocks, reason) = match &self.transport {
             Transport::Http { http, base } => {
+                let block_bytes = self.block_bytes(namespace).await?;
                 let body = serde_json::json!({ "namespace": namespace, "block_hashes": hashes });
                 let resp = self
                     .http_send(http.post(format!("{base}/v1/fetch")).json(&body))
                     .await?;
                 let mut stream = resp.bytes_stream();
-                let mut decoder = Decoder::new(u64::MAX);
-                while let Some(chunk) = stream.next().await {
-                    decoder.feed(&chunk.map_err(transport_err)?);
-                    while let Some(f) = decoder
-                        .next_frame()
-                        .map_err(|e| ClientError::Protocol(e.to_string()))?
-                    {
-                        match f {
-                            Frame::Block { hash, payload, .. } => blocks.push((hash, payload)),
-                            Frame::End { reason, .. } => end = Some(reason),
+                let mut decoder =
+                    Decoder::new(block_bytes.unwrap_or(crate::codec::MAX_PAYLOAD_LEN));
+                let mut reader = FetchReader::new(hashes, block_bytes);
+                let read = async {
+                    while let Some(chunk) = stream.next().await {
+                        decoder.feed(&chunk.map_err(transport_err)?);
+                        while let Some(f) = decoder.next_frame().map_err(protocol)? {
+                            reader.frame(f).map_err(protocol)?;
                         }
                     }
+                    decoder.finish().map_err(protocol)
+                };
+                if let Err(e) = read.await {
+                    if matches!(e, ClientError::Protocol(_)) {
+                        // Perhaps the namespace changed shape: learn it again next time.
+                        self.known_block_bytes().remove(namespace);
+                    }
+                    return Err(e);
                 }
-                decoder
-                    .finish()
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                reader.finish().map_err(protocol)?
             }
             Transport::Grpc(c) => {
                 let req = self.request(proto::FetchRequest {
@@ -492,27 +549,28 @@ impl Client {
                     .await
                     .map_err(from_status)?
                     .into_inner();
+                let mut reader = FetchReader::new(hashes, None);
                 while let Some(msg) = stream.message().await.map_err(from_status)? {
                     match msg.kind {
-                        Some(proto::fetch_response::Kind::Block(b)) => {
-                            blocks.push((hash_of(&b.block_hash)?, b.payload))
-                        }
+                        Some(proto::fetch_response::Kind::Block(b)) => reader
+                            .block(b.index, hash_of(&b.block_hash)?, b.payload)
+                            .map_err(protocol)?,
                         Some(proto::fetch_response::Kind::End(e)) => {
-                            end = Some(match proto::EndReason::try_from(e.reason) {
+                            let reason = match proto::EndReason::try_from(e.reason) {
                                 Ok(proto::EndReason::Complete) => EndReason::Complete,
                                 Ok(proto::EndReason::BackendUnavailable) => {
                                     EndReason::BackendUnavailable
                                 }
                                 _ => EndReason::Miss,
-                            })
+                            };
+                            reader.end(e.blocks_sent, reason).map_err(protocol)?
                         }
                         None => return Err(ClientError::Protocol("empty fetch message".into())),
                     }
                 }
+                reader.finish().map_err(protocol)?
             }
-        }
-        let reason =
-            end.ok_or_else(|| ClientError::Protocol("fetch stream without an end".into()))?;
+        };
         Ok(Fetched { blocks, reason })
     }
 

@@ -128,6 +128,9 @@ pub enum FrameError {
     /// The stream stopped in the middle of a frame or without an end frame.
     #[error("stream truncated: no end frame")]
     Truncated,
+    /// A well-formed fetch answer that does not answer the request (see [`FetchReader`]).
+    #[error("the fetch answer does not match the request: {0}")]
+    Unexpected(String),
 }
 
 /// Incremental decoder: feed it chunks as they arrive, take frames out as they complete.
@@ -137,6 +140,10 @@ pub enum FrameError {
 /// `max_payload`. A decoded payload never shares memory with the chunks it arrived in (nor
 /// with other payloads), so whoever keeps it (an L1 cache) holds exactly what it counts.
 /// Memory is the frames decoded and not yet taken out, plus the one being filled.
+///
+/// Socket-free: bytes in, frames out. A payload length over `max_payload` is refused from
+/// the frame head, before anything is allocated for it. Give it the most the stream may
+/// legitimately carry (the namespace's `block_bytes`), never an unbounded limit.
 #[derive(Debug)]
 pub struct Decoder {
     max_payload: u64,
@@ -166,16 +173,17 @@ enum State {
 }
 
 impl Decoder {
-    /// A decoder refusing payloads over `max_payload` bytes.
+    /// A decoder refusing payloads over `max_payload` bytes, and in any case over
+    /// [`MAX_PAYLOAD_LEN`](crate::codec::MAX_PAYLOAD_LEN), the most a block can be.
     pub fn new(max_payload: u64) -> Decoder {
         Decoder {
-            max_payload,
             state: State::Magic,
             head: Vec::with_capacity(BLOCK_HEAD_LEN),
             ready: Default::default(),
             error: None,
             blocks: 0,
             consumed: 0,
+            max_payload: max_payload.min(crate::codec::MAX_PAYLOAD_LEN),
         }
     }
 
@@ -290,7 +298,8 @@ impl Decoder {
             index, hash, buf, ..
         } = std::mem::replace(&mut self.state, State::Type)
         {
-            self.blocks += 1;
+            // Saturating: a stream of 2^32 frames then fails the end frame's count.
+            self.blocks = self.blocks.saturating_add(1);
             self.ready.push_back(Frame::Block {
                 index,
                 hash,
@@ -315,6 +324,101 @@ impl Decoder {
             (None, State::Ended) => Ok(()),
             (None, _) => Err(FrameError::Truncated),
         }
+    }
+}
+
+/// Reads a fetch answer against its request: whichever transport carried it, the blocks
+/// must come in request order (`index` 0, 1, …, each with the hash asked for at that
+/// position), each exactly `block_bytes` long when the caller knows it, no more blocks than
+/// asked for, and one end that agrees (`complete` exactly when every block came).
+/// Socket-free: the caller feeds it frames as it decodes them.
+#[derive(Debug)]
+pub struct FetchReader<'a> {
+    requested: &'a [BlockHash],
+    block_bytes: Option<u64>,
+    blocks: Vec<(BlockHash, Bytes)>,
+    end: Option<EndReason>,
+}
+
+impl<'a> FetchReader<'a> {
+    /// A reader for the answer to a fetch of `requested`, blocks of `block_bytes` each
+    /// (`None`: not checked).
+    pub fn new(requested: &'a [BlockHash], block_bytes: Option<u64>) -> FetchReader<'a> {
+        FetchReader {
+            requested,
+            block_bytes,
+            blocks: Vec::new(),
+            end: None,
+        }
+    }
+
+    /// A decoded frame of the answer.
+    pub fn frame(&mut self, frame: Frame) -> Result<(), FrameError> {
+        match frame {
+            Frame::Block {
+                index,
+                hash,
+                payload,
+            } => self.block(index, hash, payload),
+            Frame::End { blocks, reason } => self.end(blocks, reason),
+        }
+    }
+
+    /// A block of the answer.
+    pub fn block(&mut self, index: u32, hash: BlockHash, payload: Bytes) -> Result<(), FrameError> {
+        let at = self.blocks.len();
+        let unexpected = |what: String| Err(FrameError::Unexpected(what));
+        if self.end.is_some() {
+            return unexpected("a block after the end".into());
+        }
+        if index as usize != at {
+            return unexpected(format!("block {index} where block {at} was due"));
+        }
+        match self.requested.get(at) {
+            None => return unexpected(format!("{} blocks asked for, more sent", at)),
+            Some(want) if *want != hash => {
+                return unexpected(format!("block {at} is {hash}, {want} was asked for"));
+            }
+            Some(_) => {}
+        }
+        if let Some(want) = self.block_bytes
+            && payload.len() as u64 != want
+        {
+            return unexpected(format!(
+                "block {at} has {} bytes, a block of this namespace {want}",
+                payload.len()
+            ));
+        }
+        self.blocks.push((hash, payload));
+        Ok(())
+    }
+
+    /// The end of the answer (`blocks`: how many block frames it says came before it).
+    pub fn end(&mut self, blocks: u32, reason: EndReason) -> Result<(), FrameError> {
+        let sent = self.blocks.len();
+        let complete = sent == self.requested.len();
+        if self.end.is_some() {
+            return Err(FrameError::BadEnd("a second end".into()));
+        }
+        if blocks as usize != sent {
+            return Err(FrameError::BadEnd(format!(
+                "end frame counts {blocks} blocks, the stream carried {sent}"
+            )));
+        }
+        if complete != (reason == EndReason::Complete) {
+            return Err(FrameError::Unexpected(format!(
+                "{sent} of {} blocks sent, and the end says {reason:?}",
+                self.requested.len()
+            )));
+        }
+        self.end = Some(reason);
+        Ok(())
+    }
+
+    /// The blocks, in request order, and why the run ended; an error if no end came.
+    pub fn finish(self) -> Result<(Vec<(BlockHash, Bytes)>, EndReason), FrameError> {
+        let reason = self.end.ok_or(FrameError::Truncated)?;
+        Ok((self.blocks, reason))
     }
 }
 
@@ -405,6 +509,100 @@ mod tests {
         assert_eq!(d.finish(), Err(FrameError::TooLarge { len: 5, max: 4 }));
     }
 
+    /// A length near `u64::MAX` used to overflow `BLOCK_HEAD_LEN + len` (a panic, or in
+    /// release a wrapped, tiny frame) when the limit was `u64::MAX`, and any length up to
+    /// the limit sized an allocation.
+    #[test]
+    fn an_announced_length_is_checked_before_any_arithmetic_or_allocation() {
+        let max = crate::codec::MAX_PAYLOAD_LEN;
+        for len in [
+            u64::MAX,
+            u64::MAX - BLOCK_HEAD_LEN as u64 + 1,
+            1 << 63,
+            usize::MAX as u64,
+            max + 1,
+        ] {
+            let mut d = Decoder::new(u64::MAX);
+            d.feed(STREAM_MAGIC);
+            d.feed(&block_head(0, &BlockHash([0; 32]), 0)[..37]);
+            d.feed(&len.to_le_bytes());
+            assert_eq!(
+                d.next_frame(),
+                Err(FrameError::TooLarge { len, max }),
+                "{len}"
+            );
+        }
+    }
+
+    fn fetch_answer(
+        frames: &[Frame],
+        requested: &[BlockHash],
+        block_bytes: Option<u64>,
+    ) -> Result<(Vec<(BlockHash, Bytes)>, EndReason), FrameError> {
+        let mut r = FetchReader::new(requested, block_bytes);
+        for f in frames {
+            r.frame(f.clone())?;
+        }
+        r.finish()
+    }
+
+    #[test]
+    fn a_fetch_answer_must_answer_the_request() {
+        let hs: Vec<BlockHash> = (0..3u8).map(|i| BlockHash([i; 32])).collect();
+        let block = |index: u32, h: u8, len: usize| Frame::Block {
+            index,
+            hash: BlockHash([h; 32]),
+            payload: vec![h; len].into(),
+        };
+        let end = |blocks, reason| Frame::End { blocks, reason };
+        let ok = [block(0, 0, 4), block(1, 1, 4), end(2, EndReason::Miss)];
+        assert_eq!(fetch_answer(&ok, &hs, Some(4)).unwrap().1, EndReason::Miss);
+        let all = [
+            block(0, 0, 4),
+            block(1, 1, 4),
+            block(2, 2, 4),
+            end(3, EndReason::Complete),
+        ];
+        assert_eq!(fetch_answer(&all, &hs, Some(4)).unwrap().0.len(), 3);
+        for bad in [
+            vec![block(1, 1, 4), end(1, EndReason::Miss)], // skipped block 0
+            vec![block(0, 1, 4), end(1, EndReason::Miss)], // wrong hash
+            vec![block(0, 0, 5), end(1, EndReason::Miss)], // wrong size
+            vec![block(0, 0, 4), end(1, EndReason::Complete)], // complete too early
+            vec![
+                block(0, 0, 4),
+                block(1, 1, 4),
+                block(2, 2, 4),
+                end(3, EndReason::Miss),
+            ],
+            vec![block(0, 0, 4), end(2, EndReason::Miss)], // miscounted
+            vec![block(0, 0, 4)],                          // no end
+            vec![end(0, EndReason::Miss), block(0, 0, 4)], // block after end
+            vec![end(0, EndReason::Miss), end(0, EndReason::Miss)],
+        ] {
+            assert!(fetch_answer(&bad, &hs, Some(4)).is_err(), "{bad:?}");
+        }
+        let extra = [
+            block(0, 0, 4),
+            block(1, 1, 4),
+            block(2, 2, 4),
+            block(3, 3, 4),
+        ];
+        assert!(
+            fetch_answer(&extra, &hs, None).is_err(),
+            "more blocks than asked for"
+        );
+        // Size unknown: not checked.
+        assert!(
+            fetch_answer(
+                &[block(0, 0, 9), end(1, EndReason::BackendUnavailable)],
+                &hs,
+                None
+            )
+            .is_ok()
+        );
+    }
+
     proptest! {
         #[test]
         fn prop_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300), chunk in 1usize..64) {
@@ -412,6 +610,62 @@ mod tests {
             with_magic.extend_from_slice(&bytes);
             let _ = decode_all(&bytes, chunk);
             let _ = decode_all(&with_magic, chunk);
+        }
+
+        /// The client's path: a decoder capped at the namespace's block size feeding a
+        /// fetch reader, on arbitrary bytes in arbitrary chunks.
+        #[test]
+        fn prop_fetch_reader_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400), chunk in 1usize..64) {
+            let requested: Vec<BlockHash> = (0..3u8).map(|i| BlockHash([i; 32])).collect();
+            for body in [bytes.clone(), [&STREAM_MAGIC[..], &bytes].concat()] {
+                let mut d = Decoder::new(16);
+                let mut r = FetchReader::new(&requested, Some(16));
+                let _ = (|| {
+                    for c in body.chunks(chunk) {
+                        d.feed(c);
+                        while let Some(f) = d.next_frame()? {
+                            r.frame(f)?;
+                        }
+                    }
+                    d.finish()
+                })();
+                let _ = r.finish();
+            }
+        }
+
+        /// Whatever prefix of a request a server answers, with the matching end, reads back.
+        #[test]
+        fn prop_fetch_answer_round_trip(n in 0usize..6, sent in 0usize..6, miss in any::<bool>(), chunk in 1usize..97) {
+            let requested: Vec<BlockHash> = (0..n).map(|i| BlockHash([i as u8; 32])).collect();
+            let sent = sent.min(n);
+            let payloads: Vec<Vec<u8>> = (0..sent).map(|i| vec![i as u8; 24]).collect();
+            let reason = match (sent == n, miss) {
+                (true, _) => EndReason::Complete,
+                (false, true) => EndReason::Miss,
+                (false, false) => EndReason::BackendUnavailable,
+            };
+            let mut stream = STREAM_MAGIC.to_vec();
+            for (i, p) in payloads.iter().enumerate() {
+                stream.extend_from_slice(&block_head(i as u32, &requested[i], p.len()));
+                stream.extend_from_slice(p);
+            }
+            stream.extend_from_slice(&end(sent as u32, reason));
+            let mut d = Decoder::new(24);
+            let mut r = FetchReader::new(&requested, Some(24));
+            for c in stream.chunks(chunk) {
+                d.feed(c);
+                while let Some(f) = d.next_frame().unwrap() {
+                    r.frame(f).unwrap();
+                }
+            }
+            d.finish().unwrap();
+            let (blocks, got) = r.finish().unwrap();
+            prop_assert_eq!(got, reason);
+            prop_assert_eq!(blocks.len(), sent);
+            for (i, (h, p)) in blocks.iter().enumerate() {
+                prop_assert_eq!(h, &requested[i]);
+                prop_assert_eq!(&p[..], &payloads[i][..]);
+            }
         }
 
         #[test]

@@ -12,6 +12,7 @@
 //! | [`hashing`] | the namespace root and chained SHA-256 block hashes (`docs/hashing.md`) |
 //! | [`codec`] | the stored block: text header + raw tensor bytes, checksum (`docs/format.md`) |
 //! | [`store`] | Redis: key schema, write-once puts with TTL, gets, lookup, pin, purge |
+//! | [`resp`] | the lean RESP path for block values: a socket-free reply parser, a paced pool |
 //! | [`error`] | the one classified error type |
 //! | [`frame`] | the framed binary stream that carries batches of blocks over HTTP |
 //! | `l1` | the byte-bounded in-process tier in front of the backend, single-flight loads |
@@ -68,7 +69,7 @@ pub mod l1;
 #[cfg(feature = "server")]
 pub mod memory;
 pub mod namespace;
-mod resp;
+pub mod resp;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

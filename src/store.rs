@@ -78,17 +78,27 @@ pub struct StoreConfig {
     /// How long to wait for a new connection. Default: 1s.
     #[serde(with = "humantime_serde")]
     pub connection_timeout: Duration,
-    /// Reconnection attempts (exponential backoff from 100 ms) before a command fails;
-    /// later commands start reconnecting again. Default: 6.
+    /// Reconnection attempts (exponential backoff from 100 ms) of the redis-rs connections
+    /// (operator commands; on TLS, unix sockets and Cluster, everything) before a command
+    /// fails; later commands start reconnecting again. The block data path does not retry a
+    /// failed dial: the call fails open and a later call dials again (`connect_rate`).
+    /// Default: 6.
     pub reconnect_retries: usize,
-    /// How often a command is sent again when the connection dropped under it. redis-rs's
-    /// connection manager reconnects but does not resend the in-flight command; every
-    /// command kvshelf sends is idempotent, so resending is safe. Default: 1.
+    /// How often a command is sent again when the connection dropped under it — on the
+    /// block data path, each time on a newly dialled connection. redis-rs's connection
+    /// manager reconnects but does not resend the in-flight command; every command kvshelf
+    /// sends is idempotent, so resending is safe. Default: 1.
     pub command_retries: u32,
     /// Most connections the block data path (`GET`/`SET`/`EXISTS` of blocks on one Redis
     /// over TCP) opens at once; more concurrent calls wait for one. Bounds what a hung or
     /// slow Redis sees from one process. Default: 64.
     pub max_connections: usize,
+    /// New connections per second the block data path may open once a burst of
+    /// `max_connections` is spent; a call that needs one beyond that fails open at once.
+    /// Every fail-open timeout drops the connection it was using, so without this bound a
+    /// brownout would have every request reconnect (and `AUTH`) to the struggling Redis.
+    /// 0: no bound. Default: 10.
+    pub connect_rate: u32,
 }
 
 impl Default for StoreConfig {
@@ -104,6 +114,7 @@ impl Default for StoreConfig {
             reconnect_retries: 6,
             command_retries: 1,
             max_connections: 64,
+            connect_rate: 10,
         }
     }
 }
@@ -134,6 +145,7 @@ impl std::fmt::Debug for StoreConfig {
             reconnect_retries,
             command_retries,
             max_connections,
+            connect_rate,
         } = self;
         f.debug_struct("StoreConfig")
             .field("url", &self.redacted_url())
@@ -146,6 +158,7 @@ impl std::fmt::Debug for StoreConfig {
             .field("reconnect_retries", reconnect_retries)
             .field("command_retries", command_retries)
             .field("max_connections", max_connections)
+            .field("connect_rate", connect_rate)
             .finish()
     }
 }
@@ -375,7 +388,7 @@ impl RedisStore {
         if let Some(pool) = &self.bulk {
             let mut req = resp::Request::default();
             req.cmd(&[Arg::Small(b"PING")]);
-            pool.exec(&req).await?;
+            pool.exec(&req).await?.all()?;
             return Ok(());
         }
         let _: String = self.run(redis::pipe().cmd("PING")).await.map(one)?;
@@ -411,7 +424,7 @@ impl RedisStore {
                     Arg::Small(ttl.as_bytes()),
                 ]);
             }
-            let replies = pool.exec(&req).await?;
+            let replies = pool.exec(&req).await?.all()?;
             return Ok(replies
                 .into_iter()
                 .map(|r| match r {
@@ -457,14 +470,19 @@ impl RedisStore {
         }
         let ttl_ms = ttl_millis(self.ttl_of(ns));
         let sliding = self.cfg.sliding_ttl;
-        // Per block: its value (if any) and its PTTL, or the error of its cluster node.
-        let replies: Vec<Result<(Option<Bytes>, i64), Error>> = match &self.bulk {
+        // Per block: what its key holds and its PTTL, or the error of its cluster node.
+        let replies: Vec<Result<(Stored, i64), Error>> = match &self.bulk {
             Some(pool) => {
+                // The longest value a block of `ns` can be; a longer one is refused from its
+                // length prefix, before anything of it is read.
+                let max_value = usize::try_from(ns.block_bytes())
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(codec::MAX_HEADER_LEN);
                 let ttl = ttl_ms.to_string();
                 let mut req = resp::Request::default();
                 for hash in hashes {
                     let key = block_key(&ns.label, hash);
-                    req.cmd(&[Arg::Small(b"GET"), Arg::Small(key.as_bytes())]);
+                    req.cmd_bulk(max_value, &[Arg::Small(b"GET"), Arg::Small(key.as_bytes())]);
                     if sliding {
                         // XX: only keys that already have an expiry, so a pinned block
                         // stays pinned.
@@ -478,57 +496,110 @@ impl RedisStore {
                     req.cmd(&[Arg::Small(b"PTTL"), Arg::Small(key.as_bytes())]);
                 }
                 let per_block = if sliding { 3 } else { 2 };
-                let mut replies = pool.exec(&req).await?.into_iter();
+                let resp::Replies { replies, oversized } = pool.exec(&req).await?;
+                // A server error fails the call (NOPERM, OOM, …), except a key holding
+                // another type, which is that block's problem alone.
+                if let Some(e) = replies.iter().find_map(|r| match r {
+                    Reply::Error(msg) if !is_wrong_type(msg) => Some(resp::server_error(msg)),
+                    _ => None,
+                }) {
+                    return Err(e.into());
+                }
+                let got = replies.len();
+                let mut replies = replies.into_iter();
                 (0..hashes.len())
-                    .map(|_| {
+                    .map(|i| {
                         let mut r = replies.by_ref().take(per_block);
-                        let value = match r.next() {
-                            Some(Reply::Bulk(v)) => Some(v),
-                            _ => None,
+                        let stored = match r.next() {
+                            Some(Reply::Bulk(v)) => Stored::Value(v),
+                            Some(Reply::Error(_)) => Stored::Bad(Bad::WrongType),
+                            Some(_) => Stored::Missing,
+                            // The connection stopped at an oversized value: this block's,
+                            // or (unknown, a miss) an earlier block's.
+                            None => match oversized {
+                                Some(len) if got == i * per_block => {
+                                    Stored::Bad(Bad::Codec(codec::CodecError::Oversized {
+                                        what: "value",
+                                        len,
+                                        max: max_value as u64,
+                                    }))
+                                }
+                                _ => Stored::Missing,
+                            },
                         };
                         let pttl = match r.last() {
                             Some(Reply::Int(t)) => t,
                             _ => -2,
                         };
-                        Ok((value, pttl))
+                        Ok((stored, pttl))
                     })
                     .collect()
             }
-            None => self
-                .per_key(hashes.len(), |i, pipe| {
-                    let key = block_key(&ns.label, &hashes[i]);
-                    pipe.get(&key);
-                    if sliding {
-                        // XX: only keys that already have an expiry, so a pinned block
-                        // stays pinned.
-                        pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("XX").ignore();
-                    }
-                    pipe.cmd("PTTL").arg(&key);
-                    2
-                })
-                .await?
-                .into_iter()
-                .map(|reply| {
-                    let mut reply = reply?;
-                    let pttl: i64 =
-                        redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil))
-                            .unwrap_or(-2);
-                    let value: Option<Bytes> =
-                        redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil))
-                            .map_err(redis::RedisError::from)?;
-                    Ok((value, pttl))
-                })
-                .collect(),
+            None => {
+                let per_block = self
+                    .per_key(hashes.len(), |i, pipe| {
+                        let key = block_key(&ns.label, &hashes[i]);
+                        // Errors as values, so that a key holding another type fails only
+                        // its own block.
+                        pipe.ignore_errors().get(&key);
+                        if sliding {
+                            // XX: only keys that already have an expiry, so a pinned block
+                            // stays pinned.
+                            pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).arg("XX").ignore();
+                        }
+                        pipe.cmd("PTTL").arg(&key);
+                        2
+                    })
+                    .await?
+                    .into_iter()
+                    .map(|reply| {
+                        let mut reply = reply?;
+                        let pttl: i64 =
+                            redis::from_redis_value(reply.pop().unwrap_or(redis::Value::Nil))
+                                .unwrap_or(-2);
+                        let stored = match reply.pop().unwrap_or(redis::Value::Nil) {
+                            redis::Value::ServerError(e) if e.code() == "WRONGTYPE" => {
+                                Stored::Bad(Bad::WrongType)
+                            }
+                            redis::Value::ServerError(e) => {
+                                return Err(redis::RedisError::from(e).into());
+                            }
+                            value => match redis::from_redis_value::<Option<Bytes>>(value)
+                                .map_err(redis::RedisError::from)?
+                            {
+                                Some(v) => Stored::Value(v),
+                                None => Stored::Missing,
+                            },
+                        };
+                        Ok((stored, pttl))
+                    });
+                // On one Redis an error fails the whole call (on a cluster, only the
+                // blocks of the node that failed).
+                if self.is_cluster() {
+                    per_block.collect()
+                } else {
+                    per_block
+                        .collect::<Result<Vec<_>, Error>>()?
+                        .into_iter()
+                        .map(Ok)
+                        .collect()
+                }
+            }
         };
         let mut out = Vec::with_capacity(hashes.len());
         let mut bad = Vec::new();
         for (hash, reply) in hashes.iter().zip(replies) {
             // On a cluster, a block whose node did not answer is a miss.
-            let Ok((value, pttl)) = reply else {
+            let Ok((stored, pttl)) = reply else {
                 out.push(None);
                 continue;
             };
-            out.push(match value.map(|v| verify(ns, hash, v)) {
+            let checked = match stored {
+                Stored::Missing => None,
+                Stored::Value(v) => Some(verify(ns, hash, v).map_err(Bad::Codec)),
+                Stored::Bad(why) => Some(Err(why)),
+            };
+            out.push(match checked {
                 Some(Ok(block)) => Some(Hit {
                     block,
                     ttl: (pttl >= 0).then(|| Duration::from_millis(pttl as u64)),
@@ -571,7 +642,7 @@ impl RedisStore {
                 let key = block_key(&ns.label, hash);
                 req.cmd(&[Arg::Small(b"EXISTS"), Arg::Small(key.as_bytes())]);
             }
-            let replies = pool.exec(&req).await?;
+            let replies = pool.exec(&req).await?.all()?;
             return Ok(replies.iter().take_while(|r| **r == Reply::Int(1)).count());
         }
         let replies = self
@@ -604,7 +675,7 @@ impl RedisStore {
                 let key = block_key(label, hash);
                 req.cmd(&[Arg::Small(b"EXISTS"), Arg::Small(key.as_bytes())]);
             }
-            let replies = pool.exec(&req).await?;
+            let replies = pool.exec(&req).await?.all()?;
             return Ok(replies.iter().map(|r| *r == Reply::Int(1)).collect());
         }
         let replies = self
@@ -1151,10 +1222,10 @@ impl RedisStore {
 
     /// Deletes blocks that failed verification, and counts them. Best effort: a failure to
     /// delete leaves the block to be caught again on the next read.
-    async fn discard_bad(&self, ns: &Namespace, bad: &[(&BlockHash, codec::CodecError)]) {
+    async fn discard_bad(&self, ns: &Namespace, bad: &[(&BlockHash, Bad)]) {
         let keys: Vec<String> = bad.iter().map(|(h, _)| block_key(&ns.label, h)).collect();
-        for (hash, err) in bad {
-            count_bad(ns, hash, err);
+        for (hash, why) in bad {
+            count_corrupt(ns, hash, why.kind(), why);
         }
         if let Err(e) = self.unlink_keys(&keys).await {
             tracing::warn!(error = %e, "could not delete bad blocks");
@@ -1269,10 +1340,64 @@ pub(crate) fn wrong_size(ns: &Namespace, i: usize, len: u64) -> Error {
 }
 
 /// Counts and logs a bad block found on the shelf.
+#[cfg(feature = "server")]
 pub(crate) fn count_bad(ns: &Namespace, hash: &BlockHash, err: &codec::CodecError) {
-    metrics::counter!("kvshelf_store_corrupt_blocks_total", "reason" => err.kind()).increment(1);
+    count_corrupt(ns, hash, err.kind(), err);
+}
+
+fn count_corrupt(
+    ns: &Namespace,
+    hash: &BlockHash,
+    reason: &'static str,
+    err: &dyn std::fmt::Display,
+) {
+    metrics::counter!("kvshelf_store_corrupt_blocks_total", "reason" => reason).increment(1);
     tracing::warn!(namespace = %ns.label, block = %hash, error = %err,
         "bad block on the shelf: deleting it and answering a miss");
+}
+
+/// What a block's key held.
+enum Stored {
+    /// Nothing.
+    Missing,
+    /// A string, to verify.
+    Value(Bytes),
+    /// Something that cannot be a block of the namespace.
+    Bad(Bad),
+}
+
+/// Why a key's value is not the block asked for.
+#[derive(Debug)]
+enum Bad {
+    /// A string that does not decode or verify (or is longer than any block could be).
+    Codec(codec::CodecError),
+    /// A value of another type (a list, a hash, …): Redis answered `GET` with `WRONGTYPE`.
+    WrongType,
+}
+
+impl Bad {
+    /// The `reason` label of `kvshelf_store_corrupt_blocks_total`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Bad::Codec(e) => e.kind(),
+            Bad::WrongType => "wrong_type",
+        }
+    }
+}
+
+impl std::fmt::Display for Bad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bad::Codec(e) => e.fmt(f),
+            Bad::WrongType => f.write_str("the key holds a value that is not a string (WRONGTYPE)"),
+        }
+    }
+}
+
+/// A `WRONGTYPE` error reply (`-WRONGTYPE Operation against a key holding the wrong kind
+/// of value`).
+fn is_wrong_type(msg: &str) -> bool {
+    msg.starts_with("WRONGTYPE")
 }
 
 /// Decodes a stored value and checks it is the block `ns` asked for under `hash`.

@@ -38,6 +38,7 @@ fn sample_namespace() -> Namespace {
         lora_adapter: None,
         ttl: None,
         max_pinned_bytes: None,
+        hash_scheme: Default::default(),
     }
 }
 
