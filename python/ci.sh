@@ -4,14 +4,16 @@
 # Creates the LMCache environment once and keeps it (lmcache==0.5.6 pulls a CUDA torch
 # wheel, ~5 GB; its CPU paths run without a GPU), checks the bindings' Rust code, builds
 # the wheel with maturin, installs it into that environment and runs pytest against real
-# redis-server processes. Needs python3 >= 3.11, redis-server and redis-cli.
+# redis-server processes and a real sidecar (the kvshelf binary, built here). Needs
+# python3 >= 3.11, redis-server and redis-cli.
 #
 #   bash python/ci.sh                 # env: KVSHELF_LMCACHE_VENV, CARGO_TARGET_DIR
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
 venv="${KVSHELF_LMCACHE_VENV:-$HOME/.cache/kvshelf/lmcache-venv}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}/py"
+main_target="${CARGO_TARGET_DIR:-$repo/target}"
+export CARGO_TARGET_DIR="$main_target/py"
 start=$SECONDS
 
 if ! "$venv/bin/python" -c 'import lmcache, pytest, numpy, maturin' 2>/dev/null; then
@@ -34,6 +36,10 @@ rm -rf "$CARGO_TARGET_DIR/wheels"
 "$venv/bin/maturin" build --locked --release --quiet --interpreter "$venv/bin/python" \
   --out "$CARGO_TARGET_DIR/wheels"
 "$venv/bin/pip" install --quiet --force-reinstall --no-deps "$CARGO_TARGET_DIR"/wheels/kvshelf-*.whl
+
+echo "python/ci: the kvshelf binary (tests/test_client.py runs a real sidecar)"
+(cd "$repo" && CARGO_TARGET_DIR="$main_target" cargo build --locked --quiet --bin kvshelf)
+export KVSHELF_BIN="$main_target/debug/kvshelf"
 
 echo "python/ci: pytest"
 # From tests/, so `import kvshelf` is the installed wheel, not the source tree.

@@ -1,8 +1,8 @@
 """kvshelf: a shared, Redis-backed shelf of attention KV blocks, keyed by prompt prefix.
 
-The Rust library in this process (no sidecar): the hashing contract (``docs/hashing.md``),
-the Redis store (``Store``: reads land in your buffers with the GIL released) and the
-LMCache storage plugin (``kvshelf.lmcache``).
+The Rust library in this process: the hashing contract (``docs/hashing.md``), the Redis
+store (``Store``: reads land in your buffers with the GIL released), a client of the
+sidecar (``Client``, HTTP or gRPC) and the LMCache storage plugin (``kvshelf.lmcache``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import functools
 from typing import Any, Optional, Sequence
 
 from ._native import (
+    Client,
     KvshelfError,
     Namespace,
     PrefixHasher,
@@ -21,7 +22,9 @@ from ._native import (
 )
 
 __all__ = [
+    "AsyncClient",
     "AsyncStore",
+    "Client",
     "KvshelfError",
     "Namespace",
     "PrefixHasher",
@@ -67,3 +70,42 @@ class AsyncStore:
 
     async def delete(self, ns: Namespace, hashes: Sequence[bytes | str]) -> int:
         return await self._run("delete", ns, hashes)
+
+
+class AsyncClient:
+    """``Client`` for asyncio code, like ``AsyncStore``: each call runs the synchronous
+    method (which releases the GIL) on a worker thread of the loop's default executor."""
+
+    def __init__(self, url: str = "http://127.0.0.1:7070", **options: Any) -> None:
+        self.sync = Client(url, **options)
+
+    async def _run(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(getattr(self.sync, name), *args, **kwargs)
+        return await loop.run_in_executor(None, call)
+
+    async def hash(self, namespace: str, tokens: Sequence[int]) -> list[bytes]:
+        return await self._run("hash", namespace, tokens)
+
+    async def lookup(self, namespace: str, **kwargs: Any) -> dict[str, Any]:
+        return await self._run("lookup", namespace, **kwargs)
+
+    async def fetch_into(
+        self, namespace: str, hashes: Sequence[bytes | str], buffers: Sequence[Any]
+    ) -> tuple[int, str]:
+        return await self._run("fetch_into", namespace, hashes, buffers)
+
+    async def fetch(self, namespace: str, hashes: Sequence[bytes | str]) -> tuple[list[bytes], str]:
+        return await self._run("fetch", namespace, hashes)
+
+    async def put(
+        self,
+        namespace: str,
+        hashes: Sequence[bytes | str],
+        buffers: Sequence[Any],
+        asynchronous: bool = False,
+    ) -> list[str]:
+        return await self._run("put", namespace, hashes, buffers, asynchronous=asynchronous)
+
+    async def delete(self, namespace: str, hashes: Sequence[bytes | str]) -> int:
+        return await self._run("delete", namespace, hashes)

@@ -80,6 +80,48 @@ class Store:
     def ttl(self, ns: Namespace, hash: Hash) -> Optional[float]:
         """Seconds left; ``None`` when missing, ``inf`` when pinned."""
 
+class Client:
+    """A client of a kvshelf sidecar (``docs/api.md``), over HTTP or gRPC, through the Rust
+    client; every call releases the GIL. The sidecar's refusals raise ``KvshelfError``
+    with its stable code (``unknown_namespace``, ``forbidden``, ``overloaded``, ...), an
+    unreachable sidecar ``code == "transport"``; a bad configuration ``ValueError``."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:7070",
+        protocol: str = "http",
+        token: Optional[str] = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 1.0,
+    ) -> None: ...
+    def hash(self, namespace: str, tokens: Sequence[int]) -> list[bytes]:
+        """32-byte hashes of every full block of ``tokens`` (with this token's salt)."""
+    def lookup(
+        self,
+        namespace: str,
+        tokens: Optional[Sequence[int]] = None,
+        block_hashes: Optional[Sequence[Hash]] = None,
+        warm: bool = False,
+    ) -> dict[str, Any]:
+        """``hit_blocks``, ``hit_tokens``, ``block_hashes`` (bytes), ``backend_ok``."""
+    def fetch_into(
+        self, namespace: str, hashes: Sequence[Hash], buffers: Sequence[Buffer]
+    ) -> tuple[int, str]:
+        """Writes the leading run into ``buffers``; ``(n, reason)`` with reason
+        ``"complete"``, ``"miss"`` or ``"backend_unavailable"``."""
+    def fetch(self, namespace: str, hashes: Sequence[Hash]) -> tuple[list[bytes], str]: ...
+    def put(
+        self,
+        namespace: str,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        asynchronous: bool = False,
+    ) -> list[str]:
+        """``"stored"``, ``"already_present"``, ``"queued"`` or ``"dropped"`` per block."""
+    def delete(self, namespace: str, hashes: Sequence[Hash]) -> int: ...
+    def pin(self, namespace: str, hash: Hash) -> bool: ...
+    def unpin(self, namespace: str, hash: Hash) -> bool: ...
+
 class Engine:
     """The Rust half of ``kvshelf.lmcache.KvshelfNativeConnector``; use that class."""
 

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | [`Namespace`], [`PrefixHasher`], [`lmcache_key_hash`], [`block_key`] | the hashing contract |
 //! | [`Store`] | the library's `RedisStore`, synchronous, GIL released |
+//! | [`client::Client`] | the sidecar's API (HTTP or gRPC) through the Rust client, GIL released |
 //! | [`plugin::Engine`] | submit/complete over an eventfd: LMCache's `native_plugin` protocol |
 
 use std::sync::OnceLock;
@@ -22,6 +23,7 @@ use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
+mod client;
 mod plugin;
 
 pyo3::create_exception!(
@@ -80,7 +82,7 @@ pub(crate) fn hash_of(obj: &Bound<'_, PyAny>) -> PyResult<BlockHash> {
     ))
 }
 
-fn hashes_of(objs: &Bound<'_, PyAny>) -> PyResult<Vec<BlockHash>> {
+pub(crate) fn hashes_of(objs: &Bound<'_, PyAny>) -> PyResult<Vec<BlockHash>> {
     objs.try_iter()?.map(|o| hash_of(&o?)).collect()
 }
 
@@ -539,6 +541,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Namespace>()?;
     m.add_class::<PrefixHasher>()?;
     m.add_class::<Store>()?;
+    m.add_class::<client::Client>()?;
     m.add_class::<plugin::Engine>()?;
     m.add_function(wrap_pyfunction!(lmcache_key_hash, m)?)?;
     m.add_function(wrap_pyfunction!(block_key, m)?)?;
