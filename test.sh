@@ -16,7 +16,9 @@
 #   cc                        the C parts of some crates (ring, mimalloc)
 #
 # Packages come from apt-get, run as root or through sudo. Then `cargo test` runs with the
-# arguments given (e.g. `./test.sh --locked`, `./test.sh --test server`).
+# arguments given (e.g. `./test.sh --locked`, `./test.sh --test server`), and, when no test
+# was selected, the Python package's tests (python/ci.sh: it creates LMCache's environment,
+# ~5 GB, once under ~/.cache/kvshelf; KVSHELF_SKIP_PYTHON=1 skips them).
 #
 #   --install-only   install what is missing, run no test
 #
@@ -128,3 +130,16 @@ fi
 export PATH
 log "cargo test $*"
 cargo test "$@"
+
+# The whole suite also holds the Python package's tests (with the real LMCache classes).
+# Run when no test was selected (`./test.sh` or `./test.sh --locked`); KVSHELF_SKIP_PYTHON=1
+# skips them. The first run creates LMCache's environment (~5 GB, a few minutes) under
+# ~/.cache/kvshelf and keeps it.
+selected=0
+for arg in "$@"; do [[ $arg == --locked ]] || selected=1; done
+if ((selected)) || [[ ${KVSHELF_SKIP_PYTHON:-0} == 1 ]]; then
+  log "Python package tests not run (a test was selected, or KVSHELF_SKIP_PYTHON=1): bash python/ci.sh"
+else
+  log "bash python/ci.sh"
+  bash python/ci.sh
+fi
