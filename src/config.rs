@@ -135,6 +135,11 @@ pub struct ServerConfig {
     /// Longest an L1 entry lives (never longer than the block's TTL in Redis). Default: 30s.
     #[serde(with = "humantime_serde")]
     pub l1_max_ttl: Duration,
+    /// An L1 hit slides the block's TTL in Redis as a Redis read does (`PEXPIRE … XX`,
+    /// batched, off the request path), at most once per block per this interval.
+    /// Default: 1s.
+    #[serde(with = "humantime_serde")]
+    pub l1_touch_interval: Duration,
     /// Byte bound of the asynchronous put queue; puts beyond it are dropped. Default: 256 MiB.
     pub put_queue_bytes: u64,
     /// Byte bound of the embedded store, when no Redis is configured. Default: 1 GiB.
@@ -170,6 +175,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 256,
             l1_bytes: 1 << 30,
             l1_max_ttl: Duration::from_secs(30),
+            l1_touch_interval: Duration::from_secs(1),
             put_queue_bytes: 256 << 20,
             memory_store_bytes: 1 << 30,
             shutdown_grace: Duration::from_secs(30),

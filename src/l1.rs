@@ -8,10 +8,10 @@
 //! ([`L1::get_or_load`] says how), so a stalled or failing backend cannot hang fetches.
 //!
 //! An entry never outlives the block's TTL in the backend: it expires at the earlier of
-//! `max_ttl` and the TTL the backend reported when the block was read. Hits in L1 do not
-//! slide the backend's TTL; `max_ttl` is short (default 30 s) so that the next backend read,
-//! which does, comes soon enough. Deletes, pins and purges through this sidecar drop the
-//! affected entries; other sidecars' L1 may serve a deleted block until `max_ttl` passes.
+//! `max_ttl` and the TTL the backend reported when the block was read. The sidecar slides
+//! the backend's TTL for L1 hits itself, off the request path (`shelf::l1_toucher`).
+//! Deletes, pins and purges through this sidecar drop the affected entries; other sidecars'
+//! L1 may serve a deleted block until `max_ttl` passes.
 
 use std::collections::HashMap;
 use std::future::Future;

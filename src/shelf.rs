@@ -319,6 +319,9 @@ struct Inner {
     fetch_budget: Arc<Semaphore>,
     queue_done: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     backend_was_ok: AtomicBool,
+    /// L1 hits whose Redis TTL is to slide (`l1_toucher`); `None` without L1, without
+    /// Redis, or without sliding TTLs.
+    touch_tx: Option<mpsc::Sender<(Arc<str>, BlockHash)>>,
 }
 
 impl std::fmt::Debug for Shelf {
@@ -398,6 +401,22 @@ impl Shelf {
             })
             .collect();
         let admitter = Admitter::new(&server, namespaces.values());
+        // L1 hits slide the Redis TTL as Redis reads do, from a task of their own: batched,
+        // at most once per block per `l1_touch_interval`, never on the request path.
+        let touch_tx = match (&backend, &l1) {
+            (Backend::Redis(store), Some(_)) if store.config().sliding_ttl => {
+                let (tx, rx) = mpsc::channel(TOUCH_QUEUE);
+                tokio::spawn(l1_toucher(
+                    store.clone(),
+                    namespaces.clone(),
+                    server.l1_touch_interval,
+                    server.put_timeout,
+                    rx,
+                ));
+                Some(tx)
+            }
+            _ => None,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let shelf = Shelf {
             inner: Arc::new(Inner {
@@ -418,6 +437,7 @@ impl Shelf {
                 queue_tx: std::sync::Mutex::new(Some(tx)),
                 queue_done: tokio::sync::Mutex::new(None),
                 backend_was_ok: AtomicBool::new(true),
+                touch_tx,
             }),
         };
         let worker = tokio::spawn(put_queue_worker(shelf.clone(), rx));
@@ -646,6 +666,7 @@ impl Shelf {
         let mut reason = EndReason::Complete;
         let block_bytes = ns.block_bytes();
         let fetch_timeout = self.inner.cfg.fetch_timeout;
+        let label: Arc<str> = Arc::from(ns.label.as_str());
         'chunks: for chunk in hashes.chunks(self.chunk_blocks(&ns)) {
             // Room for this chunk in the fetch memory budget, before reading it. Each
             // block's share travels with its payload and is given back when the transport
@@ -664,6 +685,17 @@ impl Shelf {
             };
             let served = self.read_blocks(&ns, chunk).await;
             for (hash, served) in chunk.iter().zip(served) {
+                if let (Served::Hit(_), Some(touch)) = (&served, &self.inner.touch_tx) {
+                    // Full queue: this hit does not slide the TTL; a later one will.
+                    let result = match touch.try_send((label.clone(), *hash)) {
+                        Ok(()) => None,
+                        Err(_) => Some("dropped"),
+                    };
+                    if let Some(result) = result {
+                        metrics::counter!("kvshelf_l1_ttl_touches_total", "result" => result)
+                            .increment(1);
+                    }
+                }
                 let tier = match &served {
                     Served::Hit(_) => "l1_hit",
                     Served::Loaded(_) => "backend_hit",
@@ -1109,6 +1141,57 @@ impl Shelf {
         metrics::counter!("kvshelf_backend_failures_total", "op" => op, "kind" => kind)
             .increment(1);
         Ok(None)
+    }
+}
+
+/// Room for L1 hits waiting to slide their TTL; a hit that finds it full is counted
+/// (`dropped`) and the next hit of that block slides it.
+const TOUCH_QUEUE: usize = 4096;
+
+/// Slides the Redis TTL of blocks served from L1, as a Redis read would (`PEXPIRE … XX`:
+/// pinned blocks stay pinned, deleted ones are not recreated). Takes whatever hits are
+/// queued, skips blocks it touched less than `interval` ago, and sends one pipeline per
+/// namespace, each within `timeout`. Ends when the shelf is dropped.
+async fn l1_toucher(
+    store: RedisStore,
+    namespaces: HashMap<String, Namespace>,
+    interval: Duration,
+    timeout: Duration,
+    mut rx: mpsc::Receiver<(Arc<str>, BlockHash)>,
+) {
+    let mut last: HashMap<(Arc<str>, BlockHash), Instant> = HashMap::new();
+    let mut pruned = Instant::now();
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, TOUCH_QUEUE).await > 0 {
+        let now = Instant::now();
+        let mut due: HashMap<Arc<str>, Vec<BlockHash>> = HashMap::new();
+        for (label, hash) in batch.drain(..) {
+            let key = (label, hash);
+            if last
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < interval)
+            {
+                continue;
+            }
+            due.entry(key.0.clone()).or_default().push(hash);
+            last.insert(key, now);
+        }
+        for (label, hashes) in due {
+            let Some(ns) = namespaces.get(&*label) else {
+                continue;
+            };
+            let result = match tokio::time::timeout(timeout, store.touch(ns, &hashes)).await {
+                Ok(Ok(_)) => "sent",
+                Ok(Err(_)) => "failed",
+                Err(_) => "timeout",
+            };
+            metrics::counter!("kvshelf_l1_ttl_touches_total", "result" => result)
+                .increment(hashes.len() as u64);
+        }
+        if now.duration_since(pruned) >= interval {
+            last.retain(|_, t| now.duration_since(*t) < interval);
+            pruned = now;
+        }
     }
 }
 

@@ -658,6 +658,47 @@ impl RedisStore {
             .count())
     }
 
+    /// Slides the TTL of blocks of `ns` that were read from somewhere else (a sidecar's L1)
+    /// as a read from Redis would: `PEXPIRE key <ttl> XX` per block, in one round trip (per
+    /// node on a cluster). `XX` sets only keys that already have an expiry, so a pinned
+    /// block stays pinned and a deleted one is not created. Returns how many keys got the
+    /// new TTL.
+    pub async fn touch(&self, ns: &Namespace, hashes: &[BlockHash]) -> Result<u64, Error> {
+        validate_label(&ns.label)?;
+        if hashes.is_empty() {
+            return Ok(0);
+        }
+        let ttl_ms = ttl_millis(self.ttl_of(ns));
+        if let Some(pool) = &self.bulk {
+            let ttl = ttl_ms.to_string();
+            let mut req = resp::Request::default();
+            for hash in hashes {
+                let key = block_key(&ns.label, hash);
+                req.cmd(&[
+                    Arg::Small(b"PEXPIRE"),
+                    Arg::Small(key.as_bytes()),
+                    Arg::Small(ttl.as_bytes()),
+                    Arg::Small(b"XX"),
+                ]);
+            }
+            let replies = pool.exec(&req).await?.all()?;
+            return Ok(replies.iter().filter(|r| **r == Reply::Int(1)).count() as u64);
+        }
+        let replies = self
+            .per_key(hashes.len(), |i, pipe| {
+                pipe.cmd("PEXPIRE")
+                    .arg(block_key(&ns.label, &hashes[i]))
+                    .arg(ttl_ms)
+                    .arg("XX");
+                1
+            })
+            .await?;
+        Ok(replies
+            .iter()
+            .filter(|r| matches!(r.as_deref(), Ok([redis::Value::Int(1)])))
+            .count() as u64)
+    }
+
     /// Whether each block of `hashes` is on the shelf, in one round trip: [`lookup`]'s
     /// per-key answer, for callers that own their chunking (LMCache asks about every chunk,
     /// not a prefix). Side-effect free, like `lookup`; on a cluster, a block whose node did

@@ -74,6 +74,10 @@ fn describe_metrics() {
         "Entries evicted from L1 to keep its byte bound."
     );
     describe_counter!(
+        "kvshelf_l1_ttl_touches_total",
+        "L1 hits whose block's Redis TTL was slid, by result (sent, failed, timeout, dropped)."
+    );
+    describe_counter!(
         "kvshelf_l1_wait_timeouts_total",
         "Blocks a fetch stopped waiting for: another request's read of them outlasted fetch_timeout."
     );
