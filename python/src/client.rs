@@ -7,12 +7,11 @@ use kvshelf::BlockHash;
 use kvshelf::client::{ClientConfig, ClientError, Protocol};
 use kvshelf::frame::EndReason;
 use kvshelf::store::PutResult;
-use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::{KvshelfError, RawBuf, byte_buffer, hash_of, hashes_of, runtime};
+use crate::{KvshelfError, hash_of, hashes_and_buffers, hashes_of, runtime};
 
 /// The sidecar's errors as Python exceptions: its refusals and transport failures raise
 /// `KvshelfError` with `code` (the API's stable code, or `transport` / `protocol`); a
@@ -163,19 +162,7 @@ impl Client {
         hashes: &Bound<'_, PyAny>,
         buffers: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<(usize, &'static str)> {
-        let hashes = hashes_of(hashes)?;
-        if hashes.len() != buffers.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} hashes but {} buffers",
-                hashes.len(),
-                buffers.len()
-            )));
-        }
-        let bufs: Vec<PyBuffer<u8>> = buffers
-            .iter()
-            .map(|b| byte_buffer(b, true))
-            .collect::<PyResult<_>>()?;
-        let raws: Vec<RawBuf> = bufs.iter().map(RawBuf::of).collect();
+        let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, true)?;
         let out = py.detach(|| -> PyResult<(usize, &'static str)> {
             let fetched = runtime()
                 .block_on(self.client.fetch(namespace, &hashes))
@@ -235,19 +222,13 @@ impl Client {
         buffers: Vec<Bound<'_, PyAny>>,
         asynchronous: bool,
     ) -> PyResult<Vec<&'static str>> {
-        let hashes = hashes_of(hashes)?;
-        if hashes.len() != buffers.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} hashes but {} buffers",
-                hashes.len(),
-                buffers.len()
-            )));
-        }
-        let mut blocks: Vec<(BlockHash, bytes::Bytes)> = Vec::with_capacity(hashes.len());
-        for (h, b) in hashes.iter().zip(&buffers) {
-            let buf = byte_buffer(b, false)?;
-            blocks.push((*h, bytes::Bytes::from(buf.to_vec(py)?)));
-        }
+        let (hashes, bufs, _) = hashes_and_buffers(hashes, &buffers, false)?;
+        let blocks = hashes
+            .iter()
+            .zip(&bufs)
+            .map(|(h, buf)| Ok((*h, bytes::Bytes::from(buf.to_vec(py)?))))
+            .collect::<PyResult<Vec<(BlockHash, bytes::Bytes)>>>()?;
+        drop(bufs);
         let results = py
             .detach(|| runtime().block_on(self.client.put(namespace, &blocks, asynchronous)))
             .map_err(to_py)?;

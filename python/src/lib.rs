@@ -112,6 +112,33 @@ pub(crate) fn byte_buffer(obj: &Bound<'_, PyAny>, writable: bool) -> PyResult<Py
     Ok(buf)
 }
 
+/// What [`hashes_and_buffers`] gives: the hashes, the buffers, where their bytes are.
+pub(crate) type HashesAndBuffers = (Vec<BlockHash>, Vec<PyBuffer<u8>>, Vec<RawBuf>);
+
+/// The block hashes of a call and the caller's buffers for them, one each: the buffers
+/// (kept, so they stay alive and exported while the call runs without the GIL) and where
+/// their bytes are. A count mismatch or an unusable buffer raises `ValueError`.
+pub(crate) fn hashes_and_buffers(
+    hashes: &Bound<'_, PyAny>,
+    buffers: &[Bound<'_, PyAny>],
+    writable: bool,
+) -> PyResult<HashesAndBuffers> {
+    let hashes = hashes_of(hashes)?;
+    if hashes.len() != buffers.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} hashes but {} buffers",
+            hashes.len(),
+            buffers.len()
+        )));
+    }
+    let bufs: Vec<PyBuffer<u8>> = buffers
+        .iter()
+        .map(|b| byte_buffer(b, writable))
+        .collect::<PyResult<_>>()?;
+    let raws = bufs.iter().map(RawBuf::of).collect();
+    Ok((hashes, bufs, raws))
+}
+
 /// Where a buffer's bytes are, for code that runs without the GIL. The `PyBuffer` it came
 /// from must outlive every use.
 #[derive(Clone, Copy)]
@@ -409,19 +436,7 @@ impl Store {
         hashes: &Bound<'_, PyAny>,
         buffers: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<Vec<Option<usize>>> {
-        let hashes = hashes_of(hashes)?;
-        if hashes.len() != buffers.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} hashes but {} buffers",
-                hashes.len(),
-                buffers.len()
-            )));
-        }
-        let bufs: Vec<PyBuffer<u8>> = buffers
-            .iter()
-            .map(|b| byte_buffer(b, true))
-            .collect::<PyResult<_>>()?;
-        let raws: Vec<RawBuf> = bufs.iter().map(RawBuf::of).collect();
+        let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, true)?;
         let written = py.detach(|| -> Result<Vec<Option<usize>>, PyErr> {
             let hits = runtime()
                 .block_on(self.store.get(&ns.0, &hashes))
@@ -484,19 +499,7 @@ impl Store {
         hashes: &Bound<'_, PyAny>,
         buffers: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<Vec<&'static str>> {
-        let hashes = hashes_of(hashes)?;
-        if hashes.len() != buffers.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} hashes but {} buffers",
-                hashes.len(),
-                buffers.len()
-            )));
-        }
-        let bufs: Vec<PyBuffer<u8>> = buffers
-            .iter()
-            .map(|b| byte_buffer(b, false))
-            .collect::<PyResult<_>>()?;
-        let raws: Vec<RawBuf> = bufs.iter().map(RawBuf::of).collect();
+        let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, false)?;
         let outcomes = py
             .detach(|| {
                 // SAFETY: `bufs` keeps the buffers alive until this call returns, and the
