@@ -161,6 +161,11 @@ impl L1 {
         self.cache.remove(&Self::key(label, hash));
     }
 
+    /// Drops every entry.
+    pub fn clear(&self) {
+        self.cache.clear();
+    }
+
     /// Drops every entry of a namespace.
     pub fn remove_namespace(&self, label: &str) {
         self.cache.retain(|k, _| &*k.0 != label);

@@ -32,6 +32,13 @@ pub fn block_key(label: &str, hash: &BlockHash) -> String {
     format!("{KEY_PREFIX}{label}:{hash}")
 }
 
+/// The namespace label and block hash of a block's key; `None` for any other key.
+pub fn parse_block_key(key: &str) -> Option<(&str, BlockHash)> {
+    let rest = key.strip_prefix(KEY_PREFIX)?;
+    let (label, hash) = rest.rsplit_once(':')?;
+    Some((label, hash.parse().ok()?))
+}
+
 /// The `SCAN MATCH` pattern of every block of one namespace. Safe because labels cannot
 /// hold glob characters (see [`validate_label`]).
 pub fn namespace_pattern(label: &str) -> String {
@@ -697,6 +704,42 @@ impl RedisStore {
             .iter()
             .filter(|r| matches!(r.as_deref(), Ok([redis::Value::Int(1)])))
             .count() as u64)
+    }
+
+    /// A connection of its own that receives Redis's invalidation messages for every block
+    /// key (`CLIENT TRACKING ON BCAST PREFIX kvshelf:v1:` over RESP3): on `pushes` come an
+    /// `invalidate` push for each block that is overwritten, deleted, expired or evicted,
+    /// by anyone, and a `disconnection` push when the connection is lost (its tracking is
+    /// then gone with it). Standalone Redis only: a cluster would need one per primary.
+    pub async fn tracking_connection(
+        &self,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> Result<redis::aio::MultiplexedConnection, Error> {
+        if self.is_cluster() {
+            return Err(Error::Config(
+                "invalidation tracking is implemented for a standalone Redis only".into(),
+            ));
+        }
+        let mut cfg = StoreConfig::clone(&self.cfg);
+        let sep = if cfg.url.contains('?') { '&' } else { '?' };
+        cfg.url = format!("{}{sep}protocol=resp3", cfg.url);
+        let client = client_for(&cfg)?;
+        let conn_cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.connection_timeout))
+            .set_response_timeout(Some(cfg.response_timeout))
+            .set_push_sender(pushes);
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&conn_cfg)
+            .await?;
+        redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .arg("BCAST")
+            .arg("PREFIX")
+            .arg(KEY_PREFIX)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(conn)
     }
 
     /// Whether each block of `hashes` is on the shelf, in one round trip: [`lookup`]'s

@@ -154,12 +154,17 @@ async fn a_stopped_redis_is_a_miss_then_a_restarted_one_serves_again() {
     let grpc = side.client(Protocol::Grpc, None);
     http.put(&ns.label, &blocks, false).await.unwrap();
 
-    // Inject: Redis process killed (connection refused from now on).
-    drop(redis);
-    // Blocks this sidecar just wrote are still in its L1 (bounded by l1_max_ttl and their
-    // Redis TTL): a fetch is served from there, the lookup counts them.
+    // Blocks this sidecar just wrote are in its L1.
     let from_l1 = grpc.fetch(&ns.label, &hashes[..2]).await.unwrap();
     assert_eq!(from_l1.blocks, blocks);
+    // Inject: Redis process killed (connection refused from now on). L1 loses its
+    // invalidation stream and is flushed: what happens to Redis meanwhile is not reported.
+    drop(redis);
+    eventually(
+        "L1 flushed when its invalidation stream is lost",
+        || async { side.shelf.l1_coherence() == kvshelf::shelf::L1Coherence::Reconnecting },
+    )
+    .await;
     for c in [&http, &grpc] {
         let (_, ok, _, reason, put) = data_path(c, &ns, &hashes).await;
         assert!(!ok, "the backend is reported unavailable");

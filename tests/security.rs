@@ -89,10 +89,18 @@ async fn the_documented_acl_rule_is_enough_and_passwords_are_checked() {
 
     let url = format!("redis://kvshelf:s3cret-pw@127.0.0.1:{}", server.port);
     exercise_every_operation(StoreConfig {
-        url,
+        url: url.clone(),
         ..Default::default()
     })
     .await;
+    // A sidecar as that user: its L1 follows Redis's invalidations (docs/api.md §10.1).
+    let side =
+        support::Sidecar::start(support::sidecar_config(Some(url), vec![namespace("acl")])).await;
+    assert_eq!(
+        side.shelf.l1_coherence(),
+        kvshelf::shelf::L1Coherence::Tracking,
+        "the rule allows CLIENT TRACKING"
+    );
 
     // The rule confines the user to kvshelf's keys and commands.
     let user_url = format!("redis://kvshelf:s3cret-pw@127.0.0.1:{}", server.port);

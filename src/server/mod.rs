@@ -74,6 +74,18 @@ fn describe_metrics() {
         "Entries evicted from L1 to keep its byte bound."
     );
     describe_counter!(
+        "kvshelf_l1_invalidations_total",
+        "L1 entries dropped because Redis reported their block gone."
+    );
+    describe_counter!(
+        "kvshelf_l1_flushes_total",
+        "Times the whole L1 was emptied, by reason (tracking_started, tracking_lost, flushed_in_redis)."
+    );
+    describe_gauge!(
+        "kvshelf_l1_tracking",
+        "1 while L1 follows Redis's invalidations, 0 while that stream is down."
+    );
+    describe_counter!(
         "kvshelf_l1_ttl_touches_total",
         "L1 hits whose block's Redis TTL was slid, by result (sent, failed, timeout, dropped)."
     );

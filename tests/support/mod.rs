@@ -510,6 +510,15 @@ impl Sidecar {
         let task = tokio::spawn(kvshelf::server::run(listener, shelf.clone(), async move {
             let _ = stopped.await;
         }));
+        // Tests expect what they put to stay in L1: wait until L1 follows Redis, since
+        // tracking flushes L1 when it starts. Not forever: a few tests give the sidecar a
+        // Redis that never answers (tests that need tracking assert it themselves).
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while shelf.l1_coherence() == kvshelf::shelf::L1Coherence::Reconnecting
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Sidecar {
             addr,
             shelf,
