@@ -15,6 +15,10 @@ use support::{RedisServer, Sidecar, namespace, payload, redis_cli, sidecar_confi
 
 const TEST_LIMIT: Duration = Duration::from_secs(20);
 
+/// One test at a time: one of them frees its Redis's port and starts a new Redis on it,
+/// which another test starting a Redis at that moment could take.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn hashes(ns: &Namespace, blocks: u32) -> Vec<BlockHash> {
     let tokens: Vec<u32> = (0..blocks * ns.block_size).map(|t| t * 5 + 1).collect();
     PrefixHasher::new(ns, None).hash_prefix(&tokens)
@@ -75,6 +79,7 @@ async fn until_miss(c: &Client, ns: &Namespace, hs: &[BlockHash]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_unlinked_with_redis_cli_leaves_the_other_sidecars_l1() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start(&[]);
     let ns = namespace("coh-unlink");
     let (a, b) = two_sidecars(&redis, &ns).await;
@@ -93,6 +98,7 @@ async fn a_block_unlinked_with_redis_cli_leaves_the_other_sidecars_l1() {
 /// Sliding TTLs modify keys too (Redis reports them): a read must not evict what it reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_that_slide_the_ttl_keep_the_entries() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start(&[]);
     let ns = namespace("coh-slide");
     let (a, b) = two_sidecars(&redis, &ns).await;
@@ -120,6 +126,7 @@ async fn reads_that_slide_the_ttl_keep_the_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_through_one_sidecar_empties_the_others_l1() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start(&[]);
     let ns = namespace("coh-purge");
     let (a, b) = two_sidecars(&redis, &ns).await;
@@ -146,6 +153,7 @@ async fn a_purge_through_one_sidecar_empties_the_others_l1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_flushes_l1() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start(&[]);
     let ns = namespace("coh-restart");
     let (a, b) = two_sidecars(&redis, &ns).await;
