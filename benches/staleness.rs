@@ -21,27 +21,12 @@ use kvshelf::config::Config;
 use kvshelf::frame::EndReason;
 use kvshelf::shelf::{Caller, FetchItem, L1Coherence, Shelf};
 use kvshelf::store::block_key;
-use kvshelf::{BlockHash, Dtype, Layout, Namespace, StoreConfig};
+use kvshelf::{BlockHash, Namespace, StoreConfig};
 
 fn namespace() -> Namespace {
     Namespace {
         label: "staleness-bench".into(),
-        model_id: "kvshelf/bench".into(),
-        model_revision: String::new(),
-        kv_dtype: Dtype::Float16,
-        layout: Layout {
-            num_layers: 2,
-            num_kv_heads: 2,
-            head_dim: 8,
-            tp_size: 1,
-            tp_rank: 0,
-            order: "lkthd".into(),
-        },
-        block_size: 16,
-        lora_adapter: None,
-        ttl: None,
-        max_pinned_bytes: None,
-        hash_scheme: Default::default(),
+        ..kvshelf::shelf::demo_namespace()
     }
 }
 
