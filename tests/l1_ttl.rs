@@ -23,6 +23,25 @@ async fn sidecar(ns: &Namespace, touch_interval: Duration) -> Sidecar {
     Sidecar::start(cfg).await
 }
 
+/// A sidecar with `l1_touch_interval`, and two blocks put through it (so in its L1).
+async fn sidecar_holding_two_blocks(
+    ns: &Namespace,
+    touch_interval: Duration,
+) -> (Sidecar, Vec<BlockHash>) {
+    let side = sidecar(ns, touch_interval).await;
+    let hs = hashes(ns, 2);
+    let blocks: Vec<_> = hs
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (*h, payload(ns, i as u8)))
+        .collect();
+    side.client(Protocol::Http, None)
+        .put(&ns.label, &blocks, false)
+        .await
+        .unwrap();
+    (side, hs)
+}
+
 fn hashes(ns: &Namespace, blocks: u32) -> Vec<BlockHash> {
     let tokens: Vec<u32> = (0..blocks * ns.block_size).map(|t| t * 7 + 3).collect();
     PrefixHasher::new(ns, None).hash_prefix(&tokens)
@@ -73,15 +92,7 @@ async fn an_l1_hit_slides_the_redis_ttl_at_most_once_per_interval() {
     tokio::time::timeout(TEST_LIMIT, async {
         let ns = namespace("l1-ttl");
         // A long interval: the second hit below falls inside it.
-        let side = sidecar(&ns, Duration::from_secs(3600)).await;
-        let c = side.client(Protocol::Http, None);
-        let hs = hashes(&ns, 2);
-        let blocks: Vec<_> = hs
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (*h, payload(&ns, i as u8)))
-            .collect();
-        c.put(&ns.label, &blocks, false).await.unwrap(); // this sidecar's L1 now holds them
+        let (side, hs) = sidecar_holding_two_blocks(&ns, Duration::from_secs(3600)).await;
         let mut conn = raw(&redis_url()).await;
 
         shorten(&mut conn, &ns, &hs[0]).await;
@@ -112,15 +123,8 @@ async fn an_l1_hit_slides_the_redis_ttl_at_most_once_per_interval() {
 async fn a_pinned_block_served_from_l1_stays_pinned() {
     tokio::time::timeout(TEST_LIMIT, async {
         let ns = namespace("l1-pin");
-        let side = sidecar(&ns, Duration::from_millis(1)).await;
+        let (side, hs) = sidecar_holding_two_blocks(&ns, Duration::from_millis(1)).await;
         let c = side.client(Protocol::Http, None);
-        let hs = hashes(&ns, 2);
-        let blocks: Vec<_> = hs
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (*h, payload(&ns, i as u8)))
-            .collect();
-        c.put(&ns.label, &blocks, false).await.unwrap();
         assert!(c.pin(&ns.label, &hs[0], true).await.unwrap());
         // The pin dropped the L1 copy: one fetch reads it from Redis into L1 (pinned, no
         // TTL), the next is an L1 hit.
