@@ -354,36 +354,46 @@ pub fn decode_header(value: &[u8]) -> Result<(Header, usize), CodecError> {
 /// checksum, and hands out the payload without copying it.
 pub fn decode(value: Bytes) -> Result<Block, CodecError> {
     let (header, head_len) = decode_header(&value)?;
-    if header.payload_len > MAX_PAYLOAD_LEN {
-        return Err(CodecError::Oversized {
-            what: "payload",
-            len: header.payload_len,
-            max: MAX_PAYLOAD_LEN,
-        });
-    }
-    let got = (value.len() - head_len) as u64;
-    if got < header.payload_len {
-        return Err(CodecError::Truncated {
-            needed: head_len as u64 + header.payload_len,
-            got: value.len() as u64,
-        });
-    }
-    if got > header.payload_len {
-        return Err(CodecError::Oversized {
-            what: "value",
-            len: value.len() as u64,
-            max: head_len as u64 + header.payload_len,
-        });
-    }
+    header.check_payload(head_len, &value[head_len..])?;
     let payload = value.slice(head_len..);
-    let actual = checksum(&payload);
-    if actual != header.checksum {
-        return Err(CodecError::ChecksumMismatch {
-            expected: header.checksum,
-            actual,
-        });
-    }
     Ok(Block { header, payload })
+}
+
+impl Header {
+    /// Checks the payload that followed this header (of `head_len` bytes) in a stored
+    /// value: its length and checksum.
+    pub fn check_payload(&self, head_len: usize, payload: &[u8]) -> Result<(), CodecError> {
+        if self.payload_len > MAX_PAYLOAD_LEN {
+            return Err(CodecError::Oversized {
+                what: "payload",
+                len: self.payload_len,
+                max: MAX_PAYLOAD_LEN,
+            });
+        }
+        let got = payload.len() as u64;
+        let value_len = head_len as u64 + got;
+        if got < self.payload_len {
+            return Err(CodecError::Truncated {
+                needed: head_len as u64 + self.payload_len,
+                got: value_len,
+            });
+        }
+        if got > self.payload_len {
+            return Err(CodecError::Oversized {
+                what: "value",
+                len: value_len,
+                max: head_len as u64 + self.payload_len,
+            });
+        }
+        let actual = checksum(payload);
+        if actual != self.checksum {
+            return Err(CodecError::ChecksumMismatch {
+                expected: self.checksum.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub enum Error {
     Codec(#[from] CodecError),
     /// The backend (Redis) failed: down, timed out, refused the command.
     #[error("backend: {0}")]
-    Backend(#[from] redis::RedisError),
+    Backend(#[from] BackendError),
     /// Bad configuration (URL, certificate file, …).
     #[error("config: {0}")]
     Config(String),
@@ -62,15 +62,88 @@ impl Error {
     /// failure a fail-open caller turns into a miss.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Error::Backend(e) => {
-                e.is_timeout()
-                    || e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_unrecoverable_error()
-            }
+            Error::Backend(e) => e.kind() != BackendErrorKind::Refused,
             Error::Deadline(_) => true,
             _ => false,
         }
+    }
+}
+
+/// What went wrong talking to Redis, in kvshelf's own terms (no client crate's type is
+/// part of the library's API, so changing the Redis client is not a breaking change).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    kind: BackendErrorKind,
+    message: String,
+}
+
+/// The class of a [`BackendError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackendErrorKind {
+    /// No answer within `response_timeout` or `connection_timeout`.
+    Timeout,
+    /// The connection could not be made, or broke (refused, reset, closed, TLS).
+    Io,
+    /// Redis answered with bytes that are not the reply expected; the connection was
+    /// dropped.
+    Protocol,
+    /// Redis is there but cannot serve now: loading, a cluster or a failover in progress
+    /// (`LOADING`, `CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`, `READONLY`), no node for a
+    /// slot, no primary known to the sentinels.
+    Unavailable,
+    /// Redis refused the command (`NOPERM`, `OOM`, `ERR …`): retrying will not help.
+    Refused,
+}
+
+impl BackendError {
+    /// An error of `kind`.
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> BackendError {
+        BackendError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The error of a server error reply (`-CODE message`), classified by its code.
+    pub fn from_reply(reply: &str) -> BackendError {
+        let code = reply.split(' ').next().unwrap_or_default();
+        let kind = match code {
+            "LOADING" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "READONLY" | "BUSY"
+            | "MOVED" | "ASK" => BackendErrorKind::Unavailable,
+            _ => BackendErrorKind::Refused,
+        };
+        BackendError::new(kind, reply)
+    }
+
+    /// The error of a failed socket operation.
+    pub fn io(context: &str, e: &std::io::Error) -> BackendError {
+        let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+            BackendErrorKind::Timeout
+        } else {
+            BackendErrorKind::Io
+        };
+        BackendError::new(kind, format!("{context}: {e}"))
+    }
+
+    /// Its class.
+    pub fn kind(&self) -> BackendErrorKind {
+        self.kind
+    }
+
+    /// Whether Redis did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == BackendErrorKind::Timeout
+    }
+
+    /// The code of a server error reply (`NOPERM`, `WRONGTYPE`, …), if this is one.
+    pub fn server_code(&self) -> Option<&str> {
+        matches!(
+            self.kind,
+            BackendErrorKind::Refused | BackendErrorKind::Unavailable
+        )
+        .then(|| self.message.split(' ').next().unwrap_or_default())
+        .filter(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_uppercase()))
     }
 }

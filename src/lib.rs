@@ -11,8 +11,8 @@
 //! | [`namespace`] | what must match for KV to be reusable: identity, label, dtype, layout |
 //! | [`hashing`] | the namespace root and chained SHA-256 block hashes (`docs/hashing.md`) |
 //! | [`codec`] | the stored block: text header + raw tensor bytes, checksum (`docs/format.md`) |
-//! | [`store`] | Redis: key schema, write-once puts with TTL, gets, lookup, pin, purge |
-//! | [`resp`] | the lean RESP path for block values: a socket-free reply parser, a paced pool |
+//! | [`store`] | Redis: one data path for standalone, Sentinel, Cluster and TLS — key schema, write-once puts with TTL, reads (also into caller memory), lookup, pin, purge, invalidation tracking |
+//! | [`resp`] | RESP2: the socket-free reply parser and the pipelined command builder |
 //! | [`error`] | the one classified error type |
 //! | [`frame`] | the framed binary stream that carries batches of blocks over HTTP |
 //! | `l1` | the byte-bounded in-process tier in front of the backend, single-flight loads |
@@ -79,10 +79,10 @@ pub mod store;
 pub mod worker;
 
 pub use codec::{Block, CodecError, Header};
-pub use error::Error;
+pub use error::{BackendError, BackendErrorKind, Error};
 pub use hashing::{BlockHash, PrefixHasher};
 pub use namespace::{Dtype, HashScheme, Layout, Namespace};
-pub use store::{PutOutcome, RedisStore, StoreConfig};
+pub use store::{PutOutcome, Read, ReadInto, RedisStore, StoreConfig};
 
 /// The README's Rust example, compiled as a doctest so it stays true.
 #[doc = include_str!("../README.md")]

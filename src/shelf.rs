@@ -31,7 +31,7 @@ use crate::hashing::{BlockHash, PrefixHasher};
 use crate::l1::{L1, Served};
 use crate::memory::MemoryStore;
 use crate::namespace::{Dtype, Layout, Namespace};
-use crate::store::{PinOutcome, RedisStore};
+use crate::store::{Invalidation, PinOutcome, RedisStore};
 pub use crate::store::{PurgeReport, PutResult, SkippedNode};
 
 /// Errors of the sidecar API, each with a stable machine-readable code.
@@ -443,9 +443,7 @@ impl Shelf {
         // all of them when the report stream is lost. Ends when the shelf is dropped.
         let (stop_tracking, stopped) = tokio::sync::watch::channel(());
         let mut l1_tracking = None;
-        if let (Backend::Redis(store), Some(l1)) = (&backend, &l1)
-            && !store.is_cluster()
-        {
+        if let (Backend::Redis(store), Some(l1)) = (&backend, &l1) {
             let live = Arc::new(AtomicBool::new(false));
             l1_tracking = Some(live.clone());
             tokio::spawn(l1_follower(
@@ -1194,16 +1192,16 @@ impl Shelf {
     }
 }
 
-/// Keeps L1 coherent with a standalone Redis: a connection of its own with `CLIENT
-/// TRACKING` (BCAST on the block key prefix) reports every block key that is overwritten,
-/// deleted, expired or evicted, by any client, and its L1 entry is dropped. When tracking
-/// starts (again) and when its connection is lost, L1 is flushed, as Redis's client-side
-/// caching guidance requires: what changed meanwhile was not reported. Reconnects with a
-/// backoff of 100 ms to 5 s.
+/// Keeps L1 coherent with Redis (standalone, Sentinel or Cluster): a tracking connection
+/// per primary ([`RedisStore::track`], BCAST on the block key prefix) reports every block
+/// key that is overwritten, deleted, expired or evicted, by any client, and its L1 entry is
+/// dropped. When tracking starts (again), and when a connection is lost or the primaries
+/// change (failover, resharding), L1 is flushed, as Redis's client-side caching guidance
+/// requires: what changed meanwhile was not reported. Reconnects with a backoff of 100 ms
+/// to 5 s.
 ///
 /// Not covered: a read that was in flight when its key was invalidated can still put the
-/// old value into L1 afterwards (`l1_max_ttl` bounds it), and a Redis Cluster (no tracking
-/// there yet: `l1_max_ttl` is the only bound).
+/// old value into L1 afterwards (`l1_max_ttl` bounds it).
 async fn l1_follower(
     store: RedisStore,
     l1: std::sync::Weak<L1>,
@@ -1220,48 +1218,48 @@ async fn l1_follower(
     let mut warned = false;
     loop {
         let (tx, mut pushes) = mpsc::unbounded_channel();
-        let connected = tokio::select! {
-            c = store.tracking_connection(tx) => c,
+        let tracked = tokio::select! {
+            t = store.track(tx) => t,
             _ = stopped.changed() => return,
         };
-        match connected {
-            Ok(_conn) => {
+        match tracked {
+            Ok(mut tracker) => {
                 backoff = Duration::from_millis(100);
                 warned = false;
                 flush("tracking_started");
                 live.store(true, Ordering::Release);
                 metrics::gauge!("kvshelf_l1_tracking").set(1.0);
                 let mut batch = Vec::new();
-                'stream: loop {
+                let why = loop {
                     let received = tokio::select! {
                         n = pushes.recv_many(&mut batch, 256) => n,
+                        why = tracker.lost() => break why,
                         _ = stopped.changed() => return,
                     };
                     if received == 0 {
-                        break;
+                        break "the invalidation channel closed".to_owned();
                     }
                     let mut keys: HashMap<String, Vec<BlockHash>> = HashMap::new();
-                    let mut lost = false;
-                    for push in batch.drain(..) {
-                        if push.kind == redis::PushKind::Disconnection {
-                            lost = true;
-                        } else if push.kind == redis::PushKind::Invalidate {
-                            // No keys named: FLUSHALL or FLUSHDB.
-                            let named = invalidated_keys(&push.data, &mut keys);
-                            if !named {
-                                flush("flushed_in_redis");
+                    for event in batch.drain(..) {
+                        match event {
+                            Invalidation::Keys(named) => {
+                                for key in named {
+                                    if let Some((label, hash)) = crate::store::parse_block_key(&key)
+                                    {
+                                        keys.entry(label.to_owned()).or_default().push(hash);
+                                    }
+                                }
                             }
+                            Invalidation::All => flush("flushed_in_redis"),
                         }
                     }
                     drop_gone(&store, &l1, keys).await;
-                    if lost {
-                        break 'stream;
-                    }
-                }
+                };
+                drop(tracker);
                 live.store(false, Ordering::Release);
                 metrics::gauge!("kvshelf_l1_tracking").set(0.0);
                 flush("tracking_lost");
-                tracing::warn!("L1 invalidation stream lost: L1 flushed; reconnecting");
+                tracing::warn!(reason = %why, "L1 invalidation stream lost: L1 flushed; reconnecting");
             }
             Err(e) => {
                 if !warned {
@@ -1276,24 +1274,6 @@ async fn l1_follower(
             }
         }
     }
-}
-
-/// Adds the block keys of one `invalidate` push to `keys`; false when the push names no
-/// keys (`FLUSHALL`, `FLUSHDB`: every key is gone).
-fn invalidated_keys(data: &[redis::Value], keys: &mut HashMap<String, Vec<BlockHash>>) -> bool {
-    let Some(redis::Value::Array(named)) = data.first() else {
-        return false;
-    };
-    for key in named {
-        if let redis::Value::BulkString(key) = key
-            && let Some((label, hash)) = std::str::from_utf8(key)
-                .ok()
-                .and_then(crate::store::parse_block_key)
-        {
-            keys.entry(label.to_owned()).or_default().push(hash);
-        }
-    }
-    true
 }
 
 /// Drops the L1 entries of invalidated blocks that are gone from Redis.

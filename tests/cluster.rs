@@ -18,7 +18,6 @@ fn cluster_config(cluster: &RedisCluster) -> StoreConfig {
         cluster: true,
         connection_timeout: Duration::from_millis(300),
         response_timeout: Duration::from_millis(500),
-        reconnect_retries: 1,
         ..Default::default()
     }
 }
@@ -239,7 +238,7 @@ async fn purge_with_a_primary_down_purges_the_rest_and_reports_the_node() {
         &config,
         format!(
             "[store]\ncluster = true\nurl = \"{}\"\nconnection_timeout = \"300ms\"\n\
-             response_timeout = \"500ms\"\nreconnect_retries = 1\n",
+             response_timeout = \"500ms\"\n",
             cluster.url()
         ),
     )

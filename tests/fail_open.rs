@@ -21,7 +21,6 @@ async fn start(server: &RedisServer, ns: &Namespace, l1: bool) -> Sidecar {
     let store = cfg.store.as_mut().unwrap();
     store.response_timeout = Duration::from_millis(500);
     store.connection_timeout = Duration::from_millis(200);
-    store.reconnect_retries = 1;
     cfg.server.lookup_timeout = Duration::from_millis(100);
     cfg.server.fetch_timeout = Duration::from_millis(100);
     cfg.server.put_timeout = Duration::from_millis(300);

@@ -122,7 +122,6 @@ async fn the_documented_acl_rule_is_enough_and_passwords_are_checked() {
 
     let wrong = store_with(StoreConfig {
         url: format!("redis://kvshelf:wrong@127.0.0.1:{}", server.port),
-        reconnect_retries: 0,
         ..Default::default()
     });
     let err = wrong.ping().await.unwrap_err();
@@ -222,7 +221,6 @@ async fn rediss_urls_work_with_a_private_ca() {
     let tls = |ca_file: Option<&str>| StoreConfig {
         url: format!("rediss://127.0.0.1:{port}"),
         tls_ca_file: ca_file.map(Into::into),
-        reconnect_retries: 0,
         connection_timeout: Duration::from_secs(2),
         ..Default::default()
     };
@@ -233,7 +231,6 @@ async fn rediss_urls_work_with_a_private_ca() {
     // Plain-text Redis protocol on the TLS port does not work either.
     let plain = store_with(StoreConfig {
         url: format!("redis://127.0.0.1:{port}"),
-        reconnect_retries: 0,
         response_timeout: Duration::from_millis(500),
         ..Default::default()
     });

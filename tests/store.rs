@@ -336,7 +336,6 @@ async fn an_unreachable_redis_is_a_classified_error() {
     let s = store_with(StoreConfig {
         url: format!("redis://127.0.0.1:{port}"),
         connection_timeout: Duration::from_millis(200),
-        reconnect_retries: 0,
         ..Default::default()
     });
     let ns = namespace("down");

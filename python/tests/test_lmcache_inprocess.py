@@ -64,8 +64,7 @@ def test_full_and_partial_kv_2ltd_bf16_chunks_round_trip(instance, redis, label)
 
 
 def test_redis_down_is_a_miss_not_an_exception(own_redis, label):
-    inst = Instance(own_redis.url, label, response_timeout=1, connection_timeout=0.5,
-                    reconnect_retries=0)
+    inst = Instance(own_redis.url, label, response_timeout=1, connection_timeout=0.5)
     try:
         obj = inst.chunk(3)
         inst.put(inst.key(7), obj)

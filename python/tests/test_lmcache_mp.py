@@ -162,7 +162,7 @@ def test_partial_chunk_round_trips_and_an_operator_reads_its_header(redis, label
 
 def test_redis_down_is_misses_then_hits_resume(own_redis, label):
     adapter = adapter_for(own_redis.url, label, timeout=2.0, response_timeout=1,
-                          connection_timeout=0.5, reconnect_retries=0)
+                          connection_timeout=0.5)
     try:
         ks, objs = keys(4), chunks(4)
         assert store(adapter, ks, objs) >= 0

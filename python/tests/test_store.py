@@ -85,8 +85,7 @@ def test_foreign_namespace_stores_partial_chunks(store, label):
 
 
 def test_redis_down_raises_kvshelf_error_with_a_code(own_redis, ns):
-    s = kvshelf.Store(own_redis.url, response_timeout=1, connection_timeout=0.5,
-                      reconnect_retries=0)
+    s = kvshelf.Store(own_redis.url, response_timeout=1, connection_timeout=0.5)
     hashes, payloads = blocks(ns, 1, seed=3)
     s.put(ns, hashes, payloads)
     own_redis.stop()

@@ -1,0 +1,598 @@
+//! Which node serves a key: one Redis, the primary the sentinels name, or the Redis
+//! Cluster node of the key's slot.
+//!
+//! A Cluster's slot map comes from `CLUSTER NODES`. It is read once before the first
+//! command, and after that only in the background: a `MOVED` reply updates the one slot at
+//! once and asks for a refresh, a node that fails asks for one too, and requests to healthy
+//! nodes never wait for it (at most one refresh runs, at most one per [`REFRESH_EVERY`]).
+//! A Sentinel primary is looked up when none is known, and forgotten when it fails or
+//! turns out to be a replica (`READONLY`, `ROLE`): the next call asks the sentinels again,
+//! which after a failover name the new primary.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::config::{Endpoints, Target};
+use super::conn::{Addr, Dialer, Login, Pool, all};
+use crate::error::{BackendError, BackendErrorKind, Error};
+use crate::resp::{Arg, Reply, Request};
+
+/// Slots of a Redis Cluster.
+const SLOTS: usize = 16384;
+
+/// Least time between two slot-map refreshes.
+const REFRESH_EVERY: Duration = Duration::from_millis(250);
+
+/// Longest `CLUSTER NODES` or `INFO` reply read (a few hundred bytes per node).
+pub(crate) const TEXT_REPLY: usize = 16 << 20;
+
+/// The slot of a key (hash tags honoured), as Redis Cluster computes it.
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let hashed = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % SLOTS as u16
+}
+
+/// The nodes behind a store.
+#[derive(Debug)]
+pub(crate) enum Topology {
+    /// One Redis.
+    Single(Arc<Pool>),
+    /// The primary named by sentinels.
+    Sentinel(Arc<Sentinel>),
+    /// A Redis Cluster.
+    Cluster(Arc<Cluster>),
+}
+
+/// A primary node, as a full scan or a report sees it.
+#[derive(Debug)]
+pub(crate) struct Primary {
+    /// How reports name it.
+    pub(crate) name: String,
+    /// Its connections; `None` when the cluster marks it as failed (its slots are
+    /// unreachable until a replica takes over).
+    pub(crate) pool: Option<Arc<Pool>>,
+}
+
+impl Topology {
+    pub(crate) fn new(target: &Target, dialer: Arc<Dialer>) -> Topology {
+        let pools = Pools {
+            dialer: dialer.clone(),
+            by_addr: Mutex::new(HashMap::new()),
+        };
+        match &target.endpoints {
+            Endpoints::Single(addr) => Topology::Single(Arc::new(Pool::new(addr.clone(), dialer))),
+            Endpoints::Sentinel { sentinels, master } => Topology::Sentinel(Arc::new(Sentinel {
+                sentinels: sentinels.clone(),
+                master: master.clone(),
+                // Sentinels are asked without the data nodes' user and password.
+                sentinel_dialer: Arc::new(Dialer {
+                    login: Login::default(),
+                    tls: dialer.tls.clone(),
+                    connect_timeout: dialer.connect_timeout,
+                    response_timeout: dialer.response_timeout,
+                    command_retries: 0,
+                    max_connections: 1,
+                    connect_rate: 0,
+                }),
+                pools,
+                current: Mutex::new(None),
+                discovering: tokio::sync::Mutex::new(()),
+                epoch: AtomicU64::new(0),
+            })),
+            Endpoints::Cluster(seeds) => Topology::Cluster(Arc::new(Cluster {
+                seeds: seeds.clone(),
+                pools,
+                map: RwLock::new(None),
+                loading: tokio::sync::Mutex::new(()),
+                refreshing: AtomicBool::new(false),
+                last_refresh: Mutex::new(None),
+                epoch: AtomicU64::new(0),
+            })),
+        }
+    }
+
+    /// The node for each key, grouped by node (in order of first appearance); keys whose
+    /// slot no node serves get the error of that.
+    pub(crate) async fn route(
+        &self,
+        keys: &[String],
+    ) -> Result<(Vec<(Arc<Pool>, Vec<usize>)>, Vec<(usize, BackendError)>), Error> {
+        match self {
+            Topology::Single(pool) => Ok((vec![(pool.clone(), (0..keys.len()).collect())], vec![])),
+            Topology::Sentinel(s) => Ok((
+                vec![(s.primary().await?, (0..keys.len()).collect())],
+                vec![],
+            )),
+            Topology::Cluster(c) => {
+                let map = c.map().await?;
+                let mut groups: Vec<(Arc<Pool>, Vec<usize>)> = Vec::new();
+                let mut by_node: HashMap<u16, usize> = HashMap::new();
+                let mut unserved = Vec::new();
+                for (i, key) in keys.iter().enumerate() {
+                    let Some(node) = map.slots[slot(key.as_bytes()) as usize] else {
+                        unserved.push((
+                            i,
+                            BackendError::new(
+                                BackendErrorKind::Unavailable,
+                                format!("no cluster node serves the slot of {key}"),
+                            ),
+                        ));
+                        continue;
+                    };
+                    let g = *by_node.entry(node).or_insert_with(|| {
+                        groups.push((c.pools.get(&map.nodes[node as usize]), Vec::new()));
+                        groups.len() - 1
+                    });
+                    groups[g].1.push(i);
+                }
+                Ok((groups, unserved))
+            }
+        }
+    }
+
+    /// The pool of the node at `addr` (a `MOVED`/`ASK` target).
+    pub(crate) fn pool_at(&self, addr: &Addr) -> Option<Arc<Pool>> {
+        match self {
+            Topology::Cluster(c) => Some(c.pools.get(addr)),
+            _ => None,
+        }
+    }
+
+    /// A `MOVED slot addr` reply: the slot is served elsewhere now.
+    pub(crate) fn moved(&self, slot: u16, addr: &Addr) {
+        if let Topology::Cluster(c) = self {
+            c.moved(slot, addr);
+        }
+    }
+
+    /// A call to `pool`'s node failed with `err`: maybe the topology changed.
+    pub(crate) fn failed(&self, pool: &Arc<Pool>, err: &BackendError) {
+        if err.kind() == BackendErrorKind::Refused && err.server_code() != Some("READONLY") {
+            return;
+        }
+        match self {
+            Topology::Single(_) => {}
+            Topology::Sentinel(s) => s.forget(pool),
+            Topology::Cluster(c) => c.schedule_refresh(),
+        }
+    }
+
+    /// Every primary (the one Redis; the sentinels' primary; each cluster primary).
+    pub(crate) async fn primaries(&self) -> Result<Vec<Primary>, Error> {
+        match self {
+            Topology::Single(pool) => Ok(vec![Primary {
+                name: pool.addr().to_string(),
+                pool: Some(pool.clone()),
+            }]),
+            Topology::Sentinel(s) => {
+                let pool = s.primary().await?;
+                Ok(vec![Primary {
+                    name: pool.addr().to_string(),
+                    pool: Some(pool),
+                }])
+            }
+            Topology::Cluster(c) => {
+                // Fresh, so that a report sees the nodes as the cluster does now.
+                c.refresh().await?;
+                let map = c.map().await?;
+                Ok(map
+                    .primaries
+                    .iter()
+                    .map(|(addr, failed)| Primary {
+                        name: addr.to_string(),
+                        pool: (!failed).then(|| c.pools.get(addr)),
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// A number that changes whenever the nodes to track change (a new primary, a new slot
+    /// map): tracking connections are then made again.
+    pub(crate) fn epoch(&self) -> u64 {
+        match self {
+            Topology::Single(_) => 0,
+            Topology::Sentinel(s) => s.epoch.load(Ordering::Acquire),
+            Topology::Cluster(c) => c.epoch.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// One pool per node address, made on first use and kept (with its reconnect pacing).
+#[derive(Debug)]
+struct Pools {
+    dialer: Arc<Dialer>,
+    by_addr: Mutex<HashMap<Addr, Arc<Pool>>>,
+}
+
+impl Pools {
+    fn get(&self, addr: &Addr) -> Arc<Pool> {
+        self.by_addr
+            .lock()
+            .expect("pools lock")
+            .entry(addr.clone())
+            .or_insert_with(|| Arc::new(Pool::new(addr.clone(), self.dialer.clone())))
+            .clone()
+    }
+}
+
+/// The primary the sentinels name.
+#[derive(Debug)]
+pub(crate) struct Sentinel {
+    sentinels: Vec<Addr>,
+    master: String,
+    sentinel_dialer: Arc<Dialer>,
+    pools: Pools,
+    current: Mutex<Option<Arc<Pool>>>,
+    /// One lookup at a time; the others wait for its answer.
+    discovering: tokio::sync::Mutex<()>,
+    epoch: AtomicU64,
+}
+
+impl Sentinel {
+    async fn primary(&self) -> Result<Arc<Pool>, Error> {
+        if let Some(p) = self.current.lock().expect("sentinel lock").clone() {
+            return Ok(p);
+        }
+        let _one = self.discovering.lock().await;
+        if let Some(p) = self.current.lock().expect("sentinel lock").clone() {
+            return Ok(p);
+        }
+        let mut last = None;
+        for sentinel in &self.sentinels {
+            match self.ask(sentinel).await {
+                Ok(addr) => {
+                    let pool = self.pools.get(&addr);
+                    // A sentinel may name a primary that has just been demoted (or is
+                    // down): ask the node itself before sending it writes.
+                    match is_primary(&pool).await {
+                        Ok(true) => {
+                            let mut current = self.current.lock().expect("sentinel lock");
+                            if current.as_ref().is_none_or(|c| c.addr() != pool.addr()) {
+                                self.epoch.fetch_add(1, Ordering::AcqRel);
+                                tracing::info!(master = %self.master, primary = %addr, "sentinel: primary found");
+                            }
+                            *current = Some(pool.clone());
+                            return Ok(pool);
+                        }
+                        Ok(false) => {
+                            last = Some(BackendError::new(
+                                BackendErrorKind::Unavailable,
+                                format!("sentinel {sentinel} names {addr}, which is not a primary"),
+                            ))
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| BackendError::new(BackendErrorKind::Unavailable, "no sentinels"))
+            .into())
+    }
+
+    /// `SENTINEL GET-MASTER-ADDR-BY-NAME` of one sentinel.
+    async fn ask(&self, sentinel: &Addr) -> Result<Addr, BackendError> {
+        let pool = Pool::new(sentinel.clone(), self.sentinel_dialer.clone());
+        let mut req = Request::default();
+        req.cmd_bulk(
+            256,
+            &[
+                Arg::Small(b"SENTINEL"),
+                Arg::Small(b"GET-MASTER-ADDR-BY-NAME"),
+                Arg::Small(self.master.as_bytes()),
+            ],
+        );
+        let reply = pool.exec(&req, &mut []).await?.replies.pop();
+        let unknown = || {
+            BackendError::new(
+                BackendErrorKind::Unavailable,
+                format!("sentinel {sentinel} knows no primary {:?}", self.master),
+            )
+        };
+        match reply {
+            Some(Reply::Array(a)) if a.len() == 2 => {
+                let host = a[0].text().ok_or_else(unknown)?.to_owned();
+                let port = a[1]
+                    .int()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .ok_or_else(unknown)?;
+                Ok(Addr { host, port })
+            }
+            Some(Reply::Error(e)) => Err(BackendError::from_reply(&e)),
+            _ => Err(unknown()),
+        }
+    }
+
+    fn forget(&self, pool: &Arc<Pool>) {
+        let mut current = self.current.lock().expect("sentinel lock");
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, pool)) {
+            *current = None;
+        }
+    }
+}
+
+/// Whether a node says it is a primary (`ROLE`).
+async fn is_primary(pool: &Pool) -> Result<bool, BackendError> {
+    let mut req = Request::default();
+    req.cmd_bulk(64, &[Arg::Small(b"ROLE")]);
+    let reply = pool.exec(&req, &mut []).await?.replies.pop();
+    Ok(match reply {
+        Some(Reply::Array(a)) => a.first().and_then(Reply::text) == Some("master"),
+        Some(Reply::Error(e)) => return Err(BackendError::from_reply(&e)),
+        _ => false,
+    })
+}
+
+/// A cluster's slot map.
+#[derive(Debug, Clone)]
+struct SlotMap {
+    /// Per slot, the index of its node in `nodes`.
+    slots: Vec<Option<u16>>,
+    nodes: Vec<Addr>,
+    /// Every primary, and whether the cluster marks it as failed.
+    primaries: Vec<(Addr, bool)>,
+}
+
+/// A Redis Cluster.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    seeds: Vec<Addr>,
+    pools: Pools,
+    map: RwLock<Option<Arc<SlotMap>>>,
+    /// One first load at a time.
+    loading: tokio::sync::Mutex<()>,
+    refreshing: AtomicBool,
+    last_refresh: Mutex<Option<Instant>>,
+    epoch: AtomicU64,
+}
+
+impl Cluster {
+    /// The slot map; the first call reads it (the only time a request waits for it).
+    async fn map(&self) -> Result<Arc<SlotMap>, Error> {
+        if let Some(m) = self.map.read().expect("map lock").clone() {
+            return Ok(m);
+        }
+        let _one = self.loading.lock().await;
+        if let Some(m) = self.map.read().expect("map lock").clone() {
+            return Ok(m);
+        }
+        self.refresh().await?;
+        Ok(self
+            .map
+            .read()
+            .expect("map lock")
+            .clone()
+            .expect("a refresh that succeeded sets the map"))
+    }
+
+    fn moved(self: &Arc<Self>, slot: u16, addr: &Addr) {
+        {
+            let mut map = self.map.write().expect("map lock");
+            if let Some(m) = map.as_mut() {
+                let m = Arc::make_mut(m);
+                let node = match m.nodes.iter().position(|n| n == addr) {
+                    Some(i) => i,
+                    None => {
+                        m.nodes.push(addr.clone());
+                        m.nodes.len() - 1
+                    }
+                };
+                m.slots[slot as usize] = Some(node as u16);
+            }
+        }
+        self.schedule_refresh();
+    }
+
+    /// Refreshes the map in the background, unless a refresh runs or ran just now.
+    fn schedule_refresh(self: &Arc<Self>) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let wait = this
+                .last_refresh
+                .lock()
+                .expect("refresh lock")
+                .map(|at| (at + REFRESH_EVERY).saturating_duration_since(Instant::now()));
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            if let Err(e) = this.refresh().await {
+                tracing::warn!(error = %e, "redis cluster: slot map not refreshed");
+            }
+            this.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// Reads `CLUSTER NODES` from the first node that answers (known primaries first,
+    /// then the seeds) and replaces the map.
+    async fn refresh(&self) -> Result<(), Error> {
+        *self.last_refresh.lock().expect("refresh lock") = Some(Instant::now());
+        let mut candidates: Vec<Addr> = match self.map.read().expect("map lock").as_ref() {
+            Some(m) => m
+                .primaries
+                .iter()
+                .filter(|(_, failed)| !failed)
+                .map(|(a, _)| a.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        for seed in &self.seeds {
+            if !candidates.contains(seed) {
+                candidates.push(seed.clone());
+            }
+        }
+        let mut last = None;
+        for addr in candidates {
+            let pool = self.pools.get(&addr);
+            let mut req = Request::default();
+            req.cmd_bulk(TEXT_REPLY, &[Arg::Small(b"CLUSTER"), Arg::Small(b"NODES")]);
+            let text = match pool
+                .exec(&req, &mut [])
+                .await
+                .map_err(Error::from)
+                .and_then(all)
+            {
+                Ok(mut r) => match r.pop() {
+                    Some(Reply::Bulk(b)) => String::from_utf8_lossy(&b).into_owned(),
+                    other => {
+                        last = Some(Error::Backend(BackendError::new(
+                            BackendErrorKind::Protocol,
+                            format!("CLUSTER NODES answered {other:?}"),
+                        )));
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            let map = parse_nodes(&text, &addr);
+            let mut current = self.map.write().expect("map lock");
+            let changed = current
+                .as_ref()
+                .is_none_or(|m| m.primaries != map.primaries);
+            *current = Some(Arc::new(map));
+            if changed {
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+            }
+            return Ok(());
+        }
+        Err(last.unwrap_or_else(|| Error::Config("no cluster seed nodes".into())))
+    }
+}
+
+/// The slot map in a `CLUSTER NODES` reply asked of `asked` (a node that does not know
+/// its own address yet lists itself as `:port`).
+fn parse_nodes(text: &str, asked: &Addr) -> SlotMap {
+    let mut map = SlotMap {
+        slots: vec![None; SLOTS],
+        nodes: Vec::new(),
+        primaries: Vec::new(),
+    };
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(flags) = fields.get(2).map(|f| f.split(',').collect::<Vec<_>>()) else {
+            continue;
+        };
+        if !flags.contains(&"master") {
+            continue;
+        }
+        // `ip:port@cport[,hostname]`
+        let Some((host, port)) = fields[1]
+            .split('@')
+            .next()
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        else {
+            continue;
+        };
+        let host = if host.is_empty() {
+            asked.host.as_str()
+        } else {
+            host
+        };
+        let addr = Addr {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+        };
+        let failed = flags.contains(&"fail");
+        let ranges = fields.get(8..).unwrap_or_default();
+        // A failed primary that serves no slots any more (a replica took over) holds
+        // nothing.
+        if failed && ranges.is_empty() {
+            continue;
+        }
+        map.primaries.push((addr.clone(), failed));
+        let index = map.nodes.len() as u16;
+        map.nodes.push(addr);
+        for range in ranges {
+            // `[slot->-node]` and `[slot-<-node]`: a slot being migrated; its owner is
+            // still the node it is listed under, which answers `ASK` when needed.
+            if range.starts_with('[') {
+                continue;
+            }
+            let (from, to) = range.split_once('-').unwrap_or((range, range));
+            if let (Ok(from), Ok(to)) = (from.parse::<usize>(), to.parse::<usize>()) {
+                for s in from..=to.min(SLOTS - 1) {
+                    map.slots[s] = Some(index);
+                }
+            }
+        }
+    }
+    map.primaries.sort();
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_cluster_spec() {
+        // The spec's test vector: CRC16/XMODEM("123456789") = 0x31C3.
+        assert_eq!(slot(b"123456789"), 0x31C3 % 16384);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(
+            slot(b"foo{}{bar}"),
+            slot(b"bar"),
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn cluster_nodes_give_slots_and_primaries() {
+        let nodes = "\
+a1 10.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460 [5461->-b2]
+b2 10.0.0.2:7001@17001 master,fail - 0 0 2 connected 5461-10922
+c3 10.0.0.3:7002@17002 master,fail? - 0 0 3 connected 10923-16382 16383
+d4 10.0.0.4:7003@17003 master,fail - 0 0 4 disconnected
+e5 10.0.0.5:7004@17004 slave a1 0 0 1 connected
+f6 :7005@17005 myself,master - 0 0 0 connected
+";
+        let asked = Addr {
+            host: "10.0.0.9".into(),
+            port: 7005,
+        };
+        let map = parse_nodes(nodes, &asked);
+        let a = |h: &str, p| Addr {
+            host: h.into(),
+            port: p,
+        };
+        assert_eq!(
+            map.primaries,
+            vec![
+                (a("10.0.0.1", 7000), false),
+                (a("10.0.0.2", 7001), true),
+                (a("10.0.0.3", 7002), false),
+                (a("10.0.0.9", 7005), false),
+            ],
+            "a failed primary with slots is reported; one without slots holds nothing"
+        );
+        let at = |s: usize| map.slots[s].map(|i| map.nodes[i as usize].clone());
+        assert_eq!(at(0), Some(a("10.0.0.1", 7000)));
+        assert_eq!(at(5460), Some(a("10.0.0.1", 7000)));
+        assert_eq!(at(5461), Some(a("10.0.0.2", 7001)));
+        assert_eq!(at(16383), Some(a("10.0.0.3", 7002)));
+    }
+}

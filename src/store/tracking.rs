@@ -1,0 +1,170 @@
+//! Redis's invalidation messages for block keys (server-assisted client-side caching), the
+//! stream a sidecar's L1 follows.
+//!
+//! One connection per primary (the one Redis, the sentinels' primary, every cluster
+//! primary): `CLIENT TRACKING ON REDIRECT <its own id> BCAST PREFIX kvshelf:v1:`, then
+//! `SUBSCRIBE __redis__:invalidate`. Plain RESP2, so the same connections and parser serve
+//! it as every other command. In `BCAST` mode Redis reports every change to a block key on
+//! that node — overwrite, delete, expiry, eviction — by any client, without having to
+//! remember which keys each client read (why `BCAST`: BENCHMARKS.md, "Invalidation
+//! traffic"). A lost connection, or a change of primaries (failover, resharding), ends the
+//! stream: what changed meanwhile was not reported, and the follower must flush.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::RedisStore;
+use super::conn::Pool;
+use super::keys::KEY_PREFIX;
+use crate::error::{BackendError, BackendErrorKind, Error};
+use crate::resp::{Arg, Reply, Request};
+
+/// The channel Redis publishes invalidations on.
+const CHANNEL: &str = "__redis__:invalidate";
+
+/// Longest key in an invalidation message.
+const MAX_KEY: usize = 1024;
+
+/// How often a tracker checks whether the primaries changed.
+const EPOCH_EVERY: Duration = Duration::from_millis(500);
+
+/// What Redis reported changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Invalidation {
+    /// These block keys were overwritten, deleted, expired or evicted.
+    Keys(Vec<String>),
+    /// Every key may be gone (`FLUSHALL`, `FLUSHDB`).
+    All,
+}
+
+/// Live tracking connections; dropping it closes them.
+#[derive(Debug)]
+pub struct Tracker {
+    tasks: JoinSet<String>,
+}
+
+impl Tracker {
+    /// Waits until tracking is lost (a connection broke, or the primaries changed), and
+    /// says why. Every invalidation received before was sent on the channel.
+    pub async fn lost(&mut self) -> String {
+        match self.tasks.join_next().await {
+            Some(Ok(why)) => why,
+            Some(Err(e)) => format!("tracking task: {e}"),
+            None => "no tracking connections".into(),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Opens a tracking connection on every primary and returns once all are subscribed;
+    /// from then on every change to a block key is sent on `tx`.
+    pub async fn track(&self, tx: mpsc::UnboundedSender<Invalidation>) -> Result<Tracker, Error> {
+        let epoch = self.topo.epoch();
+        let mut tasks = JoinSet::new();
+        for primary in self.topo.primaries().await? {
+            let Some(pool) = primary.pool else {
+                return Err(BackendError::new(
+                    BackendErrorKind::Unavailable,
+                    format!("primary {} is marked failed", primary.name),
+                )
+                .into());
+            };
+            let conn = subscribe(&pool).await?;
+            let tx = tx.clone();
+            let name = primary.name;
+            tasks.spawn(async move { follow(conn, tx, name).await });
+        }
+        let topo = self.topo.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::time::sleep(EPOCH_EVERY).await;
+                if topo.epoch() != epoch {
+                    return "the primaries changed".to_owned();
+                }
+            }
+        });
+        Ok(Tracker { tasks })
+    }
+}
+
+/// A connection of its own to `pool`'s node, tracking block keys and subscribed to their
+/// invalidations.
+async fn subscribe(pool: &Pool) -> Result<super::conn::Conn, Error> {
+    let timeout = pool.response_timeout();
+    let mut conn = pool.dedicated().await?;
+    let io =
+        |e: std::io::Error| Error::from(BackendError::io(&format!("tracking {}", pool.addr()), &e));
+    let setup = async {
+        let mut id = Request::default();
+        id.cmd(&[Arg::Small(b"CLIENT"), Arg::Small(b"ID")]);
+        let r = super::conn::all(conn.exchange(&id, &mut []).await.map_err(io)?)?;
+        let id = r[0].int().unwrap_or_default().to_string();
+        let mut req = Request::default();
+        req.cmd(&[
+            Arg::Small(b"CLIENT"),
+            Arg::Small(b"TRACKING"),
+            Arg::Small(b"ON"),
+            Arg::Small(b"REDIRECT"),
+            Arg::Small(id.as_bytes()),
+            Arg::Small(b"BCAST"),
+            Arg::Small(b"PREFIX"),
+            Arg::Small(KEY_PREFIX.as_bytes()),
+        ]);
+        super::conn::all(conn.exchange(&req, &mut []).await.map_err(io)?)?;
+        let mut sub = Request::default();
+        sub.cmd_bulk(
+            MAX_KEY,
+            &[Arg::Small(b"SUBSCRIBE"), Arg::Small(CHANNEL.as_bytes())],
+        );
+        conn.send(&sub).await.map_err(io)?;
+        match conn.next_reply(MAX_KEY).await.map_err(io)? {
+            Reply::Array(a) if a.first().and_then(Reply::text) == Some("subscribe") => Ok(()),
+            Reply::Error(e) => Err(BackendError::from_reply(&e).into()),
+            other => Err(Error::from(BackendError::new(
+                BackendErrorKind::Protocol,
+                format!("SUBSCRIBE answered {other:?}"),
+            ))),
+        }
+    };
+    match tokio::time::timeout(timeout, setup).await {
+        Ok(r) => r.map(|()| conn),
+        Err(_) => Err(BackendError::new(
+            BackendErrorKind::Timeout,
+            format!("tracking {}: no answer", pool.addr()),
+        )
+        .into()),
+    }
+}
+
+/// Reads invalidation messages until the connection fails; why it stopped.
+async fn follow(
+    mut conn: super::conn::Conn,
+    tx: mpsc::UnboundedSender<Invalidation>,
+    node: String,
+) -> String {
+    loop {
+        let reply = match conn.next_reply(MAX_KEY).await {
+            Ok(r) => r,
+            Err(e) => return format!("tracking connection to {node}: {e}"),
+        };
+        let Reply::Array(msg) = reply else { continue };
+        if msg.first().and_then(Reply::text) != Some("message") {
+            continue;
+        }
+        let event = match msg.get(2) {
+            Some(Reply::Array(keys)) => Invalidation::Keys(
+                keys.iter()
+                    .filter_map(|k| k.text().map(str::to_owned))
+                    .collect(),
+            ),
+            // A nil list: the whole database was flushed.
+            _ => Invalidation::All,
+        };
+        if tx.send(event).is_err() {
+            return "the follower stopped".into();
+        }
+    }
+}
