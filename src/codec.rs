@@ -304,9 +304,10 @@ pub fn encode(header: &Header, payload: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// Parses only the header of `value`, which may be just its first bytes (as from
-/// `GETRANGE key 0 4095`). Returns the header and its length.
-pub fn decode_header(value: &[u8]) -> Result<(Header, usize), CodecError> {
+/// The length of the header a stored value starts with, read from its first
+/// [`PREAMBLE_LEN`] bytes (magic, version, length): where the payload begins. A reader
+/// that has only the preamble can send the payload elsewhere (into its caller's buffer).
+pub fn header_len(value: &[u8]) -> Result<usize, CodecError> {
     if value.len() < MAGIC.len() || &value[..MAGIC.len()] != MAGIC {
         return Err(CodecError::BadMagic);
     }
@@ -342,8 +343,18 @@ pub fn decode_header(value: &[u8]) -> Result<(Header, usize), CodecError> {
             "header length {len} is not a multiple of {HEADER_ALIGN}"
         )));
     }
+    Ok(len)
+}
+
+/// Parses only the header of `value`, which may be just its first bytes (as from
+/// `GETRANGE key 0 4095`). Returns the header and its length.
+pub fn decode_header(value: &[u8]) -> Result<(Header, usize), CodecError> {
+    let len = header_len(value)?;
     if value.len() < len {
-        return Err(truncated(len));
+        return Err(CodecError::Truncated {
+            needed: len as u64,
+            got: value.len() as u64,
+        });
     }
     let header: Header = serde_json::from_slice(value[PREAMBLE_LEN..len].trim_ascii_end())
         .map_err(|e| CodecError::MalformedHeader(e.to_string()))?;

@@ -44,8 +44,17 @@ pub enum Reply {
     Status(Bytes),
     /// `-ERR …`: the server refused this command (the connection is still in step).
     Error(String),
-    /// `*n` and its `n` elements (`SCAN`, `CLUSTER SLOTS`, `ROLE`, pub/sub messages).
+    /// `*n` and its `n` elements (`SCAN`, `ROLE`, pub/sub messages).
     Array(Vec<Reply>),
+    /// Not a wire type, and never made by [`Parser`]: a bulk string that a connection
+    /// read in two parts, `head` into memory of its own and the `body_len` bytes after it
+    /// straight into its caller's buffer (a stored block: header, then payload).
+    Split {
+        /// The first bytes of the value (a block's header).
+        head: Bytes,
+        /// Bytes written to the caller's buffer.
+        body_len: usize,
+    },
 }
 
 impl Reply {
@@ -75,6 +84,8 @@ impl Reply {
                     item.encode(out);
                 }
             }
+            // Its body is in someone else's buffer: there is nothing to encode it from.
+            Reply::Split { .. } => {}
         }
     }
 

@@ -163,6 +163,12 @@ impl RawBuf {
     }
 
     /// # Safety
+    /// The buffer is alive, writable and not read or written by anyone else meanwhile.
+    pub unsafe fn as_mut_slice<'a>(&self) -> &'a mut [u8] {
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.len) }
+    }
+
+    /// # Safety
     /// The buffer is alive and not written by anyone else meanwhile.
     pub unsafe fn as_slice<'a>(&self) -> &'a [u8] {
         unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
@@ -437,33 +443,31 @@ impl Store {
         buffers: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<Vec<Option<usize>>> {
         let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, true)?;
-        let written = py.detach(|| -> Result<Vec<Option<usize>>, PyErr> {
-            let hits = runtime()
-                .block_on(self.store.get(&ns.0, &hashes))
-                .map_err(to_py)?;
-            for (i, (hit, raw)) in hits.iter().zip(&raws).enumerate() {
-                if let Some(h) = hit
-                    && h.block.payload.len() > raw.len
-                {
-                    return Err(PyValueError::new_err(format!(
-                        "buffer {i} holds {} bytes; its block has {}",
-                        raw.len,
-                        h.block.payload.len()
-                    )));
-                }
+        // A kvshelf block is exactly `block_bytes`: a smaller buffer is refused before
+        // anything is read (a foreign-scheme chunk may be shorter; the read then says).
+        if ns.0.hash_scheme.is_kvshelf() {
+            let want = ns.0.block_bytes();
+            if let Some((i, raw)) = raws.iter().enumerate().find(|(_, r)| (r.len as u64) < want) {
+                return Err(PyValueError::new_err(format!(
+                    "buffer {i} holds {} bytes; its block has {want}",
+                    raw.len
+                )));
             }
-            // One copy from the library's buffer into the caller's (the data-path issue
-            // reads straight into caller memory; this signature stays).
-            Ok(hits
-                .iter()
-                .zip(&raws)
-                .map(|(hit, raw)| {
-                    hit.as_ref().map(|h| {
-                        // SAFETY: `bufs` keeps every buffer alive and exported (so not
-                        // resizable) until this call returns; checked writable above.
-                        unsafe { raw.fill(&h.block.payload) };
-                        h.block.payload.len()
-                    })
+        }
+        let written = py.detach(|| -> Result<Vec<Option<usize>>, PyErr> {
+            // SAFETY: `bufs` keeps every buffer alive and exported (so not resizable) until
+            // this call returns, checked writable above; the slices do not overlap unless
+            // the caller passed one buffer twice, which only makes its bytes unspecified.
+            let mut slices: Vec<&mut [u8]> = raws.iter().map(|r| unsafe { r.as_mut_slice() }).collect();
+            // Payloads go straight from the socket into the caller's buffers.
+            let found = runtime()
+                .block_on(self.store.read_into(&ns.0, &hashes, &mut slices))
+                .map_err(to_py)?;
+            Ok(found
+                .into_iter()
+                .map(|r| match r {
+                    kvshelf::ReadInto::Hit { len, .. } => Some(len),
+                    _ => None,
                 })
                 .collect())
         })?;

@@ -383,26 +383,25 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
                 let hashes: Vec<BlockHash> = group.iter().map(|it| it.hash).collect();
                 match op {
                     Op::Get => {
-                        let hits = store.get(ns, &hashes).await?;
+                        // SAFETY: `pending` holds the writable buffer until this batch's
+                        // completion is drained, and LMCache does not touch it before.
+                        let mut bufs: Vec<&mut [u8]> =
+                            group.iter().map(|it| unsafe { it.buf.as_mut_slice() }).collect();
+                        // Payloads go straight from the socket into LMCache's buffers.
+                        let found = store.read_into(ns, &hashes, &mut bufs).await?;
                         Ok::<_, kvshelf::Error>(
                             group
                                 .iter()
-                                .zip(hits)
-                                .map(|(it, hit)| match hit {
-                                    None => Ok(false),
-                                    Some(h) if h.block.payload.len() != it.buf.len => Err(format!(
-                                        "key {}: stored chunk has {} bytes, buffer {}",
-                                        it.index,
-                                        h.block.payload.len(),
-                                        it.buf.len
-                                    )),
-                                    Some(h) => {
-                                        // SAFETY: `pending` holds the writable buffer until
-                                        // this batch's completion is drained, and LMCache
-                                        // does not touch it before.
-                                        unsafe { it.buf.fill(&h.block.payload) };
-                                        Ok(true)
+                                .zip(found)
+                                .map(|(it, r)| match r {
+                                    kvshelf::ReadInto::Hit { len, .. } if len != it.buf.len => {
+                                        Err(format!(
+                                            "key {}: stored chunk has {len} bytes, buffer {}",
+                                            it.index, it.buf.len
+                                        ))
                                     }
+                                    kvshelf::ReadInto::Hit { .. } => Ok(true),
+                                    _ => Ok(false),
                                 })
                                 .collect::<Vec<_>>(),
                         )

@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::codec;
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::resp::{Arg, Parser, ProtocolError, Reply, Request};
 
@@ -169,9 +170,10 @@ impl AsyncWrite for Stream {
 pub(crate) enum Sink<'a> {
     /// Into a buffer of the connection's, handed out as [`Bytes`].
     Own,
-    /// Straight into the caller's memory, when the reply is a bulk string of at most its
-    /// length (the reply is then `Reply::Int(len)`: how many bytes were written); a longer
-    /// value, or any other reply, is read as with `Own`.
+    /// A stored block: its header into memory of the connection's and its payload
+    /// straight into the caller's memory (the reply is then [`Reply::Split`]), when the
+    /// value is a bulk string whose header says where the payload begins and whose payload
+    /// fits. Anything else is read as with `Own`.
     Into(&'a mut [u8]),
 }
 
@@ -339,29 +341,12 @@ impl Conn {
             if let Some(reply) = self.parser.parse(&mut self.buf, max_bulk)? {
                 return Ok(reply);
             }
-            // A value the caller wants in its own memory, and that fits there.
+            // A block the caller wants in its own memory.
             if let Some(Sink::Into(out)) = sink.as_deref_mut()
                 && let Some(len) = self.parser.bare_bulk()
-                && len <= out.len()
             {
                 self.parser.skip_bulk();
-                let buffered = self.buf.len().min(len);
-                out[..buffered].copy_from_slice(&self.buf[..buffered]);
-                self.buf.advance(buffered);
-                if buffered < len {
-                    self.stream.read_exact(&mut out[buffered..len]).await?;
-                }
-                let mut crlf = [0u8; 2];
-                let have = self.buf.len().min(2);
-                crlf[..have].copy_from_slice(&self.buf[..have]);
-                self.buf.advance(have);
-                if have < 2 {
-                    self.stream.read_exact(&mut crlf[have..]).await?;
-                }
-                if &crlf != b"\r\n" {
-                    return Err(ReadError::Protocol(ProtocolError::MissingCrlf));
-                }
-                return Ok(Reply::Int(len as i64));
+                return self.read_split(len, out).await;
             }
             match self.parser.bulk_missing(self.buf.len()) {
                 // A big value: into a buffer of its own, of exactly its size (the parser
@@ -387,6 +372,65 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+impl Conn {
+    /// Reads a bulk string of `len` bytes (its header consumed) that is a stored block:
+    /// the preamble and header into a buffer of their own, the payload into `out` when it
+    /// fits; otherwise the whole value into a buffer of its own. Then its CRLF.
+    async fn read_split(&mut self, len: usize, out: &mut [u8]) -> Result<Reply, ReadError> {
+        let mut head = BytesMut::new();
+        self.take(&mut head, len.min(codec::PREAMBLE_LEN)).await?;
+        let split = codec::header_len(&head)
+            .ok()
+            .filter(|&h| h <= len && len - h <= out.len());
+        let reply = match split {
+            Some(h) => {
+                let rest = h - head.len();
+                self.take(&mut head, rest).await?;
+                let body = &mut out[..len - h];
+                let buffered = self.buf.len().min(body.len());
+                body[..buffered].copy_from_slice(&self.buf[..buffered]);
+                self.buf.advance(buffered);
+                if buffered < body.len() {
+                    self.stream.read_exact(&mut body[buffered..]).await?;
+                }
+                Reply::Split {
+                    head: head.freeze(),
+                    body_len: len - h,
+                }
+            }
+            None => {
+                let rest = len - head.len();
+                self.take(&mut head, rest).await?;
+                Reply::Bulk(head.freeze())
+            }
+        };
+        let mut crlf = BytesMut::new();
+        self.take(&mut crlf, 2).await?;
+        if &crlf[..] != b"\r\n" {
+            return Err(ReadError::Protocol(ProtocolError::MissingCrlf));
+        }
+        Ok(reply)
+    }
+
+    /// Appends the next `n` bytes of the stream to `into`: what is buffered, then straight
+    /// from the socket.
+    async fn take(&mut self, into: &mut BytesMut, n: usize) -> Result<(), ReadError> {
+        let buffered = self.buf.len().min(n);
+        into.extend_from_slice(&self.buf[..buffered]);
+        self.buf.advance(buffered);
+        let mut want = n - buffered;
+        into.reserve(want);
+        while want > 0 {
+            let got = self.stream.read_buf(&mut (&mut *into).limit(want)).await?;
+            if got == 0 {
+                return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            want -= got;
+        }
+        Ok(())
     }
 }
 

@@ -315,7 +315,7 @@ impl RedisStore {
                     bad.push((hash, why));
                     Read::Miss
                 }
-                Stored::Into(_) => unreachable!("no caller buffers were given"),
+                Stored::Split(..) => unreachable!("no caller buffers were given"),
                 Stored::Value(v) => match verify(ns, hash, v) {
                     Ok(block) => Read::Hit(Hit {
                         block,
@@ -332,12 +332,12 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// [`read`](Self::read) straight into the caller's memory: block `i`'s stored value
-    /// (header, then payload) is read from the socket into `bufs[i]`, verified there
-    /// (checksum, namespace, hash), and its payload moved to the front of the buffer. A
-    /// buffer must hold the block's header and payload: `codec::MAX_HEADER_LEN` plus the
-    /// namespace's `block_bytes` always does. A value longer than its buffer is still read
-    /// and checked (into memory of the library's, then copied).
+    /// [`read`](Self::read) straight into the caller's memory: block `i`'s payload is read
+    /// from the socket into `bufs[i]` (its header into memory of the library's) and
+    /// verified there (checksum, namespace, hash): the kernel's copy is the only one. A
+    /// buffer of `block_bytes` (for a foreign hash scheme: the chunk's size) holds any
+    /// payload of the namespace. A payload longer than its buffer fails the call with
+    /// [`Error::InvalidInput`] after the read (the buffers before it are filled).
     pub async fn read_into(
         &self,
         ns: &Namespace,
@@ -366,17 +366,25 @@ impl RedisStore {
                     continue;
                 }
                 Stored::Bad(why) => Err(why),
-                // Read elsewhere (a redirect, or longer than the buffer): copy it in.
-                Stored::Value(v) if v.len() <= buf.len() => {
-                    buf[..v.len()].copy_from_slice(&v);
-                    verify_in_place(ns, hash, &mut buf[..v.len()]).map_err(Bad::Codec)
+                // Read into the library's memory (a redirect, a payload longer than the
+                // buffer, a value that is no block): verify, then copy what fits.
+                Stored::Value(v) => match verify(ns, hash, v) {
+                    Ok(block) if block.payload.len() <= buf.len() => {
+                        buf[..block.payload.len()].copy_from_slice(&block.payload);
+                        Ok((block.header, block.payload.len()))
+                    }
+                    Ok(block) => {
+                        return Err(Error::InvalidInput(format!(
+                            "block {hash} has {} bytes of payload; its buffer holds {}",
+                            block.payload.len(),
+                            buf.len()
+                        )));
+                    }
+                    Err(e) => Err(Bad::Codec(e)),
+                },
+                Stored::Split(head, len) => {
+                    verify_split(ns, hash, &head, &buf[..len]).map_err(Bad::Codec)
                 }
-                Stored::Value(v) => Err(Bad::Codec(codec::CodecError::Oversized {
-                    what: "value",
-                    len: v.len() as u64,
-                    max: buf.len() as u64,
-                })),
-                Stored::Into(len) => verify_in_place(ns, hash, &mut buf[..len]).map_err(Bad::Codec),
             };
             out.push(match checked {
                 Ok((header, len)) => ReadInto::Hit {
@@ -446,7 +454,7 @@ impl RedisStore {
                     let pttl = r.last().and_then(Reply::int).unwrap_or(-2);
                     let stored = match r.into_iter().next() {
                         Some(Reply::Bulk(v)) => Stored::Value(v),
-                        Some(Reply::Int(len)) => Stored::Into(len as usize),
+                        Some(Reply::Split { head, body_len }) => Stored::Split(head, body_len),
                         Some(Reply::Error(e)) if is_wrong_type(&e) => Stored::Bad(Bad::WrongType),
                         Some(Reply::Error(_)) => Stored::Unavailable,
                         _ => Stored::Missing,
@@ -1454,8 +1462,9 @@ enum Stored {
     Unavailable,
     /// A string, to verify.
     Value(Bytes),
-    /// A string of this many bytes, read into the caller's buffer, to verify there.
-    Into(usize),
+    /// A block whose header is here and whose payload (this many bytes) was read into the
+    /// caller's buffer, to verify there.
+    Split(Bytes, usize),
     /// Something that cannot be a block of the namespace.
     Bad(Bad),
 }
@@ -1505,20 +1514,18 @@ pub(crate) fn verify(
     Ok(block)
 }
 
-/// Checks a stored value held in the caller's buffer and moves its payload to the
-/// buffer's front: the header and the payload's length.
-fn verify_in_place(
+/// Checks a block read in two parts: its header (`head`) and its payload, in the
+/// caller's buffer.
+fn verify_split(
     ns: &Namespace,
     hash: &BlockHash,
-    value: &mut [u8],
+    head: &[u8],
+    payload: &[u8],
 ) -> Result<(Header, usize), codec::CodecError> {
-    let (header, at) = codec::decode_header(value)?;
+    let (header, at) = codec::decode_header(head)?;
     header.check(ns, hash)?;
-    let payload = &value[at..];
     header.check_payload(at, payload)?;
-    let len = payload.len();
-    value.copy_within(at.., 0);
-    Ok((header, len))
+    Ok((header, payload.len()))
 }
 
 fn ttl_millis(ttl: Duration) -> u64 {
