@@ -3,7 +3,7 @@
 //!
 //! Paths: a plain redis-rs pipelined GET loop (the baseline: what a Rust worker talking to
 //! Redis directly gets), the kvshelf library (`RedisStore::get`, which also verifies each
-//! block), and the sidecar over HTTP and over gRPC through [`crate::client`]. The sidecar
+//! block), and the sidecar over HTTP and over gRPC through [`kvshelf::client`]. The sidecar
 //! runs in this process on a loopback port, with its L1 off unless `--l1` (so every fetch
 //! reaches Redis and the comparison is with the same server).
 
@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::client::{Client, ClientConfig, Protocol};
-use crate::config::Config;
-use crate::hashing::{BlockHash, PrefixHasher};
-use crate::namespace::{Dtype, Layout, Namespace};
-use crate::store::{PutOutcome, PutResult, RedisStore, StoreConfig, block_key};
+use kvshelf::client::{Client, ClientConfig, Protocol};
+use kvshelf::config::Config;
+use kvshelf::hashing::{BlockHash, PrefixHasher};
+use kvshelf::namespace::{Dtype, Layout, Namespace};
+use kvshelf::store::{PutOutcome, PutResult, RedisStore, StoreConfig, block_key};
 
 /// The value sizes the bench knows, named after the KV blocks they stand for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -417,9 +417,9 @@ pub async fn lookup_latency(redis_url: &str, requests: usize) -> anyhow::Result<
         ..Default::default()
     };
     cfg.server.l1_bytes = 0;
-    let shelf = crate::shelf::Shelf::new(&cfg)?;
+    let shelf = kvshelf::shelf::Shelf::new(&cfg)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::server::run(listener, shelf, async {
+    let server = tokio::spawn(kvshelf::server::run(listener, shelf, async {
         let _ = stop_rx.await;
     }));
     let client = Client::new(ClientConfig {
@@ -561,21 +561,21 @@ impl Fixture {
             if !l1 {
                 server_cfg.server.l1_bytes = 0;
             }
-            let shelf = crate::shelf::Shelf::new(&server_cfg)?;
+            let shelf = kvshelf::shelf::Shelf::new(&server_cfg)?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let unix = if l1 {
                 None
             } else {
                 let dir = TempDir::new()?;
                 let path = dir.0.join("kvshelf.sock");
-                let unix = crate::server::bind_unix(&path)?;
+                let unix = kvshelf::server::bind_unix(&path)?;
                 fixture.cold_unix = Some(format!("unix:{}", path.display()));
                 fixture._dir = Some(dir);
                 Some(unix)
             };
             fixture
                 .servers
-                .push(tokio::spawn(crate::server::run_with_unix(
+                .push(tokio::spawn(kvshelf::server::run_with_unix(
                     listener,
                     unix,
                     shelf,
@@ -793,15 +793,6 @@ pub trait Progress: Sync {
     fn finish(&self);
 }
 
-/// No progress display (tests, `--json` to a pipe is still fine with a bar on stderr).
-pub struct Quiet;
-
-impl Progress for Quiet {
-    fn start(&self, _: &str, _: u64) {}
-    fn set(&self, _: u64) {}
-    fn finish(&self) {}
-}
-
 /// Runs one path for one round: `concurrency` clients, each with its own connection,
 /// `requests` requests in all. Returns GB/s, every request's latency and the bytes moved.
 async fn measure(
@@ -967,7 +958,7 @@ async fn one_put(
 }
 
 fn header_len(ns: &Namespace) -> u64 {
-    crate::codec::Header::for_block(ns, &BlockHash([0; 32]), &[])
+    kvshelf::codec::Header::for_block(ns, &BlockHash([0; 32]), &[])
         .encode()
         .len() as u64
 }
@@ -1088,7 +1079,7 @@ mod tests {
 
     #[test]
     fn the_bench_sidecar_config_has_the_bench_namespaces() {
-        let cfg = Config::from_toml(include_str!("../examples/bench.toml")).expect("parses");
+        let cfg = Config::from_toml(include_str!("../../../examples/bench.toml")).expect("parses");
         for size in [ValueSize::K192, ValueSize::M2, ValueSize::M32] {
             let ns = size.namespace();
             assert_eq!(cfg.namespace(&ns.label), Some(&ns), "{}", ns.label);
