@@ -61,8 +61,8 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         shared_tokens: u32,
     },
-    /// Measures fetch throughput and latency of every path (plain redis-rs, the library, the
-    /// sidecar over HTTP and gRPC) against the same Redis, in one run.
+    /// Measures fetch throughput and latency of every path (the library, the sidecar over
+    /// HTTP and gRPC) against the same Redis, in one run.
     Bench {
         /// Value size (a 16-token block of a 0.5B or 8B model, a 256-token chunk of 8B).
         #[arg(long, value_enum, default_value = "2MiB")]
@@ -81,7 +81,7 @@ enum Command {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "redis-rs,library,http,grpc,http-unix,grpc-unix,http-l1,grpc-l1,put,http-put"
+            default_value = "library,http,grpc,http-unix,grpc-unix,http-l1,grpc-l1,put,http-put"
         )]
         paths: Vec<bench::BenchPath>,
         /// Rounds: every path is measured once per round (order rotated), and each path's
@@ -99,7 +99,7 @@ enum Command {
         #[arg(long)]
         lookup: bool,
         /// Also measure the ceilings: redis-benchmark GET/SET of the same size and a
-        /// loopback TCP stream (needs redis-benchmark on PATH).
+        /// loopback TCP stream (needs redis-benchmark and redis-cli on PATH).
         #[arg(long)]
         ceilings: bool,
         /// Print JSON instead of a table.
