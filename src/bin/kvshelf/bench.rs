@@ -308,7 +308,8 @@ impl ToolAddr {
         })
     }
 
-    /// `-h host -p port`, and `-a password --no-auth-warning` with a password.
+    /// `-h host -p port`, and `-a password` with a password: what both tools take.
+    /// (redis-cli also wants `--no-auth-warning`, which redis-benchmark refuses.)
     fn args(&self) -> Vec<String> {
         let mut args = vec![
             "-h".to_owned(),
@@ -317,11 +318,7 @@ impl ToolAddr {
             self.port.to_string(),
         ];
         if let Some(password) = &self.password {
-            args.extend([
-                "-a".to_owned(),
-                password.clone(),
-                "--no-auth-warning".to_owned(),
-            ]);
+            args.extend(["-a".to_owned(), password.clone()]);
         }
         args
     }
@@ -350,10 +347,15 @@ async fn redis_benchmark(cfg: &BenchConfig, keys: Option<usize>) -> anyhow::Resu
     let out = cmd.output().await.map_err(|e| {
         anyhow::anyhow!("redis-benchmark (from redis-tools) is needed for the ceiling: {e}")
     })?;
+    // redis-benchmark reports a bad option on stdout (with its usage), the rest on stderr.
     anyhow::ensure!(
         out.status.success(),
-        "redis-benchmark failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "redis-benchmark failed: {} {}",
+        String::from_utf8_lossy(&out.stderr).trim(),
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
     );
     let mut result = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -383,6 +385,7 @@ async fn redis_benchmark(cfg: &BenchConfig, keys: Option<usize>) -> anyhow::Resu
     for chunk in doomed.chunks(512) {
         let out = tokio::process::Command::new("redis-cli")
             .args(addr.args())
+            .args(addr.password.is_some().then_some("--no-auth-warning"))
             .arg("UNLINK")
             .args(chunk)
             .output()
@@ -1124,15 +1127,7 @@ mod tests {
         assert_eq!(args("redis://127.0.0.1"), ["-h", "127.0.0.1", "-p", "6379"]);
         assert_eq!(
             args("rediss://kv:p%40ss+w@redis.internal:6390/2"),
-            [
-                "-h",
-                "redis.internal",
-                "-p",
-                "6390",
-                "-a",
-                "p@ss+w",
-                "--no-auth-warning"
-            ]
+            ["-h", "redis.internal", "-p", "6390", "-a", "p@ss+w"]
         );
         assert_eq!(args("redis://[::1]:6390"), ["-h", "::1", "-p", "6390"]);
         for url in [
