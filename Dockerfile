@@ -17,8 +17,8 @@ WORKDIR /src
 # change. Cargo needs every target the manifest names to exist before it fetches, hence the
 # empty stand-ins; `COPY . .` below replaces them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin benches tests \
- && touch src/lib.rs src/bin/kvshelf.rs src/bin/kvshelf-worker.rs benches/hashing.rs \
+RUN mkdir -p src/bin/kvshelf benches tests \
+ && touch src/lib.rs src/bin/kvshelf/main.rs src/bin/kvshelf-worker.rs benches/hashing.rs \
       benches/codec.rs tests/worker_identity.rs \
  && cargo fetch --locked
 

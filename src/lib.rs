@@ -18,11 +18,10 @@
 //! | `l1` | the byte-bounded in-process tier in front of the backend, single-flight loads |
 //! | `memory` | the embedded in-process store (no Redis) |
 //! | `backend` | Redis or the embedded store, behind one enum |
-//! | `shelf` | the sidecar's transport-agnostic core: tenants, fail-open, limits, put queue |
+//! | `shelf` | the sidecar's transport-agnostic core: tenants, fail-open, limits, the fetch budget, put queue, L1 coherence |
 //! | `admission` | a request's slot and body budget, taken before its body is read; body caps |
 //! | `server` | thin HTTP (axum) and gRPC (tonic) adapters on one port, health, metrics |
 //! | `client` | the Rust client workers use to call the sidecar (feature `client`) |
-//! | `bench` | `kvshelf bench`: every fetch path side by side against the same Redis |
 //! | `config` | the TOML configuration of the sidecar (feature `server`) |
 //! | `worker` | a small Llama-style model on CPU that reuses prefill KV via the sidecar (feature `worker`) |
 //!
@@ -54,8 +53,6 @@
 pub mod admission;
 #[cfg(feature = "server")]
 pub mod backend;
-#[cfg(feature = "cli")]
-pub mod bench;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod codec;

@@ -1107,11 +1107,11 @@ impl RedisStore {
     /// commands again to the node named (`ASKING` first for `ASK`), at most twice; keys
     /// that came after a value too long for its command on the same connection are sent
     /// again too. The call fails only when every key's node failed.
-    async fn keyed<'b>(
+    async fn keyed(
         &self,
         keys: &[String],
         spread: bool,
-        mut sinks: Vec<Option<&'b mut [u8]>>,
+        mut sinks: Vec<Option<&mut [u8]>>,
         build: impl Fn(usize, &str, &mut Request),
     ) -> Result<Vec<KeyReplies>, Error> {
         let mut out: Vec<Option<KeyReplies>> = (0..keys.len()).map(|_| None).collect();

@@ -1,22 +1,22 @@
 //! `kvshelf bench`: fetch throughput and latency of every path to the same blocks in the
 //! same Redis, side by side in one run, so that ratios are honest.
 //!
-//! Paths: a plain redis-rs pipelined GET loop (the baseline: what a Rust worker talking to
-//! Redis directly gets), the kvshelf library (`RedisStore::get`, which also verifies each
-//! block), and the sidecar over HTTP and over gRPC through [`crate::client`]. The sidecar
-//! runs in this process on a loopback port, with its L1 off unless `--l1` (so every fetch
-//! reaches Redis and the comparison is with the same server).
+//! Paths: the kvshelf library (`RedisStore::get`, which also verifies each block), and the
+//! sidecar over HTTP and over gRPC through [`kvshelf::client`]. The sidecar runs in this
+//! process on a loopback port, with its L1 off unless `--l1` (so every fetch reaches Redis
+//! and the comparison is with the same server). What Redis itself can serve is measured by
+//! its own client, redis-benchmark (`--ceilings`).
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::client::{Client, ClientConfig, Protocol};
-use crate::config::Config;
-use crate::hashing::{BlockHash, PrefixHasher};
-use crate::namespace::{Dtype, Layout, Namespace};
-use crate::store::{PutOutcome, PutResult, RedisStore, StoreConfig, block_key};
+use kvshelf::client::{Client, ClientConfig, Protocol};
+use kvshelf::config::Config;
+use kvshelf::hashing::{BlockHash, PrefixHasher};
+use kvshelf::namespace::{Dtype, Layout, Namespace};
+use kvshelf::store::{PutOutcome, PutResult, RedisStore, StoreConfig};
 
 /// The value sizes the bench knows, named after the KV blocks they stand for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -66,8 +66,6 @@ impl ValueSize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BenchPath {
-    /// Plain redis-rs: one pipelined `GET` per block of the batch (the baseline).
-    RedisRs,
     /// The kvshelf library straight to Redis (`RedisStore::get`, verifying each block).
     Library,
     /// The sidecar over HTTP (framed stream), L1 off: every block is read from Redis.
@@ -92,7 +90,6 @@ impl BenchPath {
     /// The path's name as printed and in JSON.
     pub fn name(self) -> &'static str {
         match self {
-            BenchPath::RedisRs => "redis-rs",
             BenchPath::Library => "library",
             BenchPath::Http => "http",
             BenchPath::Grpc => "grpc",
@@ -265,50 +262,100 @@ pub async fn ceilings(cfg: &BenchConfig, keys: usize) -> anyhow::Result<Vec<Ceil
     Ok(out)
 }
 
+/// Where Redis's own tools (redis-benchmark, redis-cli) reach the Redis of a URL.
+struct ToolAddr {
+    host: String,
+    port: u16,
+    password: Option<String>,
+}
+
+impl ToolAddr {
+    /// Reads `redis://[user][:password@]host[:port][/db]` (also `rediss://`, `valkey://`,
+    /// `valkeys://`) as the library's Redis client does: port 6379 unless given, the
+    /// password percent-decoded, an IPv6 host without its brackets. The user name and the
+    /// database are not passed on: the tools authenticate with the password alone (as the
+    /// default user) and use database 0.
+    fn of(url: &str) -> anyhow::Result<ToolAddr> {
+        let parsed =
+            url::Url::parse(url).map_err(|e| anyhow::anyhow!("Redis URL did not parse: {e}"))?;
+        match parsed.scheme() {
+            "redis" | "rediss" | "valkey" | "valkeys" => {}
+            "redis+unix" | "valkey+unix" | "unix" => anyhow::bail!(
+                "redis-benchmark needs a TCP address, not the Unix socket {}",
+                parsed.path()
+            ),
+            other => anyhow::bail!("not a Redis URL: scheme {other:?}"),
+        }
+        let host = match parsed.host() {
+            Some(url::Host::Domain(name)) => name.to_owned(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => anyhow::bail!("the Redis URL names no host"),
+        };
+        let password = match parsed.password() {
+            Some(p) => Some(
+                percent_encoding::percent_decode_str(p)
+                    .decode_utf8()
+                    .map_err(|_| anyhow::anyhow!("the Redis URL's password is not UTF-8"))?
+                    .into_owned(),
+            ),
+            None => None,
+        };
+        Ok(ToolAddr {
+            host,
+            port: parsed.port().unwrap_or(6379),
+            password,
+        })
+    }
+
+    /// `-h host -p port`, and `-a password` with a password: what both tools take.
+    /// (redis-cli also wants `--no-auth-warning`, which redis-benchmark refuses.)
+    fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "-h".to_owned(),
+            self.host.clone(),
+            "-p".to_owned(),
+            self.port.to_string(),
+        ];
+        if let Some(password) = &self.password {
+            args.extend(["-a".to_owned(), password.clone()]);
+        }
+        args
+    }
+}
+
 async fn redis_benchmark(cfg: &BenchConfig, keys: Option<usize>) -> anyhow::Result<Vec<Ceiling>> {
     let size = cfg.size.namespace().block_bytes();
-    let info = redis::IntoConnectionInfo::into_connection_info(cfg.redis_url.as_str())?;
-    let (host, port) = match info.addr() {
-        redis::ConnectionAddr::Tcp(h, p)
-        | redis::ConnectionAddr::TcpTls {
-            host: h, port: p, ..
-        } => (h.clone(), *p),
-        other => anyhow::bail!("redis-benchmark needs a TCP address, not {other:?}"),
-    };
+    let addr = ToolAddr::of(&cfg.redis_url)?;
     // As many values as the paths move in a round, at least 50 and at most ~4 GB.
     let requests = (cfg.requests * cfg.batch)
         .min((4_000_000_000 / size) as usize)
         .max(50);
     let mut cmd = tokio::process::Command::new("redis-benchmark");
-    cmd.args([
-        "-h",
-        &host,
-        "-p",
-        &port.to_string(),
-        "-t",
-        "set,get",
-        "--csv",
-    ])
-    .args(["-d", &size.to_string(), "-n", &requests.to_string()])
-    .args([
-        "-c",
-        &cfg.concurrency.to_string(),
-        "-P",
-        &cfg.batch.to_string(),
-    ]);
-    if let Some(password) = info.redis_settings().password() {
-        cmd.args(["-a", password, "--no-auth-warning"]);
-    }
+    cmd.args(addr.args())
+        .args(["-t", "set,get", "--csv"])
+        .args(["-d", &size.to_string(), "-n", &requests.to_string()])
+        .args([
+            "-c",
+            &cfg.concurrency.to_string(),
+            "-P",
+            &cfg.batch.to_string(),
+        ]);
     if let Some(keys) = keys {
         cmd.args(["-r", &keys.to_string()]);
     }
     let out = cmd.output().await.map_err(|e| {
         anyhow::anyhow!("redis-benchmark (from redis-tools) is needed for the ceiling: {e}")
     })?;
+    // redis-benchmark reports a bad option on stdout (with its usage), the rest on stderr.
     anyhow::ensure!(
         out.status.success(),
-        "redis-benchmark failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "redis-benchmark failed: {} {}",
+        String::from_utf8_lossy(&out.stderr).trim(),
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
     );
     let mut result = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -334,14 +381,28 @@ async fn redis_benchmark(cfg: &BenchConfig, keys: Option<usize>) -> anyhow::Resu
         None => vec!["key:__rand_int__".into()],
         Some(n) => (0..n).map(|i| format!("key:{i:012}")).collect(),
     };
-    let mut conn = redis::Client::open(cfg.redis_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    // With redis-cli, as redis-benchmark wrote them: same address, same credentials.
     for chunk in doomed.chunks(512) {
-        let _: () = redis::cmd("UNLINK")
-            .arg(chunk)
-            .query_async(&mut conn)
-            .await?;
+        let out = tokio::process::Command::new("redis-cli")
+            .args(addr.args())
+            .args(addr.password.is_some().then_some("--no-auth-warning"))
+            .arg("UNLINK")
+            .args(chunk)
+            .output()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "redis-cli (from redis-tools) is needed to remove redis-benchmark's keys: {e}"
+                )
+            })?;
+        // redis-cli exits 0 on an error reply too: the reply must be UNLINK's count.
+        let reply = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success() && reply.trim().parse::<u64>().is_ok(),
+            "redis-cli UNLINK of redis-benchmark's keys failed: {} {}",
+            reply.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(result)
 }
@@ -417,9 +478,9 @@ pub async fn lookup_latency(redis_url: &str, requests: usize) -> anyhow::Result<
         ..Default::default()
     };
     cfg.server.l1_bytes = 0;
-    let shelf = crate::shelf::Shelf::new(&cfg)?;
+    let shelf = kvshelf::shelf::Shelf::new(&cfg)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::server::run(listener, shelf, async {
+    let server = tokio::spawn(kvshelf::server::run(listener, shelf, async {
         let _ = stop_rx.await;
     }));
     let client = Client::new(ClientConfig {
@@ -482,9 +543,9 @@ pub fn lookup_table(rows: &[LookupResult]) -> String {
 
 /// One concurrent client of a path: its own connection(s).
 enum Runner {
-    RedisRs(redis::aio::MultiplexedConnection, Vec<String>),
     Library(RedisStore),
-    Sidecar(Client),
+    /// Boxed: a client is several times the size of a store handle.
+    Sidecar(Box<Client>),
 }
 
 /// Everything a run shares: the blocks, the in-process sidecars, the store.
@@ -561,21 +622,21 @@ impl Fixture {
             if !l1 {
                 server_cfg.server.l1_bytes = 0;
             }
-            let shelf = crate::shelf::Shelf::new(&server_cfg)?;
+            let shelf = kvshelf::shelf::Shelf::new(&server_cfg)?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let unix = if l1 {
                 None
             } else {
                 let dir = TempDir::new()?;
                 let path = dir.0.join("kvshelf.sock");
-                let unix = crate::server::bind_unix(&path)?;
+                let unix = kvshelf::server::bind_unix(&path)?;
                 fixture.cold_unix = Some(format!("unix:{}", path.display()));
                 fixture._dir = Some(dir);
                 Some(unix)
             };
             fixture
                 .servers
-                .push(tokio::spawn(crate::server::run_with_unix(
+                .push(tokio::spawn(kvshelf::server::run_with_unix(
                     listener,
                     unix,
                     shelf,
@@ -593,7 +654,7 @@ impl Fixture {
         Ok(fixture)
     }
 
-    async fn runner(&self, cfg: &BenchConfig, path: BenchPath) -> anyhow::Result<Runner> {
+    async fn runner(&self, path: BenchPath) -> anyhow::Result<Runner> {
         let sidecar = |url: &str, protocol| {
             Client::new(ClientConfig {
                 url: url.to_owned(),
@@ -601,22 +662,9 @@ impl Fixture {
                 timeout: Duration::from_secs(120),
                 ..Default::default()
             })
+            .map(Box::new)
         };
         Ok(match path {
-            BenchPath::RedisRs => {
-                let conn = redis::Client::open(cfg.redis_url.as_str())?
-                    .get_multiplexed_async_connection_with_config(
-                        &redis::AsyncConnectionConfig::new()
-                            .set_response_timeout(Some(Duration::from_secs(60))),
-                    )
-                    .await?;
-                let keys = self
-                    .hashes
-                    .iter()
-                    .map(|h| block_key(&self.ns.label, h))
-                    .collect();
-                Runner::RedisRs(conn, keys)
-            }
             // A store of its own per client: its own connections, as a worker process has.
             BenchPath::Library | BenchPath::Put => {
                 Runner::Library(RedisStore::connect(self.store.config().clone()).await?)
@@ -793,15 +841,6 @@ pub trait Progress: Sync {
     fn finish(&self);
 }
 
-/// No progress display (tests, `--json` to a pipe is still fine with a bar on stderr).
-pub struct Quiet;
-
-impl Progress for Quiet {
-    fn start(&self, _: &str, _: u64) {}
-    fn set(&self, _: u64) {}
-    fn finish(&self) {}
-}
-
 /// Runs one path for one round: `concurrency` clients, each with its own connection,
 /// `requests` requests in all. Returns GB/s, every request's latency and the bytes moved.
 async fn measure(
@@ -831,7 +870,7 @@ async fn measure(
     let put_blocks = std::sync::Arc::new(put_blocks);
     let mut runners = Vec::with_capacity(cfg.concurrency);
     for _ in 0..cfg.concurrency {
-        runners.push(fixture.runner(cfg, path).await?);
+        runners.push(fixture.runner(path).await?);
     }
     // Warm up each client's connections (and the sidecar's L1 with every block).
     for runner in &runners {
@@ -906,16 +945,6 @@ async fn one_fetch(
     let idx: Vec<usize> = (0..batch).map(|k| (start + k) % hashes.len()).collect();
     let want = batch as u64 * ns.block_bytes();
     let got = match runner {
-        Runner::RedisRs(conn, keys) => {
-            let mut pipe = redis::pipe();
-            for &i in &idx {
-                pipe.get(&keys[i]);
-            }
-            let values: Vec<Bytes> = pipe.query_async(&mut conn.clone()).await?;
-            // The stored value includes kvshelf's header; count the payload bytes only.
-            values.iter().map(|v| v.len() as u64).sum::<u64>()
-                - values.len() as u64 * header_len(ns)
-        }
         Runner::Library(store) => {
             let hs: Vec<BlockHash> = idx.iter().map(|&i| hashes[i]).collect();
             let hits = store.get(ns, &hs).await?;
@@ -956,7 +985,6 @@ async fn one_put(
             .iter()
             .filter(|o| matches!(o, PutResult::Stored))
             .count(),
-        Runner::RedisRs(..) => anyhow::bail!("redis-rs is a fetch baseline"),
     };
     anyhow::ensure!(
         stored == blocks.len(),
@@ -964,12 +992,6 @@ async fn one_put(
         blocks.len()
     );
     Ok(stored as u64 * ns.block_bytes())
-}
-
-fn header_len(ns: &Namespace) -> u64 {
-    crate::codec::Header::for_block(ns, &BlockHash([0; 32]), &[])
-        .encode()
-        .len() as u64
 }
 
 /// Deterministic, incompressible-looking bytes for one block.
@@ -1088,7 +1110,7 @@ mod tests {
 
     #[test]
     fn the_bench_sidecar_config_has_the_bench_namespaces() {
-        let cfg = Config::from_toml(include_str!("../examples/bench.toml")).expect("parses");
+        let cfg = Config::from_toml(include_str!("../../../examples/bench.toml")).expect("parses");
         for size in [ValueSize::K192, ValueSize::M2, ValueSize::M32] {
             let ns = size.namespace();
             assert_eq!(cfg.namespace(&ns.label), Some(&ns), "{}", ns.label);
@@ -1096,6 +1118,24 @@ mod tests {
             put.label = format!("{}-put", ns.label);
             put.ttl = Some(Duration::from_secs(120));
             assert_eq!(cfg.namespace(&put.label), Some(&put), "{}", put.label);
+        }
+    }
+
+    #[test]
+    fn redis_tools_get_the_host_port_and_decoded_password_of_the_url() {
+        let args = |url: &str| ToolAddr::of(url).expect(url).args();
+        assert_eq!(args("redis://127.0.0.1"), ["-h", "127.0.0.1", "-p", "6379"]);
+        assert_eq!(
+            args("rediss://kv:p%40ss+w@redis.internal:6390/2"),
+            ["-h", "redis.internal", "-p", "6390", "-a", "p@ss+w"]
+        );
+        assert_eq!(args("redis://[::1]:6390"), ["-h", "::1", "-p", "6390"]);
+        for url in [
+            "redis+unix:///tmp/redis.sock",
+            "unix:///tmp/redis.sock",
+            "http://h:1",
+        ] {
+            assert!(ToolAddr::of(url).is_err(), "{url}");
         }
     }
 }

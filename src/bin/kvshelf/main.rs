@@ -1,11 +1,14 @@
 //! `kvshelf`: the operator's command line. Parses flags, sets up logging and calls the
-//! library; all logic lives in `kvshelf::*`.
+//! library; all logic lives in `kvshelf::*`, except `kvshelf bench` (`bench.rs`), which
+//! measures the library, the sidecar and Redis from outside, through the public API only.
 
 /// mimalloc rather than glibc's malloc: blocks are MiB-sized buffers allocated and freed
 /// at GB/s, and glibc returns them to the kernel and faults them back in (`BENCHMARKS.md`,
 /// "What each change bought").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod bench;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -58,12 +61,12 @@ enum Command {
         #[arg(long, default_value_t = 2048)]
         shared_tokens: u32,
     },
-    /// Measures fetch throughput and latency of every path (plain redis-rs, the library, the
-    /// sidecar over HTTP and gRPC) against the same Redis, in one run.
+    /// Measures fetch throughput and latency of every path (the library, the sidecar over
+    /// HTTP and gRPC) against the same Redis, in one run.
     Bench {
         /// Value size (a 16-token block of a 0.5B or 8B model, a 256-token chunk of 8B).
         #[arg(long, value_enum, default_value = "2MiB")]
-        size: kvshelf::bench::ValueSize,
+        size: bench::ValueSize,
         /// Blocks per request.
         #[arg(long, default_value_t = 8)]
         batch: usize,
@@ -78,9 +81,9 @@ enum Command {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "redis-rs,library,http,grpc,http-unix,grpc-unix,http-l1,grpc-l1,put,http-put"
+            default_value = "library,http,grpc,http-unix,grpc-unix,http-l1,grpc-l1,put,http-put"
         )]
-        paths: Vec<kvshelf::bench::BenchPath>,
+        paths: Vec<bench::BenchPath>,
         /// Rounds: every path is measured once per round (order rotated), and each path's
         /// median round is reported.
         #[arg(long, default_value_t = 3)]
@@ -96,7 +99,7 @@ enum Command {
         #[arg(long)]
         lookup: bool,
         /// Also measure the ceilings: redis-benchmark GET/SET of the same size and a
-        /// loopback TCP stream (needs redis-benchmark on PATH).
+        /// loopback TCP stream (needs redis-benchmark and redis-cli on PATH).
         #[arg(long)]
         ceilings: bool,
         /// Print JSON instead of a table.
@@ -188,15 +191,15 @@ async fn main() -> Result<()> {
             json,
         } => {
             if lookup {
-                let rows = kvshelf::bench::lookup_latency(&store_cfg.url, requests).await?;
+                let rows = bench::lookup_latency(&store_cfg.url, requests).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                 } else {
-                    print!("{}", kvshelf::bench::lookup_table(&rows));
+                    print!("{}", bench::lookup_table(&rows));
                 }
                 return Ok(());
             }
-            let bench = kvshelf::bench::BenchConfig {
+            let bench = bench::BenchConfig {
                 redis_url: store_cfg.url.clone(),
                 size,
                 batch,
@@ -208,11 +211,11 @@ async fn main() -> Result<()> {
                 sidecar,
                 sidecar_unix,
             };
-            let report = kvshelf::bench::run(&bench, &Bar::default()).await?;
+            let report = bench::run(&bench, &Bar::default()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", kvshelf::bench::table(&report));
+                print!("{}", bench::table(&report));
             }
             Ok(())
         }
@@ -515,7 +518,7 @@ fn human(bytes: u64) -> String {
 #[derive(Default)]
 struct Bar(std::sync::Mutex<Option<indicatif::ProgressBar>>);
 
-impl kvshelf::bench::Progress for Bar {
+impl bench::Progress for Bar {
     fn start(&self, what: &str, total: u64) {
         let bar = if total == 0 {
             indicatif::ProgressBar::new_spinner()

@@ -1,0 +1,214 @@
+//! How this sidecar's L1 stays true to Redis: `l1_follower` drops the entries of blocks
+//! Redis reports gone (`CLIENT TRACKING`), `l1_toucher` slides the Redis TTL of blocks
+//! served from L1 as a Redis read would.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::Shelf;
+use crate::hashing::BlockHash;
+use crate::l1::L1;
+use crate::namespace::Namespace;
+use crate::store::{Invalidation, RedisStore};
+
+/// How this sidecar's L1 stays true to Redis (see [`Shelf::l1_coherence`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum L1Coherence {
+    /// No L1 (turned off, or the embedded store).
+    NoL1,
+    /// L1 follows Redis's invalidations: a block deleted, expired or evicted by anyone
+    /// leaves L1 as soon as Redis reports it.
+    Tracking,
+    /// The invalidation stream is not (yet, or no longer) up: L1 was flushed when it was
+    /// lost, and entries live at most `l1_max_ttl` until it is back.
+    Reconnecting,
+    /// No invalidations on this topology (Redis Cluster, for now): entries live at most
+    /// `l1_max_ttl`.
+    TtlOnly,
+}
+
+impl Shelf {
+    /// How L1 stays true to Redis right now.
+    pub fn l1_coherence(&self) -> L1Coherence {
+        match (&self.inner.l1, &self.inner.l1_tracking) {
+            (None, _) => L1Coherence::NoL1,
+            (Some(_), None) => L1Coherence::TtlOnly,
+            (Some(_), Some(live)) if live.load(Ordering::Acquire) => L1Coherence::Tracking,
+            (Some(_), Some(_)) => L1Coherence::Reconnecting,
+        }
+    }
+}
+
+/// Keeps L1 coherent with Redis (standalone, Sentinel or Cluster): a tracking connection
+/// per primary ([`RedisStore::track`], BCAST on the block key prefix) reports every block
+/// key that is overwritten, deleted, expired or evicted, by any client, and its L1 entry is
+/// dropped. When tracking starts (again), and when a connection is lost or the primaries
+/// change (failover, resharding), L1 is flushed, as Redis's client-side caching guidance
+/// requires: what changed meanwhile was not reported. Reconnects with a backoff of 100 ms
+/// to 5 s.
+///
+/// Not covered: a read that was in flight when its key was invalidated can still put the
+/// old value into L1 afterwards (`l1_max_ttl` bounds it).
+pub(super) async fn l1_follower(
+    store: RedisStore,
+    l1: std::sync::Weak<L1>,
+    live: Arc<AtomicBool>,
+    mut stopped: tokio::sync::watch::Receiver<()>,
+) {
+    let flush = |reason: &'static str| {
+        if let Some(l1) = l1.upgrade() {
+            l1.clear();
+            metrics::counter!("kvshelf_l1_flushes_total", "reason" => reason).increment(1);
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        let (tx, mut pushes) = mpsc::unbounded_channel();
+        let tracked = tokio::select! {
+            t = store.track(tx) => t,
+            _ = stopped.changed() => return,
+        };
+        match tracked {
+            Ok(mut tracker) => {
+                backoff = Duration::from_millis(100);
+                warned = false;
+                flush("tracking_started");
+                live.store(true, Ordering::Release);
+                metrics::gauge!("kvshelf_l1_tracking").set(1.0);
+                let mut batch = Vec::new();
+                let why = loop {
+                    let received = tokio::select! {
+                        n = pushes.recv_many(&mut batch, 256) => n,
+                        why = tracker.lost() => break why,
+                        _ = stopped.changed() => return,
+                    };
+                    if received == 0 {
+                        break "the invalidation channel closed".to_owned();
+                    }
+                    let mut keys: HashMap<String, Vec<BlockHash>> = HashMap::new();
+                    for event in batch.drain(..) {
+                        match event {
+                            Invalidation::Keys(named) => {
+                                for key in named {
+                                    if let Some((label, hash)) = crate::store::parse_block_key(&key)
+                                    {
+                                        keys.entry(label.to_owned()).or_default().push(hash);
+                                    }
+                                }
+                            }
+                            Invalidation::All => flush("flushed_in_redis"),
+                        }
+                    }
+                    drop_gone(&store, &l1, keys).await;
+                };
+                drop(tracker);
+                live.store(false, Ordering::Release);
+                metrics::gauge!("kvshelf_l1_tracking").set(0.0);
+                flush("tracking_lost");
+                tracing::warn!(reason = %why, "L1 invalidation stream lost: L1 flushed; reconnecting");
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "cannot track invalidations; retrying (L1 entries live at most l1_max_ttl meanwhile)");
+                    warned = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Drops the L1 entries of invalidated blocks that are gone from Redis.
+///
+/// Why check instead of dropping every invalidated key: Redis reports a key whenever it is
+/// modified, and a TTL change is a modification, so every read that slides a TTL (ours,
+/// or another sidecar's) invalidates the key everywhere. Blocks are write-once, so the
+/// only change that matters is that a block is gone (deleted, expired, evicted, purged);
+/// one `EXISTS` pipeline per namespace tells which. A block deleted and put again in
+/// between keeps its entry: it holds a valid block of the same prefix. When the check
+/// fails, every invalidated entry is dropped.
+async fn drop_gone(
+    store: &RedisStore,
+    l1: &std::sync::Weak<L1>,
+    keys: HashMap<String, Vec<BlockHash>>,
+) {
+    for (label, hashes) in keys {
+        let exists =
+            tokio::time::timeout(Duration::from_secs(1), store.exists(&label, &hashes)).await;
+        let Some(l1) = l1.upgrade() else { return };
+        let gone: Vec<&BlockHash> = match exists {
+            Ok(Ok(present)) => hashes
+                .iter()
+                .zip(present)
+                .filter(|(_, present)| !present)
+                .map(|(h, _)| h)
+                .collect(),
+            _ => hashes.iter().collect(),
+        };
+        for hash in gone {
+            l1.remove(&label, hash);
+            metrics::counter!("kvshelf_l1_invalidations_total").increment(1);
+        }
+    }
+}
+
+/// Room for L1 hits waiting to slide their TTL; a hit that finds it full is counted
+/// (`dropped`) and the next hit of that block slides it.
+pub(super) const TOUCH_QUEUE: usize = 4096;
+
+/// Slides the Redis TTL of blocks served from L1, as a Redis read would (`PEXPIRE … XX`:
+/// pinned blocks stay pinned, deleted ones are not recreated). Takes whatever hits are
+/// queued, skips blocks it touched less than `interval` ago, and sends one pipeline per
+/// namespace, each within `timeout`. Ends when the shelf is dropped.
+pub(super) async fn l1_toucher(
+    store: RedisStore,
+    namespaces: HashMap<String, Namespace>,
+    interval: Duration,
+    timeout: Duration,
+    mut rx: mpsc::Receiver<(Arc<str>, BlockHash)>,
+) {
+    let mut last: HashMap<(Arc<str>, BlockHash), Instant> = HashMap::new();
+    let mut pruned = Instant::now();
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, TOUCH_QUEUE).await > 0 {
+        let now = Instant::now();
+        let mut due: HashMap<Arc<str>, Vec<BlockHash>> = HashMap::new();
+        for (label, hash) in batch.drain(..) {
+            let key = (label, hash);
+            if last
+                .get(&key)
+                .is_some_and(|t| now.duration_since(*t) < interval)
+            {
+                continue;
+            }
+            due.entry(key.0.clone()).or_default().push(hash);
+            last.insert(key, now);
+        }
+        for (label, hashes) in due {
+            let Some(ns) = namespaces.get(&*label) else {
+                continue;
+            };
+            let result = match tokio::time::timeout(timeout, store.touch(ns, &hashes)).await {
+                Ok(Ok(_)) => "sent",
+                Ok(Err(_)) => "failed",
+                Err(_) => "timeout",
+            };
+            metrics::counter!("kvshelf_l1_ttl_touches_total", "result" => result)
+                .increment(hashes.len() as u64);
+        }
+        if now.duration_since(pruned) >= interval {
+            last.retain(|_, t| now.duration_since(*t) < interval);
+            pruned = now;
+        }
+    }
+}
