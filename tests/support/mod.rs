@@ -32,7 +32,7 @@ pub enum Kind {
     /// A data node on plain TCP.
     Plain,
     /// A data node that speaks TLS only (plain TCP off), with a certificate signed by the
-    /// CA in `certs` (see [`make_certs`]).
+    /// CA in `certs` (see [`make_certs`]). The server owns `certs`: it is removed with it.
     TlsOnly { certs: PathBuf },
     /// A Sentinel (`redis-server <conf> --sentinel`) whose config file starts as `conf`.
     /// Sentinel rewrites that file as it learns the topology, so each gets its own.
@@ -177,11 +177,20 @@ impl RedisServer {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        // What the server leaves on disk goes with it: its directory, and a TLS server's
+        // certificates.
+        let mut owned = format!("'{}'", dir.display());
+        if let Kind::TlsOnly { certs } = kind {
+            owned.push_str(&format!(" '{}'", certs.display()));
+        }
         // SIGCONT after the SIGTERM: a server a test left stopped (SIGSTOP) would otherwise
-        // never handle the TERM, and `wait` (so the drop) would hang.
+        // never handle the TERM, and `wait` (so the drop) would hang. The shell, not the
+        // drop, removes the files: a server in a `static` is never dropped, but its shell
+        // sees stdin close when the test process exits.
         let script = format!(
             "redis-server {} >'{dir}/redis.log' 2>&1 & pid=$!; echo $pid >'{dir}/pid'; \
-             read _; kill $pid 2>/dev/null; kill -CONT $pid 2>/dev/null; wait $pid 2>/dev/null",
+             read _; kill $pid 2>/dev/null; kill -CONT $pid 2>/dev/null; wait $pid 2>/dev/null; \
+             rm -rf {owned}",
             quoted.join(" "),
             dir = dir.display()
         );
@@ -271,19 +280,23 @@ impl RedisServer {
     /// Whether redis-server has exited (its wrapper shell reaps it only when told to stop,
     /// so until then it stays a zombie).
     fn exited(&self) -> bool {
-        let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) else {
+        // The shell creates the file before it writes the pid: an empty file is a start
+        // in progress, not a server that exited.
+        let Some(pid) = std::fs::read_to_string(self.dir.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        else {
             return false; // not even started yet
         };
-        process_state(pid.trim().parse().unwrap_or(0)).is_none_or(|state| state == 'Z')
+        process_state(pid).is_none_or(|state| state == 'Z')
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        // Closing stdin makes the wrapper shell kill redis-server.
+        // Closing stdin makes the wrapper shell kill redis-server and remove its files.
         drop(self.child.stdin.take());
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -800,6 +813,49 @@ impl RedisCluster {
             .is_some_and(|role| role.lines().next() == Some("master"))
     }
 
+    /// The indices of the running replicas of node `i` (`INFO replication`).
+    pub fn replicas_of(&self, i: usize) -> Vec<usize> {
+        let port = format!("master_port:{}", self.ports[i]);
+        (0..self.nodes.len())
+            .filter(|r| {
+                self.nodes[*r]
+                    .as_ref()
+                    .and_then(|n| n.cli(&["INFO", "replication"]))
+                    .is_some_and(|info| has_line(&info, "role:slave") && has_line(&info, &port))
+            })
+            .collect()
+    }
+
+    /// Waits until the replicas of every primary have everything it had written when this
+    /// was called.
+    pub fn wait_replicated(&self, within: Duration) {
+        for i in (0..self.nodes.len()).filter(|i| self.is_primary(*i)) {
+            wait_replicas_of(self.nodes[i].as_ref().unwrap(), within);
+        }
+    }
+
+    /// Waits until one of `candidates` is a primary and every live node reports
+    /// `cluster_state:ok`; returns it.
+    pub fn wait_promoted(&self, candidates: &[usize], within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let promoted = candidates.iter().copied().find(|r| self.is_primary(*r));
+            if let Some(r) = promoted
+                && self.nodes.iter().flatten().all(|n| {
+                    redis_cli(&n.url(), &["CLUSTER", "INFO"])
+                        .is_some_and(|info| has_line(&info, "cluster_state:ok"))
+                })
+            {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "none of nodes {candidates:?} became a primary within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs `redis-cli -c` (following redirections to the node that owns a key's slot)
     /// through the first live node.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
@@ -997,9 +1053,8 @@ pub fn apply_documented_acl_rule(server: &RedisServer, password: &str) {
 /// as the default user.
 pub struct RedisTls {
     pub server: RedisServer,
-    /// The CA that signed the server's certificate.
+    /// The CA that signed the server's certificate (removed with the server).
     pub ca: PathBuf,
-    certs: PathBuf,
 }
 
 impl RedisTls {
@@ -1018,7 +1073,6 @@ impl RedisTls {
         RedisTls {
             server,
             ca: certs.join("ca.pem"),
-            certs,
         }
     }
 
@@ -1043,13 +1097,6 @@ impl RedisTls {
     /// `redis-cli` as the default user (over TLS).
     pub fn cli(&self, args: &[&str]) -> Option<String> {
         self.server.cli(args)
-    }
-}
-
-impl Drop for RedisTls {
-    fn drop(&mut self) {
-        // The server read its certificates when it started.
-        let _ = std::fs::remove_dir_all(&self.certs);
     }
 }
 
@@ -1265,38 +1312,44 @@ impl RedisSentinel {
         }
     }
 
-    /// Waits until every replica has acknowledged everything the primary had written when
-    /// this was called (its replication offset), so that a failover loses none of it.
+    /// Waits until the replicas have everything the primary had written when this was
+    /// called (see [`wait_replicas_of`]).
     pub fn wait_replicated(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        let primary = self.primary_node();
-        let offsets = |key: &str| -> Vec<u64> {
-            let info = primary.cli(&["INFO", "replication"]).unwrap_or_default();
-            info.lines()
-                .filter_map(|l| {
-                    // `master_repl_offset:N`, or `slave0:ip=…,state=online,offset=N,lag=…`
-                    l.strip_prefix(key).map(|rest| {
-                        rest.split([',', ':'])
-                            .find_map(|f| f.strip_prefix("offset="))
-                            .unwrap_or(rest)
-                            .trim()
-                            .parse()
-                            .unwrap_or(0)
-                    })
+        wait_replicas_of(self.primary_node(), within);
+    }
+}
+
+/// Waits until every replica of `primary` has acknowledged everything `primary` had written
+/// when this was called (its replication offset), so that a failover loses none of it.
+pub fn wait_replicas_of(primary: &RedisServer, within: Duration) {
+    let deadline = Instant::now() + within;
+    let offsets = |key: &str| -> Vec<u64> {
+        let info = primary.cli(&["INFO", "replication"]).unwrap_or_default();
+        info.lines()
+            .filter_map(|l| {
+                // `master_repl_offset:N`, or `slave0:ip=…,state=online,offset=N,lag=…`
+                l.strip_prefix(key).map(|rest| {
+                    rest.split([',', ':'])
+                        .find_map(|f| f.strip_prefix("offset="))
+                        .unwrap_or(rest)
+                        .trim()
+                        .parse()
+                        .unwrap_or(0)
                 })
-                .collect()
-        };
-        let target = offsets("master_repl_offset:")[0];
-        loop {
-            let acked = offsets("slave");
-            if !acked.is_empty() && acked.iter().all(|o| *o >= target) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the replicas did not reach offset {target} within {within:?}: {acked:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            })
+            .collect()
+    };
+    let target = offsets("master_repl_offset:")[0];
+    loop {
+        let acked = offsets("slave");
+        if !acked.is_empty() && acked.iter().all(|o| *o >= target) {
+            return;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the replicas of {} did not reach offset {target} within {within:?}: {acked:?}",
+            primary.port
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
