@@ -1290,28 +1290,6 @@ impl RedisSentinel {
         }
     }
 
-    /// Waits until data node `i` is a replica of the current primary with its link up.
-    pub fn wait_replica(&self, i: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        let node = self.data[i].as_ref().expect("node running");
-        loop {
-            let primary = self.primary().and_then(|p| self.data[p].as_ref());
-            let replication = node.cli(&["INFO", "replication"]).unwrap_or_default();
-            if let Some(primary) = primary
-                && has_line(&replication, "role:slave")
-                && has_line(&replication, &format!("master_port:{}", primary.port))
-                && has_line(&replication, "master_link_status:up")
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {i} is no replica of the primary within {within:?}:\n{replication}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// Waits until the replicas have everything the primary had written when this was
     /// called (see [`wait_replicas_of`]).
     pub fn wait_replicated(&self, within: Duration) {
