@@ -6,8 +6,9 @@
 mod support;
 
 use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
 
-use support::{RedisServer, StartError, is_orphan, owner_label, redis_cli};
+use support::{RedisSentinel, RedisServer, StartError, is_orphan, owner_label, redis_cli};
 
 fn redis_pid(url: &str) -> String {
     let info = redis_cli(url, &["INFO", "server"]).expect("a Redis answers");
@@ -90,4 +91,84 @@ fn only_containers_of_provably_dead_test_processes_are_orphans() {
     ] {
         assert!(!is_orphan(&unreadable), "{unreadable:?}");
     }
+}
+
+/// The Sentinel fixture as redis-cli sees it: its URL names the three Sentinels and the
+/// master; a killed primary is replaced by its replica, which keeps what was replicated,
+/// takes writes, and knows the documented ACL user (ACLs do not replicate).
+#[test]
+fn the_sentinel_fixture_fails_over_a_killed_primary() {
+    let mut sentinel = RedisSentinel::start();
+    let ports: Vec<String> = sentinel
+        .sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    assert_eq!(
+        sentinel.url(),
+        format!("redis+sentinel://{}/kvshelf", ports.join(","))
+    );
+    assert_eq!(
+        sentinel.user_url(),
+        format!(
+            "redis+sentinel://kvshelf:{}@{}/kvshelf",
+            RedisSentinel::PASSWORD,
+            ports.join(",")
+        )
+    );
+    assert_eq!(sentinel.primary(), Some(0));
+    set(sentinel.primary_node(), "before");
+    sentinel.wait_replicated(Duration::from_secs(10));
+
+    assert_eq!(sentinel.kill_primary(), 0);
+    assert!(sentinel.data[0].is_none());
+    assert_eq!(sentinel.wait_failover_from(0, Duration::from_secs(30)), 1);
+    let primary = sentinel.primary_node();
+    assert_eq!(get(primary, "before").as_deref(), Some("before"));
+    set(primary, "after");
+    let user = format!(
+        "redis://kvshelf:{}@127.0.0.1:{}",
+        RedisSentinel::PASSWORD,
+        primary.port
+    );
+    let denied = redis_cli(&user, &["EXISTS", "after"]).unwrap_or_default();
+    assert!(
+        denied.contains("NOPERM"),
+        "the rule confines the user: {denied}"
+    );
+    assert_eq!(
+        redis_cli(&user, &["EXISTS", "kvshelf:v1:x:y"])
+            .as_deref()
+            .map(str::trim),
+        Some("0"),
+        "the user exists on the promoted node"
+    );
+}
+
+/// A paused (SIGSTOP) primary is failed over like a dead one; resumed, it is no longer
+/// the primary the Sentinels report.
+#[test]
+fn the_sentinel_fixture_fails_over_a_paused_primary() {
+    let sentinel = RedisSentinel::start();
+    set(sentinel.primary_node(), "before");
+    sentinel.wait_replicated(Duration::from_secs(10));
+    let paused = sentinel.pause_primary();
+    assert_eq!(paused.index, 0);
+    assert_eq!(sentinel.wait_failover_from(0, Duration::from_secs(30)), 1);
+    drop(paused);
+    let primary = sentinel.primary_node();
+    assert_eq!(primary.port, sentinel.data[1].as_ref().unwrap().port);
+    assert_eq!(get(primary, "before").as_deref(), Some("before"));
+    set(primary, "after");
+}
+
+fn set(node: &RedisServer, key: &str) {
+    assert_eq!(
+        node.cli(&["SET", key, key]).as_deref().map(str::trim),
+        Some("OK")
+    );
+}
+
+fn get(node: &RedisServer, key: &str) -> Option<String> {
+    node.cli(&["GET", key]).map(|v| v.trim().to_owned())
 }

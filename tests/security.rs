@@ -4,50 +4,13 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use kvshelf::store::PinOutcome;
 use kvshelf::{PrefixHasher, StoreConfig};
-use support::{RedisServer, namespace, payload, redis_cli, store_with};
-
-/// Runs the `redis-cli ACL SETUSER kvshelf …` line of docs/operations.md in `sh`, as an
-/// operator would paste it (password replaced, pointed at `port`), in an empty directory:
-/// an unquoted `>password` would be a redirection there, creating a file and leaving the
-/// user without its password.
-fn apply_documented_acl_rule(port: u16, password: &str) {
-    let doc =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
-            .unwrap();
-    let line = doc
-        .lines()
-        .find(|l| l.trim_start().starts_with("redis-cli ACL SETUSER kvshelf "))
-        .expect("docs/operations.md documents the ACL rule as a redis-cli command");
-    assert!(line.contains("CHANGE-ME"), "{line}");
-    let line = line
-        .replacen("redis-cli ", &format!("redis-cli -p {port} "), 1)
-        .replace("CHANGE-ME", password);
-    let dir = std::env::temp_dir().join(format!("kvshelf-acl-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = Command::new("sh")
-        .args(["-c", &line])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let created: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "OK",
-        "{line}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        created.is_empty(),
-        "the shell redirected something: {created:?}"
-    );
-}
+use support::{
+    RedisServer, apply_documented_acl_rule, make_certs, namespace, payload, redis_cli, store_with,
+};
 
 async fn exercise_every_operation(cfg: StoreConfig) {
     let s = store_with(cfg);
@@ -85,7 +48,7 @@ async fn exercise_every_operation(cfg: StoreConfig) {
 #[tokio::test]
 async fn the_documented_acl_rule_is_enough_and_passwords_are_checked() {
     let server = RedisServer::start(&[]);
-    apply_documented_acl_rule(server.port, "s3cret-pw");
+    apply_documented_acl_rule(&server, "s3cret-pw");
 
     let url = format!("redis://kvshelf:s3cret-pw@127.0.0.1:{}", server.port);
     exercise_every_operation(StoreConfig {
@@ -132,73 +95,9 @@ async fn the_documented_acl_rule_is_enough_and_passwords_are_checked() {
     );
 }
 
-/// A private CA and a server certificate for 127.0.0.1, made with the openssl CLI.
-fn make_certs(dir: &Path) {
-    let run = |args: &[&str]| {
-        let ok = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is needed for the TLS test")
-            .status
-            .success();
-        assert!(ok, "openssl {args:?} failed");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=kvshelf test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
-}
-
 #[tokio::test]
 async fn rediss_urls_work_with_a_private_ca() {
-    let dir = std::env::temp_dir().join(format!("kvshelf-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::temp_dir("tls");
     make_certs(&dir);
     let p = |f: &str| dir.join(f).display().to_string();
     let (cert, key, ca) = (p("server.pem"), p("server.key"), p("ca.pem"));
@@ -236,4 +135,5 @@ async fn rediss_urls_work_with_a_private_ca() {
     });
     assert!(plain.ping().await.is_err());
     drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -23,6 +23,20 @@ pub struct RedisServer {
     child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    kind: Kind,
+}
+
+/// What a [`RedisServer`] runs as.
+#[derive(Clone, Debug)]
+pub enum Kind {
+    /// A data node on plain TCP.
+    Plain,
+    /// A data node that speaks TLS only (plain TCP off), with a certificate signed by the
+    /// CA in `certs` (see [`make_certs`]). The server owns `certs`: it is removed with it.
+    TlsOnly { certs: PathBuf },
+    /// A Sentinel (`redis-server <conf> --sentinel`) whose config file starts as `conf`.
+    /// Sentinel rewrites that file as it learns the topology, so each gets its own.
+    Sentinel { conf: String },
 }
 
 /// Why a `redis-server` did not start.
@@ -51,11 +65,19 @@ impl RedisServer {
     pub fn start_with<const N: usize>(
         extra: impl Fn([u16; N]) -> Vec<String>,
     ) -> (RedisServer, [u16; N]) {
-        Self::start_on_candidates(std::iter::repeat_with(free_ports::<1>).map(|[p]| p), extra)
+        Self::start_as(&Kind::Plain, extra)
     }
 
     /// [`Self::start_with`], taking its main port from `ports` (for tests of the retry).
     pub fn start_on_candidates<const N: usize>(
+        ports: impl IntoIterator<Item = u16>,
+        extra: impl Fn([u16; N]) -> Vec<String>,
+    ) -> (RedisServer, [u16; N]) {
+        Self::start_as_on_candidates(&Kind::Plain, ports, extra)
+    }
+
+    fn start_as_on_candidates<const N: usize>(
+        kind: &Kind,
         ports: impl IntoIterator<Item = u16>,
         extra: impl Fn([u16; N]) -> Vec<String>,
     ) -> (RedisServer, [u16; N]) {
@@ -64,7 +86,7 @@ impl RedisServer {
             let more = free_ports::<N>();
             let args = extra(more);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            match Self::try_start_on(port, &args) {
+            match Self::try_start_as(kind, port, &args) {
                 Ok(server) => return (server, more),
                 Err(StartError::PortTaken(log)) => lost.push(log),
                 Err(StartError::Failed(log)) => panic!("redis-server did not start:\n{log}"),
@@ -85,33 +107,90 @@ impl RedisServer {
 
     /// Starts `redis-server` on `port`, and waits until it is ready (or failed).
     pub fn try_start_on(port: u16, extra: &[&str]) -> Result<RedisServer, StartError> {
+        Self::try_start_as(&Kind::Plain, port, extra)
+    }
+
+    /// Starts a `redis-server` of `kind` on a free loopback port with the arguments
+    /// `extra(more)` ([`Self::start_with`] for any kind).
+    pub fn start_as<const N: usize>(
+        kind: &Kind,
+        extra: impl Fn([u16; N]) -> Vec<String>,
+    ) -> (RedisServer, [u16; N]) {
+        Self::start_as_on_candidates(
+            kind,
+            std::iter::repeat_with(free_ports::<1>).map(|[p]| p),
+            extra,
+        )
+    }
+
+    /// Starts a `redis-server` of `kind` on `port`, and waits until it is ready (or failed).
+    pub fn try_start_as(kind: &Kind, port: u16, extra: &[&str]) -> Result<RedisServer, StartError> {
         let dir = std::env::temp_dir().join(format!("kvshelf-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // What the readiness check reads must come from this start, not an earlier one.
         for file in ["redis.log", "pid"] {
             let _ = std::fs::remove_file(dir.join(file));
         }
-        let mut args = vec![
+        let mut args: Vec<String> = Vec::new();
+        if let Kind::Sentinel { conf } = kind {
+            let path = dir.join("sentinel.conf");
+            std::fs::write(&path, conf).unwrap();
+            args.extend([path.display().to_string(), "--sentinel".into()]);
+        }
+        args.extend([
             "--port".to_owned(),
             port.to_string(),
             "--bind".into(),
             "127.0.0.1".into(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "no".into(),
             "--dir".into(),
             dir.display().to_string(),
-            "--maxmemory".into(),
-            "1gb".into(),
-            "--maxmemory-policy".into(),
-            "volatile-lfu".into(),
-        ];
+        ]);
+        if !matches!(kind, Kind::Sentinel { .. }) {
+            args.extend([
+                "--save".to_owned(),
+                String::new(),
+                "--appendonly".into(),
+                "no".into(),
+                "--maxmemory".into(),
+                "1gb".into(),
+                "--maxmemory-policy".into(),
+                "volatile-lfu".into(),
+            ]);
+        }
+        if let Kind::TlsOnly { certs } = kind {
+            let file = |f: &str| certs.join(f).display().to_string();
+            // The later `--port` wins: no plain-TCP listener at all.
+            args.extend([
+                "--port".to_owned(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                file("server.pem"),
+                "--tls-key-file".into(),
+                file("server.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.pem"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        // What the server leaves on disk goes with it: its directory, and a TLS server's
+        // certificates.
+        let mut owned = format!("'{}'", dir.display());
+        if let Kind::TlsOnly { certs } = kind {
+            owned.push_str(&format!(" '{}'", certs.display()));
+        }
+        // SIGCONT after the SIGTERM: a server a test left stopped (SIGSTOP) would otherwise
+        // never handle the TERM, and `wait` (so the drop) would hang. The shell, not the
+        // drop, removes the files: a server in a `static` is never dropped, but its shell
+        // sees stdin close when the test process exits.
         let script = format!(
             "redis-server {} >'{dir}/redis.log' 2>&1 & pid=$!; echo $pid >'{dir}/pid'; \
-             read _; kill $pid 2>/dev/null; wait $pid",
+             read _; kill $pid 2>/dev/null; kill -CONT $pid 2>/dev/null; wait $pid 2>/dev/null; \
+             rm -rf {owned}",
             quoted.join(" "),
             dir = dir.display()
         );
@@ -121,13 +200,48 @@ impl RedisServer {
             .stdin(Stdio::piped())
             .spawn()
             .expect("cannot run sh");
-        let server = RedisServer { child, port, dir };
+        let server = RedisServer {
+            child,
+            port,
+            dir,
+            kind: kind.clone(),
+        };
         server.wait_ready()?;
         Ok(server)
     }
 
+    /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS-only server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = match self.kind {
+            Kind::TlsOnly { .. } => "rediss",
+            _ => "redis",
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The `redis-cli` options this server needs besides `-u` (the CA of a TLS server).
+    pub fn cli_options(&self) -> Vec<String> {
+        match &self.kind {
+            Kind::TlsOnly { certs } => {
+                vec![
+                    "--cacert".into(),
+                    certs.join("ca.pem").display().to_string(),
+                ]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Runs `redis-cli` against this server as its default user; its stdout, or `None`.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        let options = self.cli_options();
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        redis_cli_with(&self.url(), &options, args)
+    }
+
+    /// Sends SIGKILL: the server dies at once, without a shutdown (a crashed node).
+    pub fn kill(self) {
+        self.signal("KILL");
     }
 
     fn log(&self) -> String {
@@ -138,11 +252,14 @@ impl RedisServer {
     /// answered by another server that holds the port.
     fn wait_ready(&self) -> Result<(), StartError> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        // A Sentinel never logs "Ready to accept connections".
+        let ready = match self.kind {
+            Kind::Sentinel { .. } => "Sentinel ID is",
+            _ => "Ready to accept connections",
+        };
         loop {
             let log = self.log();
-            if log.contains("Ready to accept connections")
-                && redis_cli(&self.url(), &["PING"]).is_some_and(|o| o.trim() == "PONG")
-            {
+            if log.contains(ready) && self.cli(&["PING"]).is_some_and(|o| o.trim() == "PONG") {
                 return Ok(());
             }
             if self.exited() {
@@ -163,19 +280,23 @@ impl RedisServer {
     /// Whether redis-server has exited (its wrapper shell reaps it only when told to stop,
     /// so until then it stays a zombie).
     fn exited(&self) -> bool {
-        let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) else {
+        // The shell creates the file before it writes the pid: an empty file is a start
+        // in progress, not a server that exited.
+        let Some(pid) = std::fs::read_to_string(self.dir.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        else {
             return false; // not even started yet
         };
-        process_state(pid.trim().parse().unwrap_or(0)).is_none_or(|state| state == 'Z')
+        process_state(pid).is_none_or(|state| state == 'Z')
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        // Closing stdin makes the wrapper shell kill redis-server.
+        // Closing stdin makes the wrapper shell kill redis-server and remove its files.
         drop(self.child.stdin.take());
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -387,11 +508,22 @@ fn start_time(pid: u32) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Whether `text` (an `INFO` or `CLUSTER INFO` reply) has the line `line`.
+pub fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l.trim() == line)
+}
+
 /// Runs `redis-cli -u url args…` and returns its stdout, or `None` if it failed.
 pub fn redis_cli(url: &str, args: &[&str]) -> Option<String> {
+    redis_cli_with(url, &[], args)
+}
+
+/// Runs `redis-cli -u url options… args…` (`options`: `--cacert <file>`, `-c`, …).
+pub fn redis_cli_with(url: &str, options: &[&str], args: &[&str]) -> Option<String> {
     let out = Command::new("redis-cli")
         .arg("-u")
         .arg(url)
+        .args(options)
         .args(args)
         .stderr(Stdio::null())
         .output()
@@ -463,7 +595,7 @@ pub fn payload(ns: &Namespace, seed: u8) -> bytes::Bytes {
 impl RedisServer {
     /// The redis-server process id (to pause it with SIGSTOP, or kill it).
     pub fn pid(&self) -> u32 {
-        let info = redis_cli(&self.url(), &["INFO", "server"]).expect("redis answers");
+        let info = self.cli(&["INFO", "server"]).expect("redis answers");
         info.lines()
             .find_map(|l| l.strip_prefix("process_id:"))
             .and_then(|p| p.trim().parse().ok())
@@ -585,15 +717,24 @@ pub fn sidecar_config(url: Option<String>, namespaces: Vec<Namespace>) -> kvshel
     }
 }
 
-/// A Redis Cluster of `n` primaries (no replicas) on free loopback ports.
+/// A Redis Cluster on free loopback ports: `n` primaries, each with its replicas.
 pub struct RedisCluster {
     pub nodes: Vec<Option<RedisServer>>,
     pub ports: Vec<u16>,
 }
 
 impl RedisCluster {
+    /// `n` primaries, no replicas.
     pub fn start(n: usize) -> RedisCluster {
-        let nodes: Vec<RedisServer> = (0..n)
+        Self::start_with_replicas(n, 0)
+    }
+
+    /// `primaries` primaries with `replicas_per_primary` replicas each, every replica in
+    /// sync with its primary before this returns. Which node ends up a primary is
+    /// `redis-cli --cluster create`'s choice: ask [`Self::is_primary`].
+    pub fn start_with_replicas(primaries: usize, replicas_per_primary: usize) -> RedisCluster {
+        let total = primaries * (1 + replicas_per_primary);
+        let nodes: Vec<RedisServer> = (0..total)
             .map(|_| {
                 RedisServer::start(&[
                     "--cluster-enabled",
@@ -606,6 +747,10 @@ impl RedisCluster {
                     // with full coverage required the whole cluster would refuse queries.
                     "--cluster-require-full-coverage",
                     "no",
+                    // Dropping the fixture must not wait (up to 10 s) for replicas to
+                    // catch up: its data is thrown away.
+                    "--shutdown-on-sigterm",
+                    "now",
                 ])
             })
             .collect();
@@ -614,7 +759,7 @@ impl RedisCluster {
         args.extend(ports.iter().map(|p| format!("127.0.0.1:{p}")));
         args.extend([
             "--cluster-replicas".into(),
-            "0".into(),
+            replicas_per_primary.to_string(),
             "--cluster-yes".into(),
         ]);
         let out = Command::new("redis-cli")
@@ -627,34 +772,95 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         // Every node must see the whole cluster before a test starts: all slots assigned,
-        // every node known, state ok.
+        // every node known, state ok, and every replica linked to its primary.
         let settled = [
             "cluster_state:ok".to_owned(),
             "cluster_slots_assigned:16384".to_owned(),
-            format!("cluster_known_nodes:{n}"),
+            format!("cluster_known_nodes:{total}"),
         ];
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         for s in &nodes {
             loop {
                 let info = redis_cli(&s.url(), &["CLUSTER", "INFO"]).unwrap_or_default();
-                if settled
-                    .iter()
-                    .all(|line| info.lines().any(|l| l.trim() == line))
-                {
+                let replication = redis_cli(&s.url(), &["INFO", "replication"]).unwrap_or_default();
+                let linked = !has_line(&replication, "role:slave")
+                    || has_line(&replication, "master_link_status:up");
+                if linked && settled.iter().all(|line| has_line(&info, line)) {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "the cluster did not settle; node {}:\n{info}",
+                    "the cluster did not settle; node {}:\n{info}\n{replication}",
                     s.port
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        RedisCluster {
+        let cluster = RedisCluster {
             nodes: nodes.into_iter().map(Some).collect(),
             ports,
+        };
+        let counted = (0..total).filter(|i| cluster.is_primary(*i)).count();
+        assert_eq!(counted, primaries, "redis-cli made {counted} primaries");
+        cluster
+    }
+
+    /// Whether node `i` is running and a primary (`ROLE`).
+    pub fn is_primary(&self, i: usize) -> bool {
+        self.nodes[i]
+            .as_ref()
+            .and_then(|n| n.cli(&["ROLE"]))
+            .is_some_and(|role| role.lines().next() == Some("master"))
+    }
+
+    /// The indices of the running replicas of node `i` (`INFO replication`).
+    pub fn replicas_of(&self, i: usize) -> Vec<usize> {
+        let port = format!("master_port:{}", self.ports[i]);
+        (0..self.nodes.len())
+            .filter(|r| {
+                self.nodes[*r]
+                    .as_ref()
+                    .and_then(|n| n.cli(&["INFO", "replication"]))
+                    .is_some_and(|info| has_line(&info, "role:slave") && has_line(&info, &port))
+            })
+            .collect()
+    }
+
+    /// Waits until the replicas of every primary have everything it had written when this
+    /// was called.
+    pub fn wait_replicated(&self, within: Duration) {
+        for i in (0..self.nodes.len()).filter(|i| self.is_primary(*i)) {
+            wait_replicas_of(self.nodes[i].as_ref().unwrap(), within);
         }
+    }
+
+    /// Waits until one of `candidates` is a primary and every live node reports
+    /// `cluster_state:ok`; returns it.
+    pub fn wait_promoted(&self, candidates: &[usize], within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let promoted = candidates.iter().copied().find(|r| self.is_primary(*r));
+            if let Some(r) = promoted
+                && self.nodes.iter().flatten().all(|n| {
+                    redis_cli(&n.url(), &["CLUSTER", "INFO"])
+                        .is_some_and(|info| has_line(&info, "cluster_state:ok"))
+                })
+            {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "none of nodes {candidates:?} became a primary within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `redis-cli -c` (following redirections to the node that owns a key's slot)
+    /// through the first live node.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        let node = self.nodes.iter().flatten().next().expect("a live node");
+        redis_cli_with(&node.url(), &["-c"], args)
     }
 
     /// Waits until every live node has marked node `i` as failed (`fail` in `CLUSTER
@@ -717,5 +923,411 @@ impl RedisCluster {
     /// Kills node `i`.
     pub fn stop(&mut self, i: usize) {
         self.nodes[i].take();
+    }
+}
+
+/// A private CA (`ca.pem`) and a server certificate for 127.0.0.1 signed by it
+/// (`server.pem`, `server.key`) in `dir`, made with the openssl CLI.
+pub fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for the TLS tests")
+            .status
+            .success();
+        assert!(ok, "openssl {args:?} failed");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kvshelf test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+/// A directory of its own under the temp dir, named after `what`, this process and a counter.
+pub fn temp_dir(what: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("kvshelf-{what}-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The user the documented ACL rule creates.
+pub const ACL_USER: &str = "kvshelf";
+
+/// Runs the `redis-cli ACL SETUSER kvshelf …` line of docs/operations.md in `sh`, as an
+/// operator would paste it (password replaced, pointed at `server`), in an empty directory:
+/// an unquoted `>password` would be a redirection there, creating a file and leaving the
+/// user without its password.
+pub fn apply_documented_acl_rule(server: &RedisServer, password: &str) {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"))
+            .unwrap();
+    let line = doc
+        .lines()
+        .find(|l| l.trim_start().starts_with("redis-cli ACL SETUSER kvshelf "))
+        .expect("docs/operations.md documents the ACL rule as a redis-cli command");
+    assert!(line.contains("CHANGE-ME"), "{line}");
+    let options: Vec<String> = server
+        .cli_options()
+        .iter()
+        .map(|o| format!("'{o}'"))
+        .collect();
+    let line = line
+        .replacen(
+            "redis-cli ",
+            &format!("redis-cli -u {} {} ", server.url(), options.join(" ")),
+            1,
+        )
+        .replace("CHANGE-ME", password);
+    let dir = temp_dir("acl");
+    let out = Command::new("sh")
+        .args(["-c", &line])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let created: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "OK",
+        "{line}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        created.is_empty(),
+        "the shell redirected something: {created:?}"
+    );
+}
+
+/// A `redis-server` that speaks TLS only (certificates made for it by [`make_certs`]),
+/// with the user of docs/operations.md's ACL rule: what a store reaches as
+/// `rediss://kvshelf:<password>@…` with `tls_ca_file`. The fixture itself administers it
+/// as the default user.
+pub struct RedisTls {
+    pub server: RedisServer,
+    /// The CA that signed the server's certificate (removed with the server).
+    pub ca: PathBuf,
+}
+
+impl RedisTls {
+    pub const PASSWORD: &str = "tls-s3cret";
+
+    pub fn start() -> RedisTls {
+        let certs = temp_dir("certs");
+        make_certs(&certs);
+        let (server, []) = RedisServer::start_as(
+            &Kind::TlsOnly {
+                certs: certs.clone(),
+            },
+            |[]| Vec::new(),
+        );
+        apply_documented_acl_rule(&server, Self::PASSWORD);
+        RedisTls {
+            server,
+            ca: certs.join("ca.pem"),
+        }
+    }
+
+    /// `rediss://kvshelf:<password>@127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!(
+            "rediss://{ACL_USER}:{}@127.0.0.1:{}",
+            Self::PASSWORD,
+            self.server.port
+        )
+    }
+
+    /// A store config that reaches this server as the ACL user, trusting its CA.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            url: self.url(),
+            tls_ca_file: Some(self.ca.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// `redis-cli` as the default user (over TLS).
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        self.server.cli(args)
+    }
+}
+
+/// Redis Sentinel as processes: a primary, one replica (`replicaof`), and three Sentinels
+/// monitoring them as master [`RedisSentinel::MASTER`] with quorum 2. A primary that stops
+/// answering is failed over in a few seconds (`down-after-milliseconds` 1000). Both data
+/// nodes carry the user of docs/operations.md's ACL rule (ACLs do not replicate). Every
+/// process stops when the fixture is dropped.
+pub struct RedisSentinel {
+    /// Declared first, so dropped first: no Sentinel reacts to the data nodes going away.
+    pub sentinels: Vec<RedisServer>,
+    /// Data nodes: 0 started as the primary, 1 as its replica. `None` once killed.
+    pub data: Vec<Option<RedisServer>>,
+}
+
+/// A data node stopped with SIGSTOP, resumed (SIGCONT) when this is dropped.
+pub struct Paused {
+    pid: String,
+    /// Index of the node in [`RedisSentinel::data`].
+    pub index: usize,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.pid]).status();
+    }
+}
+
+impl RedisSentinel {
+    /// The master name the Sentinels monitor.
+    pub const MASTER: &str = "kvshelf";
+    pub const PASSWORD: &str = "sentinel-s3cret";
+
+    pub fn start() -> RedisSentinel {
+        let data_node = |more: &[&str]| {
+            let mut args = vec![
+                // Dropping the fixture must not wait (up to 10 s) for a replica.
+                "--shutdown-on-sigterm",
+                "now",
+            ];
+            args.extend(more);
+            RedisServer::start(&args)
+        };
+        let primary = data_node(&[]);
+        let replica = data_node(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+        for node in [&primary, &replica] {
+            apply_documented_acl_rule(node, Self::PASSWORD);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !replica
+            .cli(&["INFO", "replication"])
+            .is_some_and(|r| has_line(&r, "master_link_status:up"))
+        {
+            assert!(Instant::now() < deadline, "the replica never synced");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let conf = format!(
+            "sentinel monitor {m} 127.0.0.1 {p} 2\n\
+             sentinel down-after-milliseconds {m} 1000\n\
+             sentinel failover-timeout {m} 3000\n\
+             sentinel parallel-syncs {m} 1\n",
+            m = Self::MASTER,
+            p = primary.port
+        );
+        let kind = Kind::Sentinel { conf };
+        let sentinels: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_as(&kind, |[]| Vec::new()).0)
+            .collect();
+        let fixture = RedisSentinel {
+            sentinels,
+            data: vec![Some(primary), Some(replica)],
+        };
+        // A failover needs every Sentinel to know the replica and the two other Sentinels
+        // (learned from the primary's INFO and its hello channel, within a few seconds).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for s in &fixture.sentinels {
+            loop {
+                let master = s
+                    .cli(&["SENTINEL", "MASTER", Self::MASTER])
+                    .unwrap_or_default();
+                let field = |name: &str| {
+                    let mut lines = master.lines();
+                    lines.find(|l| l.trim() == name)?;
+                    lines.next().map(str::trim)
+                };
+                if field("num-slaves") == Some("1") && field("num-other-sentinels") == Some("2") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "Sentinel {} never saw the whole topology:\n{master}",
+                    s.port
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        fixture
+    }
+
+    /// `redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/kvshelf`: the Sentinels,
+    /// and the master name as the path; the data nodes' default user.
+    pub fn url(&self) -> String {
+        self.url_as("")
+    }
+
+    /// [`Self::url`] as the data nodes' ACL user: `redis+sentinel://kvshelf:<password>@…`.
+    pub fn user_url(&self) -> String {
+        self.url_as(&format!("{ACL_USER}:{}@", Self::PASSWORD))
+    }
+
+    fn url_as(&self, userinfo: &str) -> String {
+        let sentinels: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!(
+            "redis+sentinel://{userinfo}{}/{}",
+            sentinels.join(","),
+            Self::MASTER
+        )
+    }
+
+    /// The primary's port as Sentinel `i` reports it (`SENTINEL get-master-addr-by-name`).
+    pub fn reported_primary(&self, i: usize) -> Option<u16> {
+        let reply =
+            self.sentinels[i].cli(&["SENTINEL", "get-master-addr-by-name", Self::MASTER])?;
+        reply.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// The index in [`Self::data`] of the primary every Sentinel reports, if they agree
+    /// and it is a node of ours.
+    pub fn primary(&self) -> Option<usize> {
+        let first = self.reported_primary(0)?;
+        (1..self.sentinels.len())
+            .all(|i| self.reported_primary(i) == Some(first))
+            .then(|| {
+                self.data
+                    .iter()
+                    .position(|n| n.as_ref().is_some_and(|n| n.port == first))
+            })
+            .flatten()
+    }
+
+    /// The data node every Sentinel reports as the primary.
+    pub fn primary_node(&self) -> &RedisServer {
+        let i = self.primary().expect("the Sentinels agree on a primary");
+        self.data[i].as_ref().unwrap()
+    }
+
+    /// Kills the primary with SIGKILL (a crash: no shutdown, nothing more replicated);
+    /// returns its index in [`Self::data`].
+    pub fn kill_primary(&mut self) -> usize {
+        let i = self.primary().expect("the Sentinels agree on a primary");
+        self.data[i].take().unwrap().kill();
+        i
+    }
+
+    /// Stops the primary with SIGSTOP (a node that hangs): it is resumed when the returned
+    /// guard is dropped.
+    pub fn pause_primary(&self) -> Paused {
+        let index = self.primary().expect("the Sentinels agree on a primary");
+        let node = self.data[index].as_ref().unwrap();
+        let pid = node.pid().to_string();
+        node.signal("STOP");
+        Paused { pid, index }
+    }
+
+    /// Waits until every Sentinel reports a primary other than node `old`, and that node
+    /// answers `ROLE` as a master; returns its index in [`Self::data`].
+    pub fn wait_failover_from(&self, old: usize, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(new) = self.primary()
+                && new != old
+                && self.data[new]
+                    .as_ref()
+                    .and_then(|n| n.cli(&["ROLE"]))
+                    .is_some_and(|role| role.lines().next() == Some("master"))
+            {
+                return new;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no failover from node {old} within {within:?}; the Sentinels report {:?}",
+                (0..self.sentinels.len())
+                    .map(|i| self.reported_primary(i))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the replicas have everything the primary had written when this was
+    /// called (see [`wait_replicas_of`]).
+    pub fn wait_replicated(&self, within: Duration) {
+        wait_replicas_of(self.primary_node(), within);
+    }
+}
+
+/// Waits until every replica of `primary` has acknowledged everything `primary` had written
+/// when this was called (its replication offset), so that a failover loses none of it.
+pub fn wait_replicas_of(primary: &RedisServer, within: Duration) {
+    let deadline = Instant::now() + within;
+    let offsets = |key: &str| -> Vec<u64> {
+        let info = primary.cli(&["INFO", "replication"]).unwrap_or_default();
+        info.lines()
+            .filter_map(|l| {
+                // `master_repl_offset:N`, or `slave0:ip=…,state=online,offset=N,lag=…`
+                l.strip_prefix(key).map(|rest| {
+                    rest.split([',', ':'])
+                        .find_map(|f| f.strip_prefix("offset="))
+                        .unwrap_or(rest)
+                        .trim()
+                        .parse()
+                        .unwrap_or(0)
+                })
+            })
+            .collect()
+    };
+    let target = offsets("master_repl_offset:")[0];
+    loop {
+        let acked = offsets("slave");
+        if !acked.is_empty() && acked.iter().all(|o| *o >= target) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replicas of {} did not reach offset {target} within {within:?}: {acked:?}",
+            primary.port
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
