@@ -396,7 +396,7 @@ def start_redis(args):
     for _ in range(100):
         try:
             Conn("127.0.0.1", port).call("PING")
-            return proc, ("127.0.0.1", port), cmd
+            return proc, ("127.0.0.1", port), cmd, log.name
         except OSError:
             time.sleep(0.05)
     proc.kill()
@@ -522,7 +522,7 @@ def main():
         addr = (u.hostname, u.port or 6379)
         redis_cmd = None
     else:
-        proc, addr, redis_cmd = start_redis(args)
+        proc, addr, redis_cmd, log = start_redis(args)
     try:
         rows = []
         for size in (int(s) for s in args.sizes.split(",")):
@@ -534,6 +534,7 @@ def main():
         if proc:
             proc.terminate()
             proc.wait()
+            os.unlink(log)
 
     print("$ " + shlex.join(["python3"] + sys.argv))
     if redis_cmd:
