@@ -210,11 +210,11 @@ def machine(host: str, port: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    summary, method = __doc__.split("\n\n", 1)
+    ap = argparse.ArgumentParser(description=summary, epilog=method,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default="target/release/kvshelf", help="the kvshelf binary")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--bytes", type=int, default=1 << 30,
                     help="payload bytes each path moves per round (default 1 GiB)")
     ap.add_argument("--sizes", default="2MiB,32MiB", help="of 2MiB, 32MiB")
