@@ -19,11 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
 
 import numpy as np
@@ -36,30 +32,7 @@ from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.platform.event_notifier import consume_fd
 
 import kvshelf
-
-LAYERS, HEADS, DIM = 32, 8, 128  # a Llama-3-8B-class model: 128 KiB per token in bf16
-BATCH = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis() -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", tempfile.mkdtemp()],
-        stdout=subprocess.DEVNULL)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError("redis-server did not start")
+from lmcache_common import BATCH, DIM, HEADS, LAYERS, TOKENS, fill_random, flushall, start_redis
 
 
 def adapter(kind: str, port: int, tokens: int, fanout: int):
@@ -91,8 +64,7 @@ def chunks(tokens: int, fill: bool):
                            MemoryFormat.KV_2LTD) for _ in range(BATCH)]
     for o in objs:
         if fill:
-            o.tensor.view(torch.uint8).copy_(torch.randint(0, 256, o.tensor.view(torch.uint8).shape,
-                                                           dtype=torch.uint8))
+            fill_random(o.tensor)
         else:
             o.tensor.zero_()
     return objs
@@ -157,7 +129,7 @@ def main() -> None:
               f"kvshelf fanout {args.fanout}; {os.cpu_count()} CPUs")
         print("| chunk | path | read | write |")
         print("|---|---|---:|---:|")
-        for tokens, name in ((16, "2 MiB"), (256, "32 MiB")):
+        for name, tokens in TOKENS.items():
             ads = {k: adapter(k, port, tokens, args.fanout) for k in ("lmcache-resp", "kvshelf")}
             src, dst = chunks(tokens, True), chunks(tokens, False)
             res = {k: ([], []) for k in ads}
@@ -166,8 +138,7 @@ def main() -> None:
                     rd, wr = one_round(ad, src, dst)
                     res[k][0].append(rd)
                     res[k][1].append(wr)
-                    subprocess.run(["redis-cli", "-p", str(port), "FLUSHALL"], check=True,
-                                   capture_output=True)
+                    flushall("127.0.0.1", port)
             med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in res.items()}
             for k in ads:
                 print(f"| {name} | {k} | {med[k][0]:.2f} | {med[k][1]:.2f} |")
@@ -178,12 +149,11 @@ def main() -> None:
                 ad.close()
             for o in src + dst:
                 o.ref_count_down()
-        for tokens, name in ((16, "2 MiB"), (256, "32 MiB")):
+        for name, tokens in TOKENS.items():
             ours, theirs = store_vs_redis_py(port, tokens, args.rounds)
             print(f"| {name} | kvshelf.Store.get_into numpy / redis-py GET (pipeline of 8) | "
                   f"{ours:.2f} / {theirs:.2f} = {ours / theirs:.2f}x | |")
-            subprocess.run(["redis-cli", "-p", str(port), "FLUSHALL"], check=True,
-                           capture_output=True)
+            flushall("127.0.0.1", port)
     finally:
         proc.kill()
 

@@ -1,29 +1,21 @@
 #!/usr/bin/env bash
 # CI for the Python package and the LMCache plugin, on CPU, with the real LMCache classes.
 #
-# Creates the LMCache environment once and keeps it (lmcache==0.5.6 pulls a CUDA torch
-# wheel, ~5 GB; its CPU paths run without a GPU), checks the bindings' Rust code, builds
-# the wheel with maturin, installs it into that environment and runs pytest against real
-# redis-server processes and a real sidecar (the kvshelf binary, built here). Needs
-# python3 >= 3.11, redis-server and redis-cli.
+# Creates the LMCache environment once and keeps it (python/lmcache-venv.sh: lmcache==0.5.6
+# pulls a CUDA torch wheel, ~5 GB; its CPU paths run without a GPU), checks the bindings'
+# Rust code, builds the wheel with maturin, installs it into that environment and runs
+# pytest against real redis-server processes and a real sidecar (the kvshelf binary, built
+# here). Needs python3 >= 3.11, redis-server and redis-cli.
 #
 #   bash python/ci.sh                 # env: KVSHELF_LMCACHE_VENV, CARGO_TARGET_DIR
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
-venv="${KVSHELF_LMCACHE_VENV:-$HOME/.cache/kvshelf/lmcache-venv}"
 main_target="${CARGO_TARGET_DIR:-$repo/target}"
 export CARGO_TARGET_DIR="$main_target/py"
 start=$SECONDS
 
-if ! "$venv/bin/python" -c 'import lmcache, pytest, numpy, maturin' 2>/dev/null; then
-  echo "python/ci: creating $venv (lmcache==0.5.6, pytest, maturin, numpy)"
-  python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
-    || { echo "python/ci: python3 >= 3.11 needed" >&2; exit 1; }
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --upgrade pip
-  "$venv/bin/pip" install --quiet lmcache==0.5.6 pytest maturin numpy
-fi
+venv="$(bash "$here/lmcache-venv.sh")"
 export PYO3_PYTHON="$venv/bin/python"
 
 cd "$here"
