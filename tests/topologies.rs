@@ -72,7 +72,6 @@ fn cluster_config(c: &RedisCluster) -> StoreConfig {
         cluster: true,
         connection_timeout: Duration::from_millis(300),
         response_timeout: Duration::from_millis(500),
-        reconnect_retries: 1,
         ..Default::default()
     }
 }
@@ -83,7 +82,6 @@ fn sentinel_config(s: &RedisSentinel) -> StoreConfig {
         url: s.user_url(),
         connection_timeout: Duration::from_millis(500),
         response_timeout: Duration::from_secs(1),
-        reconnect_retries: 1,
         ..Default::default()
     }
 }
