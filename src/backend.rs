@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::hashing::BlockHash;
 use crate::memory::MemoryStore;
 use crate::namespace::Namespace;
-use crate::store::{Hit, PinOutcome, PurgeReport, PutOutcome, RedisStore};
+use crate::store::{PinOutcome, PurgeReport, PutOutcome, Read, RedisStore};
 
 /// Where blocks live.
 #[derive(Debug)]
@@ -51,15 +51,16 @@ impl Backend {
         }
     }
 
-    /// Verified reads, sliding the TTL of hits.
-    pub async fn get(
-        &self,
-        ns: &Namespace,
-        hashes: &[BlockHash],
-    ) -> Result<Vec<Option<Hit>>, Error> {
+    /// Verified reads, sliding the TTL of hits; per block a hit, a miss, or unavailable
+    /// (its Redis node did not answer).
+    pub async fn read(&self, ns: &Namespace, hashes: &[BlockHash]) -> Result<Vec<Read>, Error> {
         match self {
-            Backend::Redis(r) => r.get(ns, hashes).await,
-            Backend::Memory(m) => m.get(ns, hashes),
+            Backend::Redis(r) => r.read(ns, hashes).await,
+            Backend::Memory(m) => Ok(m
+                .get(ns, hashes)?
+                .into_iter()
+                .map(|h| h.map_or(Read::Miss, Read::Hit))
+                .collect()),
         }
     }
 

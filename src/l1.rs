@@ -23,7 +23,7 @@ use quick_cache::sync::{Cache, GuardResult};
 use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 
 use crate::hashing::BlockHash;
-use crate::store::Hit;
+use crate::store::Read;
 
 type Key = (Arc<str>, BlockHash);
 
@@ -173,7 +173,8 @@ impl L1 {
 
     /// Serves `hashes` of namespace `label` (duplicates allowed) from L1, reading the
     /// absent ones from the backend with `load`, which is given distinct hashes and returns
-    /// one entry per hash in order (`None` for the whole call: the backend failed).
+    /// one [`Read`] per hash in order (`None` for the whole call: the backend failed; a
+    /// block whose node failed is [`Read::Unavailable`], served as [`Served::Unavailable`]).
     ///
     /// Single flight: a block another caller is loading right now is not loaded again;
     /// this call waits for that load, at most `wait` for all such blocks together, and a
@@ -194,7 +195,7 @@ impl L1 {
     ) -> Vec<Served>
     where
         F: Fn(Vec<BlockHash>) -> Fut,
-        Fut: Future<Output = Option<Vec<Option<Hit>>>>,
+        Fut: Future<Output = Option<Vec<Read>>>,
     {
         let label: Arc<str> = Arc::from(label);
         // Each distinct hash once: a request naming X twice must not wait on itself.
@@ -241,7 +242,7 @@ impl L1 {
             let mut hits = loaded.map(Vec::into_iter);
             for (u, guard) in owned {
                 served[u] = Some(match hits.as_mut() {
-                    Some(hits) => self.fill(guard, hits.next().flatten()),
+                    Some(hits) => self.fill(guard, hits.next().unwrap_or(Read::Miss)),
                     None => Served::Unavailable, // dropping the guard wakes the waiters
                 });
             }
@@ -278,15 +279,16 @@ impl L1 {
             let mut hits = loaded.map(Vec::into_iter);
             for u in orphans {
                 served[u] = Some(match hits.as_mut() {
-                    Some(hits) => match hits.next().flatten() {
-                        Some(hit) => {
+                    Some(hits) => match hits.next().unwrap_or(Read::Miss) {
+                        Read::Hit(hit) => {
                             let payload = hit.block.payload;
                             if let Some(entry) = self.entry(payload.clone(), hit.ttl) {
                                 self.cache.insert((label.clone(), unique[u]), entry);
                             }
                             Served::Loaded(payload)
                         }
-                        None => Served::Miss,
+                        Read::Unavailable => Served::Unavailable,
+                        _ => Served::Miss,
                     },
                     None => Served::Unavailable,
                 });
@@ -299,25 +301,27 @@ impl L1 {
     }
 
     /// Completes a load this call owns: caches a hit (waking the waiters) or drops the
-    /// guard on a miss (waking them to find nothing).
-    fn fill(&self, guard: Guard<'_>, hit: Option<Hit>) -> Served {
-        match hit {
-            Some(hit) => {
+    /// guard on a miss or an unavailable node (waking them to read it themselves).
+    fn fill(&self, guard: Guard<'_>, read: Read) -> Served {
+        match read {
+            Read::Hit(hit) => {
                 let payload = hit.block.payload;
                 if let Some(entry) = self.entry(payload.clone(), hit.ttl) {
                     let _ = guard.insert(entry);
                 }
                 Served::Loaded(payload)
             }
-            None => Served::Miss, // dropping the guard wakes the waiters
+            // Dropping the guard wakes the waiters.
+            Read::Unavailable => Served::Unavailable,
+            _ => Served::Miss,
         }
     }
 }
 
 /// Runs one `load`, cut off after `wait`: `None` when it failed or was late.
-async fn bounded_load<Fut>(wait: Duration, load: Fut) -> Option<Vec<Option<Hit>>>
+async fn bounded_load<Fut>(wait: Duration, load: Fut) -> Option<Vec<Read>>
 where
-    Fut: Future<Output = Option<Vec<Option<Hit>>>>,
+    Fut: Future<Output = Option<Vec<Read>>>,
 {
     match tokio::time::timeout(wait, load).await {
         Ok(loaded) => loaded,
@@ -383,7 +387,7 @@ mod tests {
                             if loads.fetch_add(hs.len(), Ordering::SeqCst) == 0 {
                                 gate.notified().await; // the first load waits for the others
                             }
-                            Some(vec![Some(hit_of(&h, Some(Duration::from_secs(60))))])
+                            Some(vec![Read::Hit(hit_of(&h, Some(Duration::from_secs(60))))])
                         }
                     })
                     .await
@@ -438,7 +442,10 @@ mod tests {
         let (a, b) = (hash(1), hash(2));
         let served = l1
             .get_or_load("ns", &[a, b], WAIT, |_| async move {
-                Some(vec![Some(hit_of(&a, Some(Duration::ZERO))), None])
+                Some(vec![
+                    Read::Hit(hit_of(&a, Some(Duration::ZERO))),
+                    Read::Miss,
+                ])
             })
             .await;
         assert!(matches!(served[0], Served::Loaded(_)));
@@ -463,7 +470,7 @@ mod tests {
         assert!(used <= cap, "{used} > {cap}");
     }
 
-    type Loaded = Option<Vec<Option<Hit>>>;
+    type Loaded = Option<Vec<Read>>;
 
     /// A loader that holds its read until `gate` is notified, then answers `answer`.
     fn gated(
@@ -480,8 +487,10 @@ mod tests {
     }
 
     /// A loader that has every block.
-    fn backend_has_all(hs: Vec<BlockHash>) -> std::future::Ready<Option<Vec<Option<Hit>>>> {
-        std::future::ready(Some(hs.iter().map(|h| Some(hit_of(h, None))).collect()))
+    fn backend_has_all(hs: Vec<BlockHash>) -> std::future::Ready<Option<Vec<Read>>> {
+        std::future::ready(Some(
+            hs.iter().map(|h| Read::Hit(hit_of(h, None))).collect(),
+        ))
     }
 
     /// Lets spawned tasks run until they are parked on the cache.
@@ -540,7 +549,7 @@ mod tests {
                 if hs.contains(&x) || hs.contains(&y) {
                     return None;
                 }
-                Some(hs.iter().map(|h| Some(hit_of(h, None))).collect())
+                Some(hs.iter().map(|h| Read::Hit(hit_of(h, None))).collect())
             };
             let a = {
                 let l1 = l1.clone();
@@ -566,7 +575,7 @@ mod tests {
             let x = hash(7);
             let slow = |hs: Vec<BlockHash>| async move {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
-                Some(hs.iter().map(|h| Some(hit_of(h, None))).collect())
+                Some(hs.iter().map(|h| Read::Hit(hit_of(h, None))).collect())
             };
             let started = tokio::time::Instant::now();
             let loader = {
@@ -621,14 +630,18 @@ mod tests {
                                 loads.fetch_add(1, Ordering::Relaxed);
                                 tokio::task::yield_now().await;
                                 match behaviour {
-                                    0 => None,                       // fails
-                                    1 => Some(vec![None; hs.len()]), // misses
+                                    0 => None,                             // fails
+                                    1 => Some(vec![Read::Miss; hs.len()]), // misses
                                     2 => {
                                         // stalls past the wait
                                         tokio::time::sleep(Duration::from_millis(150)).await;
-                                        Some(hs.iter().map(|h| Some(hit_of(h, None))).collect())
+                                        Some(
+                                            hs.iter().map(|h| Read::Hit(hit_of(h, None))).collect(),
+                                        )
                                     }
-                                    _ => Some(hs.iter().map(|h| Some(hit_of(h, None))).collect()),
+                                    _ => Some(
+                                        hs.iter().map(|h| Read::Hit(hit_of(h, None))).collect(),
+                                    ),
                                 }
                             }
                         };

@@ -152,6 +152,11 @@ async fn losing_one_primary_costs_only_its_blocks() {
         if *owner == lost {
             assert_eq!(one.hit_blocks, 0, "a block on the lost node is a miss");
             assert!(fetched.blocks.is_empty());
+            assert_eq!(
+                fetched.reason,
+                EndReason::BackendUnavailable,
+                "not \"not cached\": its node did not answer"
+            );
         } else {
             assert_eq!(one.hit_blocks, 1, "a block on a live node still hits");
             assert_eq!(
@@ -170,7 +175,7 @@ async fn losing_one_primary_costs_only_its_blocks() {
     let run = c.fetch(&ns.label, &hashes).await.unwrap();
     assert_eq!(
         (run.blocks.len(), run.reason),
-        (first_lost, EndReason::Miss),
+        (first_lost, EndReason::BackendUnavailable),
         "{owners:?}"
     );
     assert_eq!(

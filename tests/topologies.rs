@@ -254,6 +254,40 @@ async fn every_operation(t: Topology) {
     assert!(got[7].is_none());
     assert_eq!(s.get(&ns, &[]).await.unwrap(), vec![]);
 
+    // read_into: payloads land in the caller's buffers, verified there; a miss leaves its
+    // buffer alone; a buffer too small for its payload is an input error.
+    let mut bufs: Vec<Vec<u8>> = (0..8).map(|_| vec![0xEE; bb as usize]).collect();
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+    let read = s.read_into(&ns, &hs, &mut slices).await.unwrap();
+    for (i, r) in read[..7].iter().enumerate() {
+        let kvshelf::ReadInto::Hit { len, header, ttl } = r else {
+            panic!("block {i} is a hit: {r:?}");
+        };
+        assert_eq!((*len as u64, header.block), (bb, hs[i]), "block {i}");
+        assert!(ttl.is_some());
+    }
+    assert_eq!(read[7], kvshelf::ReadInto::Miss);
+    for (i, buf) in bufs[..7].iter().enumerate() {
+        assert_eq!(
+            &buf[..],
+            &blocks[i].1[..],
+            "block {i}: exact bytes in place"
+        );
+    }
+    assert!(bufs[7].iter().all(|b| *b == 0xEE), "a miss writes nothing");
+    let mut small = vec![0u8; bb as usize - 1];
+    let err = s
+        .read_into(&ns, &hs[..1], &mut [small.as_mut_slice()])
+        .await
+        .unwrap_err();
+    assert!(err.is_caller_error(), "{err}");
+    assert!(
+        s.read_into(&ns, &hs[..2], &mut [])
+            .await
+            .unwrap_err()
+            .is_caller_error()
+    );
+
     // exists, lookup, fetch_prefix.
     let mut present = vec![true; 7];
     present.push(false);
@@ -451,6 +485,39 @@ async fn a_key_of_another_type_is_a_miss_for_its_block_alone(t: Topology) {
     assert_eq!(t.cli(&["EXISTS", &key]), "0");
     assert_eq!(corrupt_blocks("wrong_type"), before + 2.0);
 
+    // read_into: the same, straight into the caller's buffers.
+    make_list();
+    let bb = ns.block_bytes() as usize;
+    let mut bufs = vec![vec![0u8; bb]; 3];
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+    let read = s.read_into(&ns, &hs, &mut slices).await.expect("no error");
+    assert!(matches!(read[0], kvshelf::ReadInto::Hit { .. }));
+    assert_eq!(read[1], kvshelf::ReadInto::Miss);
+    assert!(matches!(read[2], kvshelf::ReadInto::Hit { .. }));
+    assert_eq!(
+        (&bufs[0][..], &bufs[2][..]),
+        (&blocks[0].1[..], &blocks[2].1[..])
+    );
+    assert_eq!(t.cli(&["EXISTS", &key]), "0");
+    assert_eq!(corrupt_blocks("wrong_type"), before + 3.0);
+
+    // A block whose payload was changed in Redis fails its checksum in the caller's
+    // buffer: a miss, deleted, counted.
+    let key0 = block_key(&ns.label, &hs[0]);
+    let len: usize = t.cli(&["STRLEN", &key0]).parse().unwrap();
+    t.cli(&["SETRANGE", &key0, &(len - 1).to_string(), "?"]);
+    let mismatches = corrupt_blocks("checksum");
+    let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+    let read = s.read_into(&ns, &hs[..1], &mut slices[..1]).await.unwrap();
+    assert_eq!(read, [kvshelf::ReadInto::Miss]);
+    assert_eq!(
+        t.cli(&["EXISTS", &key0]),
+        "0",
+        "the corrupt block is deleted"
+    );
+    assert_eq!(corrupt_blocks("checksum"), mismatches + 1.0);
+    s.put(&ns, &blocks[..1]).await.unwrap();
+
     // Gone, it is an ordinary miss, and the others still hit.
     assert_eq!(s.exists(&ns.label, &hs).await.unwrap(), [true, false, true]);
     let got = s.get(&ns, &hs).await.unwrap();
@@ -483,22 +550,26 @@ fn gets_served(c: &RedisCluster, i: usize) -> u64 {
 
 /// What a batch should answer when node `lost` holds none of its blocks any more: its blocks
 /// are misses, every other block a hit with its exact bytes.
+/// The lost node's blocks are `Unavailable` (not "not cached": a worker can tell), every
+/// other block a hit with its exact bytes.
 fn assert_only_lost_blocks_miss(
-    got: &[Option<kvshelf::store::Hit>],
+    got: &[kvshelf::Read],
     blocks: &[(BlockHash, Bytes)],
     owners: &[usize],
     lost: usize,
 ) {
-    for (i, (hit, owner)) in got.iter().zip(owners).enumerate() {
-        let served = hit.as_ref().map(|h| &h.block.payload);
+    for (i, (read, owner)) in got.iter().zip(owners).enumerate() {
         if *owner == lost {
-            assert_eq!(served, None, "block {i} lived on the lost node");
-        } else {
             assert_eq!(
-                served,
-                Some(&blocks[i].1),
-                "block {i} lives on node {owner}"
+                read,
+                &kvshelf::Read::Unavailable,
+                "block {i} lived on the lost node"
             );
+        } else {
+            let kvshelf::Read::Hit(hit) = read else {
+                panic!("block {i} lives on node {owner}: {read:?}");
+            };
+            assert_eq!(hit.block.payload, blocks[i].1, "block {i}: exact bytes");
         }
     }
 }
@@ -535,7 +606,7 @@ async fn cluster_a_primary_killed_mid_batch_costs_only_its_blocks() {
         cluster.nodes[lost].as_ref().unwrap().signal("STOP");
         let batch = tokio::spawn({
             let (s, ns, hs) = (s.clone(), ns.clone(), hs.clone());
-            async move { s.get(&ns, &hs).await }
+            async move { s.read(&ns, &hs).await }
         });
         let deadline = Instant::now() + Duration::from_secs(10);
         while (1..3)
@@ -557,8 +628,15 @@ async fn cluster_a_primary_killed_mid_batch_costs_only_its_blocks() {
 
         // Once the cluster has marked it failed: the same answers, for reads and lookups.
         cluster.wait_failed(lost);
-        let got = s.get(&ns, &hs).await.expect("no error");
+        let got = s.read(&ns, &hs).await.expect("no error");
         assert_only_lost_blocks_miss(&got, &blocks, &owners, lost);
+        // `get` folds the unknown into a miss.
+        let hits = s.get(&ns, &hs).await.expect("no error");
+        assert!(
+            hits.iter()
+                .zip(&owners)
+                .all(|(h, o)| h.is_some() == (*o != lost))
+        );
         let on_live: Vec<bool> = owners.iter().map(|o| *o != lost).collect();
         assert_eq!(s.exists(&ns.label, &hs).await.unwrap(), on_live);
         let first_lost = owners.iter().position(|o| *o == lost).unwrap();
@@ -607,7 +685,7 @@ async fn cluster_a_paused_primary_costs_only_its_blocks_within_the_response_time
         let node = cluster.nodes[slow].as_ref().unwrap();
 
         node.signal("STOP");
-        let got = tokio::time::timeout(bound, s.get(&ns, &hs))
+        let got = tokio::time::timeout(bound, s.read(&ns, &hs))
             .await
             .expect("the batch answers within response_timeout + margin")
             .expect("a slow node is no error for the batch");

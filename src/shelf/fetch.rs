@@ -14,6 +14,7 @@ use crate::frame::EndReason;
 use crate::hashing::BlockHash;
 use crate::l1::Served;
 use crate::namespace::Namespace;
+use crate::store::Read;
 
 /// What a lookup is asked about.
 #[derive(Debug)]
@@ -292,7 +293,7 @@ impl Shelf {
                 .increment(hs.len() as u64);
             // `None`: the backend failed or was late (a caller error cannot happen here:
             // the namespace and hashes were checked before the stream started).
-            self.fail_open("fetch", timeout, self.inner.backend.get(ns, &hs))
+            self.fail_open("fetch", timeout, self.inner.backend.read(ns, &hs))
                 .await
                 .ok()
                 .flatten()
@@ -300,9 +301,13 @@ impl Shelf {
         match &self.inner.l1 {
             Some(l1) => l1.get_or_load(&ns.label, hashes, timeout, load).await,
             None => match load(hashes.to_vec()).await {
-                Some(hits) => hits
+                Some(reads) => reads
                     .into_iter()
-                    .map(|h| h.map_or(Served::Miss, |h| Served::Loaded(h.block.payload)))
+                    .map(|r| match r {
+                        Read::Hit(h) => Served::Loaded(h.block.payload),
+                        Read::Unavailable => Served::Unavailable,
+                        _ => Served::Miss,
+                    })
                     .chain(std::iter::repeat(Served::Miss))
                     .take(hashes.len())
                     .collect(),
