@@ -336,6 +336,7 @@ where
 mod tests {
     use super::*;
     use crate::codec::{Block, Header};
+    use crate::store::Hit;
     use crate::namespace::tests::qwen;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
