@@ -336,8 +336,8 @@ where
 mod tests {
     use super::*;
     use crate::codec::{Block, Header};
-    use crate::store::Hit;
     use crate::namespace::tests::qwen;
+    use crate::store::Hit;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const WAIT: Duration = Duration::from_millis(100);

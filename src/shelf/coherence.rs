@@ -142,7 +142,17 @@ async fn drop_gone(
     l1: &std::sync::Weak<L1>,
     keys: HashMap<String, Vec<BlockHash>>,
 ) {
-    for (label, hashes) in keys {
+    for (label, mut hashes) in keys {
+        // Only what this L1 holds: with BCAST every block put anywhere is reported, and
+        // asking Redis about each would cost it an EXISTS per change per sidecar
+        // (BENCHMARKS.md, "Invalidation traffic").
+        {
+            let Some(l1) = l1.upgrade() else { return };
+            hashes.retain(|h| l1.contains(&label, h));
+        }
+        if hashes.is_empty() {
+            continue;
+        }
         let exists =
             tokio::time::timeout(Duration::from_secs(1), store.exists(&label, &hashes)).await;
         let Some(l1) = l1.upgrade() else { return };

@@ -72,7 +72,17 @@ impl RedisStore {
                 )
                 .into());
             };
-            let conn = subscribe(&pool).await?;
+            let conn = match subscribe(&pool).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // A primary that is gone: the next lookup asks the sentinels (or the
+                    // cluster) again.
+                    if let Error::Backend(b) = &e {
+                        self.topo.failed(&pool, b);
+                    }
+                    return Err(e);
+                }
+            };
             let tx = tx.clone();
             let name = primary.name;
             tasks.spawn(async move { follow(conn, tx, name).await });
