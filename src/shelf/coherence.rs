@@ -27,8 +27,9 @@ pub enum L1Coherence {
     /// The invalidation stream is not (yet, or no longer) up: L1 was flushed when it was
     /// lost, and entries live at most `l1_max_ttl` until it is back.
     Reconnecting,
-    /// No invalidations on this topology (Redis Cluster, for now): entries live at most
-    /// `l1_max_ttl`.
+    /// No invalidation stream: the embedded in-process store (nothing else writes to it).
+    /// Kept for API stability; a Redis store of any topology is `Tracking` or
+    /// `Reconnecting`.
     TtlOnly,
 }
 

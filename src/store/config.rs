@@ -40,7 +40,7 @@ pub struct StoreConfig {
     /// pinned. Default: true.
     pub sliding_ttl: bool,
     /// How long to wait for a reply. A 32 MiB value takes tens of milliseconds on loopback,
-    /// so redis-rs's 500 ms default would fail big batches on a busy host. Default: 5s.
+    /// so a short timeout would fail big batches on a busy host. Default: 5s.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
     /// How long to wait for a new connection. Default: 1s.
@@ -132,7 +132,8 @@ impl std::fmt::Debug for StoreConfig {
 }
 
 /// `scheme://user:secret@host` → `scheme://user:***@host`, and the `pass=` query parameter
-/// of a Unix-socket URL (`redis+unix:///run/redis.sock?pass=secret`) → `pass=***`.
+/// of a URL that carries it in the query (`…?pass=secret`, as some clients' Unix-socket URLs
+/// do; kvshelf's own forms never do) → `pass=***`.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();

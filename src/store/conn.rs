@@ -34,6 +34,9 @@ use crate::resp::{Arg, Parser, ProtocolError, Reply, Request};
 /// Read size for reply headers and small replies.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Alignment of the buffers big values are read into.
+const ALIGN: usize = 64;
+
 /// A node's address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct Addr {
@@ -352,7 +355,13 @@ impl Conn {
                 // A big value: into a buffer of its own, of exactly its size (the parser
                 // has checked that size against what the command may receive).
                 Some(missing) if missing > READ_CHUNK => {
-                    let mut value = BytesMut::with_capacity(self.buf.len() + missing);
+                    // 64-byte aligned, so that a block's payload (after a header whose
+                    // length is a multiple of 64) is too: copies out of a buffer a few
+                    // bytes off a 4 KiB boundary run at a fraction of memcpy speed.
+                    let mut value = BytesMut::with_capacity(self.buf.len() + missing + ALIGN);
+                    let pad = value.as_ptr().align_offset(ALIGN);
+                    value.put_bytes(0, pad);
+                    value.advance(pad);
                     value.put(self.buf.split());
                     let mut want = missing;
                     while want > 0 {
@@ -665,6 +674,75 @@ mod tests {
         let shown = format!("{l:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("***"), "{shown}");
+    }
+
+    /// A server that answers every connection with `replies`, once.
+    async fn answering(replies: Vec<u8>) -> Addr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            sock.write_all(&replies).await.unwrap();
+            // Hold the connection until the client is done.
+            let mut sink = Vec::new();
+            let _ = sock.read_to_end(&mut sink).await;
+        });
+        Addr {
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    fn dialer() -> Dialer {
+        Dialer {
+            login: Login::default(),
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+            command_retries: 0,
+            max_connections: 1,
+            connect_rate: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn big_values_land_64_byte_aligned_and_blocks_split_into_caller_memory() {
+        let ns = crate::namespace::tests::qwen();
+        let hash = crate::hashing::BlockHash([7; 32]);
+        let payload = vec![0x5a; 300_000];
+        let value = codec::encode(&codec::Header::for_block(&ns, &hash, &payload), &payload);
+        let mut wire = Vec::new();
+        for _ in 0..2 {
+            Reply::Bulk(value.clone()).encode(&mut wire);
+        }
+        Reply::Bulk(Bytes::from_static(b"not a block")).encode(&mut wire);
+        let addr = answering(wire).await;
+        let mut conn = Conn::open(&addr, &dialer()).await.unwrap();
+        let max = [value.len(); 3];
+        let mut mine = vec![0u8; payload.len()];
+        let mut tiny = [0u8; 4];
+        let mut sinks = [Sink::Own, Sink::Into(&mut mine), Sink::Into(&mut tiny)];
+        let got = conn.read_replies(&max, &mut sinks).await.unwrap();
+        let Reply::Bulk(own) = &got.replies[0] else {
+            panic!("{:?}", got.replies[0])
+        };
+        assert_eq!(own, &value);
+        assert_eq!(own.as_ptr() as usize % ALIGN, 0, "the value starts aligned");
+        let Reply::Split { head, body_len } = &got.replies[1] else {
+            panic!("{:?}", got.replies[1])
+        };
+        assert_eq!(*body_len, payload.len());
+        assert_eq!(&head[..], &value[..value.len() - payload.len()]);
+        assert_eq!(
+            mine, payload,
+            "the payload went straight into the caller's buffer"
+        );
+        // Not a block (no header to split at): read whole, the caller's buffer untouched.
+        assert_eq!(
+            got.replies[2],
+            Reply::Bulk(Bytes::from_static(b"not a block"))
+        );
+        assert_eq!(tiny, [0; 4]);
     }
 
     #[test]

@@ -68,6 +68,9 @@ impl ValueSize {
 pub enum BenchPath {
     /// The kvshelf library straight to Redis (`RedisStore::get`, verifying each block).
     Library,
+    /// The library reading each payload straight into a buffer the caller owns and reuses
+    /// (`RedisStore::read_into`, verifying in place), as LMCache's client does.
+    LibraryInto,
     /// The sidecar over HTTP (framed stream), L1 off: every block is read from Redis.
     Http,
     /// The sidecar over gRPC (server stream), L1 off.
@@ -91,6 +94,7 @@ impl BenchPath {
     pub fn name(self) -> &'static str {
         match self {
             BenchPath::Library => "library",
+            BenchPath::LibraryInto => "library-into",
             BenchPath::Http => "http",
             BenchPath::Grpc => "grpc",
             BenchPath::HttpL1 => "http-l1",
@@ -544,6 +548,8 @@ pub fn lookup_table(rows: &[LookupResult]) -> String {
 /// One concurrent client of a path: its own connection(s).
 enum Runner {
     Library(RedisStore),
+    /// With its preallocated buffers, one per block of a batch.
+    LibraryInto(RedisStore, tokio::sync::Mutex<Vec<Vec<u8>>>),
     /// Boxed: a client is several times the size of a store handle.
     Sidecar(Box<Client>),
 }
@@ -669,6 +675,10 @@ impl Fixture {
             BenchPath::Library | BenchPath::Put => {
                 Runner::Library(RedisStore::connect(self.store.config().clone()).await?)
             }
+            BenchPath::LibraryInto => Runner::LibraryInto(
+                RedisStore::connect(self.store.config().clone()).await?,
+                tokio::sync::Mutex::new(Vec::new()),
+            ),
             BenchPath::Http | BenchPath::HttpPut => {
                 Runner::Sidecar(sidecar(&self.cold, Protocol::Http)?)
             }
@@ -953,6 +963,19 @@ async fn one_fetch(
                 .map(|h| h.block.payload.len() as u64)
                 .sum()
         }
+        Runner::LibraryInto(store, bufs) => {
+            let hs: Vec<BlockHash> = idx.iter().map(|&i| hashes[i]).collect();
+            let mut bufs = bufs.lock().await;
+            bufs.resize_with(batch, || vec![0; ns.block_bytes() as usize]);
+            let mut slices: Vec<&mut [u8]> = bufs.iter_mut().map(Vec::as_mut_slice).collect();
+            let read = store.read_into(ns, &hs, &mut slices).await?;
+            read.iter()
+                .map(|r| match r {
+                    kvshelf::ReadInto::Hit { len, .. } => *len as u64,
+                    _ => 0,
+                })
+                .sum()
+        }
         Runner::Sidecar(client) => {
             let hs: Vec<BlockHash> = idx.iter().map(|&i| hashes[i]).collect();
             let fetched = client.fetch(&ns.label, &hs).await?;
@@ -973,7 +996,7 @@ async fn one_put(
     blocks: &[(BlockHash, Bytes)],
 ) -> anyhow::Result<u64> {
     let stored = match runner {
-        Runner::Library(store) => store
+        Runner::Library(store) | Runner::LibraryInto(store, _) => store
             .put(ns, blocks)
             .await?
             .iter()
