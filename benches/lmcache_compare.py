@@ -59,6 +59,11 @@ TARGETS = [
      ("2MiB", 1, "LMCache get"), 1.2),
     ("library fetch 32MiB ≥ 1.2× LMCache batched get", ("32MiB", 1, "library"),
      ("32MiB", 1, "LMCache get"), 1.2),
+    # Like for like with LMCache's client, which reads into buffers its caller preallocated.
+    ("library read_into 2MiB ≥ 1.2× LMCache batched get", ("2MiB", 1, "library-into"),
+     ("2MiB", 1, "LMCache get"), 1.2),
+    ("library read_into 32MiB ≥ 1.2× LMCache batched get", ("32MiB", 1, "library-into"),
+     ("32MiB", 1, "LMCache get"), 1.2),
     ("library put (new) 2MiB ≥ 1.0× LMCache batched put (new)", ("2MiB", 1, "put"),
      ("2MiB", 1, "LMCache put"), 1.0),
 ] + [
@@ -263,14 +268,14 @@ def run(args, sizes: list[str], host: str, port: int, url: str) -> None:
     for rnd in range(args.rounds):
         for size in sizes:
             requests = math.ceil(args.bytes / (SIZE_BYTES[size] * BATCH))
-            one = ["library", "put", "http", "grpc"]
+            one = ["library", "library-into", "put", "http", "grpc"]
             four = ["library", "http", "grpc"]
             steps = [
                 ("LMCache", lambda: record(size, 1, {
                     "LMCache put": lmc[size].put_new(requests),
                     "LMCache get": lmc[size].get(requests)})),
                 ("kvshelf, 1 caller", lambda: record(size, 1, kvshelf_bench(
-                    args.bin, url, size, 1, requests, one[rnd % 4:] + one[:rnd % 4]))),
+                    args.bin, url, size, 1, requests, one[rnd % 5:] + one[:rnd % 5]))),
                 ("kvshelf, 4 callers", lambda: record(size, 4, kvshelf_bench(
                     args.bin, url, size, 4, max(requests, 8), four[rnd % 3:] + four[:rnd % 3]))),
             ]
@@ -296,10 +301,11 @@ def run(args, sizes: list[str], host: str, port: int, url: str) -> None:
     print("| chunk | callers | path | GB/s | rounds min–max |")
     print("|---|---:|---|---:|---:|")
     order = ["redis-benchmark GET", "redis-benchmark SET", "LMCache get", "LMCache put",
-             "library", "put", "http", "grpc"]
+             "library", "library-into", "put", "http", "grpc"]
     label = {"LMCache get": "LMCache `resp://` batched get",
              "LMCache put": "LMCache `resp://` batched put, new keys",
-             "library": "library fetch", "put": "library put, new blocks",
+             "library": "library fetch", "library-into": "library read_into (caller buffers)",
+             "put": "library put, new blocks",
              "http": "sidecar HTTP, L1 off", "grpc": "sidecar gRPC, L1 off"}
     for key in sorted(rows, key=lambda k: (sizes.index(k[0]), k[1], order.index(k[2]))):
         v = rows[key]

@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::hashing::BlockHash;
 use crate::memory::MemoryStore;
 use crate::namespace::Namespace;
-use crate::store::{PinOutcome, PurgeReport, PutOutcome, Read, RedisStore};
+use crate::store::{PinOutcome, PurgeReport, PutResult, Read, RedisStore};
 
 /// Where blocks live.
 #[derive(Debug)]
@@ -44,7 +44,7 @@ impl Backend {
         &self,
         ns: &Namespace,
         blocks: &[(BlockHash, Bytes)],
-    ) -> Result<Vec<PutOutcome>, Error> {
+    ) -> Result<Vec<PutResult>, Error> {
         match self {
             Backend::Redis(r) => r.put(ns, blocks).await,
             Backend::Memory(m) => m.put(ns, blocks),

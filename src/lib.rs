@@ -79,7 +79,7 @@ pub use codec::{Block, CodecError, Header};
 pub use error::{BackendError, BackendErrorKind, Error};
 pub use hashing::{BlockHash, PrefixHasher};
 pub use namespace::{Dtype, HashScheme, Layout, Namespace};
-pub use store::{PutOutcome, Read, ReadInto, RedisStore, StoreConfig};
+pub use store::{PutResult, Read, ReadInto, RedisStore, StoreConfig};
 
 /// The README's Rust example, compiled as a doctest so it stays true.
 #[doc = include_str!("../README.md")]

@@ -16,7 +16,7 @@ use crate::codec::{self, Header};
 use crate::error::Error;
 use crate::hashing::BlockHash;
 use crate::namespace::{Namespace, validate_label};
-use crate::store::{Hit, PinOutcome, PutOutcome};
+use crate::store::{Hit, PinOutcome, PutResult};
 
 type Key = (String, BlockHash);
 
@@ -102,7 +102,7 @@ impl MemoryStore {
         &self,
         ns: &Namespace,
         blocks: &[(BlockHash, Bytes)],
-    ) -> Result<Vec<PutOutcome>, Error> {
+    ) -> Result<Vec<PutResult>, Error> {
         ns.validate()?;
         crate::store::check_payloads(ns, blocks)?;
         let expires_at = Some(Instant::now() + self.ttl_of(ns));
@@ -113,7 +113,7 @@ impl MemoryStore {
                 loop {
                     match self.cache.get_value_or_guard(&key, None) {
                         GuardResult::Value(e) if e.live(Instant::now()) => {
-                            return PutOutcome::AlreadyPresent;
+                            return PutResult::AlreadyPresent;
                         }
                         GuardResult::Value(_) => {
                             self.cache.remove(&key);
@@ -122,7 +122,7 @@ impl MemoryStore {
                             let value =
                                 codec::encode(&Header::for_block(ns, hash, payload), payload);
                             let _ = g.insert(Entry { value, expires_at });
-                            return PutOutcome::Stored;
+                            return PutResult::Stored;
                         }
                         GuardResult::Timeout => unreachable!("no timeout was given"),
                     }
@@ -319,11 +319,11 @@ mod tests {
         let hashes: Vec<BlockHash> = blocks.iter().map(|b| b.0).collect();
         assert_eq!(
             s.put(&ns, &blocks[..3]).unwrap(),
-            vec![PutOutcome::Stored; 3]
+            vec![PutResult::Stored; 3]
         );
         assert_eq!(
             s.put(&ns, &blocks[..1]).unwrap(),
-            vec![PutOutcome::AlreadyPresent]
+            vec![PutResult::AlreadyPresent]
         );
         assert_eq!(s.lookup(&ns, &hashes).unwrap(), 3);
         let got = s.get(&ns, &hashes).unwrap();
@@ -346,7 +346,7 @@ mod tests {
         s.put(&ns, &blocks[..1]).unwrap();
         assert_eq!(s.lookup(&ns, &[blocks[0].0]).unwrap(), 0);
         ns.ttl = None;
-        assert_eq!(s.put(&ns, &blocks[..1]).unwrap(), vec![PutOutcome::Stored]);
+        assert_eq!(s.put(&ns, &blocks[..1]).unwrap(), vec![PutResult::Stored]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kvshelf::client::Protocol;
 use kvshelf::frame::EndReason;
 use kvshelf::store::{PinOutcome, block_key};
-use kvshelf::{BlockHash, PrefixHasher, PutOutcome, RedisStore, StoreConfig};
+use kvshelf::{BlockHash, PrefixHasher, PutResult, RedisStore, StoreConfig};
 use support::{RedisCluster, Sidecar, namespace, payload};
 
 /// A store config for `cluster` with short timeouts, so a lost node fails fast.
@@ -38,11 +38,11 @@ async fn every_store_operation_works_across_slots_and_nodes() {
     let blocks: Vec<_> = hashes.iter().map(|h| (*h, payload(&ns, 1))).collect();
     assert_eq!(
         s.put(&ns, &blocks).await.unwrap(),
-        vec![PutOutcome::Stored; 64]
+        vec![PutResult::Stored; 64]
     );
     assert_eq!(
         s.put(&ns, &blocks[..2]).await.unwrap(),
-        vec![PutOutcome::AlreadyPresent; 2]
+        vec![PutResult::AlreadyPresent; 2]
     );
     for i in 0..3 {
         assert!(

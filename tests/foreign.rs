@@ -7,7 +7,7 @@ use bytes::Bytes;
 use kvshelf::codec::{self, CodecError};
 use kvshelf::hashing::lmcache_key_hash;
 use kvshelf::store::block_key;
-use kvshelf::{Error, HashScheme, Namespace, PutOutcome};
+use kvshelf::{Error, HashScheme, Namespace, PutResult};
 use redis::AsyncCommands;
 use support::{namespace, raw, redis_cli, redis_url, store};
 
@@ -39,12 +39,12 @@ async fn partial_chunks_round_trip_with_ttl_and_write_once() {
         })
         .collect();
     let outcomes = s.put(&ns, &blocks).await.unwrap();
-    assert_eq!(outcomes, vec![PutOutcome::Stored; 3]);
+    assert_eq!(outcomes, vec![PutResult::Stored; 3]);
     // Write-once: a second writer's different bytes do not replace the first's.
     let again = vec![(blocks[1].0, Bytes::from(vec![0u8; 7]))];
     assert_eq!(
         s.put(&ns, &again).await.unwrap(),
-        vec![PutOutcome::AlreadyPresent]
+        vec![PutResult::AlreadyPresent]
     );
 
     let hashes: Vec<_> = blocks.iter().map(|(h, _)| *h).collect();

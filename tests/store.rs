@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use kvshelf::store::{block_key, namespace_pattern};
-use kvshelf::{BlockHash, Error, PrefixHasher, PutOutcome, StoreConfig};
+use kvshelf::{BlockHash, Error, PrefixHasher, PutResult, StoreConfig};
 use redis::AsyncCommands;
 use support::{namespace, payload, raw, redis_url, store, store_with};
 
@@ -33,7 +33,7 @@ async fn every_key_written_has_a_ttl() {
     let hs = hashes(&ns, 10, 1);
     let blocks: Vec<_> = hs.iter().map(|h| (*h, payload(&ns, 1))).collect();
     let outcomes = s.put(&ns, &blocks).await.unwrap();
-    assert_eq!(outcomes, vec![PutOutcome::Stored; 10]);
+    assert_eq!(outcomes, vec![PutResult::Stored; 10]);
     s.get(&ns, &hs).await.unwrap();
     s.unpin(&ns.label, &hs[0]).await.unwrap();
 
@@ -81,7 +81,7 @@ async fn concurrent_puts_of_one_block_keep_the_first_writer() {
     let mut winners = Vec::new();
     for t in tasks {
         let (p, outcome) = t.await.unwrap();
-        if outcome == PutOutcome::Stored {
+        if outcome == PutResult::Stored {
             winners.push(p);
         }
     }
@@ -367,7 +367,7 @@ async fn large_values_and_misses_in_one_pipeline_on_a_selected_db() {
         .collect();
     assert_eq!(
         s.put(&ns, &stored).await.unwrap(),
-        vec![PutOutcome::Stored; 6]
+        vec![PutResult::Stored; 6]
     );
     let got = s.get(&ns, &hs).await.unwrap();
     for (i, got) in got.iter().enumerate() {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvshelf::store::{PinOutcome, block_key};
-use kvshelf::{BlockHash, Namespace, PrefixHasher, PutOutcome, RedisStore, StoreConfig};
+use kvshelf::{BlockHash, Namespace, PrefixHasher, PutResult, RedisStore, StoreConfig};
 use support::{
     RedisCluster, RedisSentinel, RedisTls, namespace, payload, redis_cli, redis_url, store_with,
 };
@@ -224,7 +224,7 @@ async fn every_operation(t: Topology) {
     // put: stored; write-once — a second put keeps the first writer's bytes.
     assert_eq!(
         s.put(&ns, &blocks[..6]).await.unwrap(),
-        vec![PutOutcome::Stored; 6]
+        vec![PutResult::Stored; 6]
     );
     let again = [
         (hs[4], payload(&ns, 99)),
@@ -234,9 +234,9 @@ async fn every_operation(t: Topology) {
     assert_eq!(
         s.put(&ns, &again).await.unwrap(),
         [
-            PutOutcome::AlreadyPresent,
-            PutOutcome::AlreadyPresent,
-            PutOutcome::Stored
+            PutResult::AlreadyPresent,
+            PutResult::AlreadyPresent,
+            PutResult::Stored
         ]
     );
 
@@ -417,7 +417,7 @@ async fn every_operation(t: Topology) {
     assert_eq!(s.pinned_bytes(&ns).await.unwrap(), 0);
     assert_eq!(
         s.put(&ns, &blocks).await.unwrap(),
-        vec![PutOutcome::Stored; 8]
+        vec![PutResult::Stored; 8]
     );
     let report = s
         .purge_within(&ns.label, Duration::from_secs(10))
@@ -451,7 +451,7 @@ async fn a_key_of_another_type_is_a_miss_for_its_block_alone(t: Topology) {
     let blocks = blocks_of(&ns, &hs);
     assert_eq!(
         s.put(&ns, &blocks).await.unwrap(),
-        vec![PutOutcome::Stored; 3]
+        vec![PutResult::Stored; 3]
     );
     let key = block_key(&ns.label, &hs[1]);
     // LPUSH answers 3 only on a key that did not exist (on a string it is an error).
@@ -650,13 +650,13 @@ async fn cluster_a_primary_killed_mid_batch_costs_only_its_blocks() {
         for (i, outcome) in outcomes.iter().enumerate() {
             let stored = cluster.owner(&block_key(&ns.label, &more[i])).is_some();
             match outcome {
-                PutOutcome::Stored => assert!(stored, "block {i}"),
-                PutOutcome::Unavailable => assert!(!stored, "block {i}"),
-                PutOutcome::AlreadyPresent => panic!("block {i} was never put"),
+                PutResult::Stored => assert!(stored, "block {i}"),
+                PutResult::Dropped => assert!(!stored, "block {i}"),
+                PutResult::AlreadyPresent => panic!("block {i} was never put"),
             }
         }
-        assert!(outcomes.contains(&PutOutcome::Stored));
-        assert!(outcomes.contains(&PutOutcome::Unavailable));
+        assert!(outcomes.contains(&PutResult::Stored));
+        assert!(outcomes.contains(&PutResult::Dropped));
     })
     .await;
 }
@@ -790,7 +790,7 @@ async fn traffic(
         let put =
             tokio::time::timeout(CALL_BOUND, s.put(&ns, &[(fresh_hash, fresh.clone())])).await;
         let stored = match put {
-            Ok(Ok(outcomes)) => outcomes == [PutOutcome::Stored],
+            Ok(Ok(outcomes)) => outcomes == [PutResult::Stored],
             Ok(Err(_)) => {
                 errors += 1;
                 false
@@ -941,7 +941,7 @@ async fn sentinel_failover_under_traffic() {
         let base = blocks_of(&ns, &hashes(&ns, 16, 0));
         assert_eq!(
             s.put(&ns, &base).await.unwrap(),
-            vec![PutOutcome::Stored; 16]
+            vec![PutResult::Stored; 16]
         );
         sentinel.wait_replicated(Duration::from_secs(10));
         let old_port = sentinel.primary_node().port;
@@ -980,7 +980,7 @@ async fn sentinel_url_selects_the_database_after_the_master_name() {
         let blocks = blocks_of(&ns, &hashes(&ns, 2, 0));
         assert_eq!(
             s.put(&ns, &blocks).await.unwrap(),
-            vec![PutOutcome::Stored; 2]
+            vec![PutResult::Stored; 2]
         );
         let key = block_key(&ns.label, &blocks[0].0);
         let primary = fixture.primary_node();
@@ -1019,7 +1019,7 @@ async fn cluster_replica_failover_under_traffic() {
         let base = blocks_of(&ns, &hashes(&ns, 16, 0));
         assert_eq!(
             s.put(&ns, &base).await.unwrap(),
-            vec![PutOutcome::Stored; 16]
+            vec![PutResult::Stored; 16]
         );
         cluster.wait_replicated(Duration::from_secs(10));
         let owners = owners(&cluster, &ns, &base.iter().map(|b| b.0).collect::<Vec<_>>());

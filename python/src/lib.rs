@@ -17,7 +17,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kvshelf::{BlockHash, Error, PutOutcome, RedisStore, StoreConfig};
+use kvshelf::{BlockHash, Error, PutResult, RedisStore, StoreConfig};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -383,11 +383,13 @@ pub struct Store {
     store: RedisStore,
 }
 
-fn outcome_name(o: PutOutcome) -> &'static str {
+fn outcome_name(o: PutResult) -> &'static str {
     match o {
-        PutOutcome::Stored => "stored",
-        PutOutcome::AlreadyPresent => "already_present",
-        PutOutcome::Unavailable => "unavailable",
+        PutResult::Stored => "stored",
+        PutResult::AlreadyPresent => "already_present",
+        // The store never queues: `Dropped` is a block whose Redis node did not answer.
+        PutResult::Dropped | PutResult::Queued => "unavailable",
+        _ => "unavailable",
     }
 }
 

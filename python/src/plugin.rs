@@ -418,7 +418,7 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
                         Ok(outcomes
                             .into_iter()
                             .map(|o| match o {
-                                kvshelf::PutOutcome::Unavailable => {
+                                kvshelf::PutResult::Dropped => {
                                     Err("its Redis node did not answer".to_owned())
                                 }
                                 _ => Ok(true),

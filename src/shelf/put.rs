@@ -65,7 +65,7 @@ impl Shelf {
             )
             .await;
         let results: Vec<PutResult> = match outcome {
-            Ok(Some(outcomes)) => outcomes.into_iter().map(PutResult::from).collect(),
+            Ok(Some(outcomes)) => outcomes,
             Ok(None) | Err(_) => vec![PutResult::Dropped; blocks.len()],
         };
         for ((hash, payload), r) in blocks.iter().zip(&results) {

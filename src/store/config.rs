@@ -64,8 +64,8 @@ pub struct StoreConfig {
     pub connect_rate: u32,
     /// Connections one batch (of one node) is spread over: a batch of many blocks is cut
     /// into this many pipelines sent at once, so that parsing and copying are not
-    /// serialized on one socket. 1: one pipeline per node. Default: 2 (measured,
-    /// BENCHMARKS.md).
+    /// serialized on one socket. 1: one pipeline per node. Default: 2 (1, 2 and 4
+    /// measured within noise of each other on 2 vCPU; BENCHMARKS.md, "batch_connections").
     pub batch_connections: usize,
 }
 

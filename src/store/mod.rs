@@ -33,42 +33,22 @@ use crate::hashing::BlockHash;
 use crate::namespace::{Namespace, validate_label};
 use crate::resp::{Arg, Reply, Request, SMALL_BULK};
 
-/// What a put did with one block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PutOutcome {
-    /// The block was written, with the namespace's TTL.
-    Stored,
-    /// The block was already on the shelf; the first writer's bytes stay (write-once).
-    AlreadyPresent,
-    /// Cluster only: the node that owns this block's slot did not answer; not stored.
-    Unavailable,
-}
-
-/// What a sidecar did with one block of a put.
+/// What happened to one block of a put: the one put result of the library, the sidecar
+/// and the client (the store answers the first and the last; the sidecar's queue, `Queued`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PutResult {
-    /// Written.
+    /// Written, with the namespace's TTL.
     Stored,
-    /// Already on the shelf: the first writer's bytes stay.
+    /// Already on the shelf: the first writer's bytes stay (write-once).
     AlreadyPresent,
-    /// Accepted into the asynchronous queue.
+    /// Accepted into the sidecar's asynchronous queue.
     Queued,
-    /// Not confirmed stored: the queue was full, or the backend failed or did not answer in
-    /// time (counted). A put to a backend that was merely slow may still land later, which
-    /// is harmless: puts are write-once and expire.
+    /// Not confirmed stored: the node that owns the block did not answer, the sidecar's
+    /// queue was full, or the backend failed or did not answer in time (counted). A put to
+    /// a backend that was merely slow may still land later, which is harmless: puts are
+    /// write-once and expire.
     Dropped,
-}
-
-impl From<PutOutcome> for PutResult {
-    fn from(o: PutOutcome) -> PutResult {
-        match o {
-            PutOutcome::Stored => PutResult::Stored,
-            PutOutcome::AlreadyPresent => PutResult::AlreadyPresent,
-            PutOutcome::Unavailable => PutResult::Dropped,
-        }
-    }
 }
 
 /// What a capped pin did.
@@ -235,13 +215,13 @@ impl RedisStore {
     ///
     /// Every payload must be exactly one block of the namespace's shape and dtype; if any is
     /// not, nothing is written. Returns what happened to each block, in order; a block
-    /// whose node did not answer is [`PutOutcome::Unavailable`] (the call fails only when
+    /// whose node did not answer is [`PutResult::Dropped`] (the call fails only when
     /// no node answered). Header and payload go out vectored, never copied.
     pub async fn put(
         &self,
         ns: &Namespace,
         blocks: &[(BlockHash, Bytes)],
-    ) -> Result<Vec<PutOutcome>, Error> {
+    ) -> Result<Vec<PutResult>, Error> {
         ns.validate()?;
         check_payloads(ns, blocks)?;
         if blocks.is_empty() {
@@ -272,11 +252,11 @@ impl RedisStore {
             .into_iter()
             .map(|r| match r {
                 KeyReplies::Replies(r) => match r.first() {
-                    Some(Reply::Nil) => Ok(PutOutcome::AlreadyPresent),
+                    Some(Reply::Nil) => Ok(PutResult::AlreadyPresent),
                     Some(Reply::Error(e)) => Err(BackendError::from_reply(e).into()),
-                    _ => Ok(PutOutcome::Stored),
+                    _ => Ok(PutResult::Stored),
                 },
-                KeyReplies::Oversized(_) | KeyReplies::Failed(_) => Ok(PutOutcome::Unavailable),
+                KeyReplies::Oversized(_) | KeyReplies::Failed(_) => Ok(PutResult::Dropped),
             })
             .collect()
     }

@@ -16,7 +16,7 @@ use kvshelf::client::{Client, ClientConfig, Protocol};
 use kvshelf::config::Config;
 use kvshelf::hashing::{BlockHash, PrefixHasher};
 use kvshelf::namespace::{Dtype, Layout, Namespace};
-use kvshelf::store::{PutOutcome, PutResult, RedisStore, StoreConfig};
+use kvshelf::store::{PutResult, RedisStore, StoreConfig};
 
 /// The value sizes the bench knows, named after the KV blocks they stand for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -114,8 +114,9 @@ impl BenchPath {
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
-    /// Redis URL.
-    pub redis_url: String,
+    /// The store settings (URL, TLS, cluster, `batch_connections`, …) of the library
+    /// paths and the in-process sidecars; the response timeout is raised to 60 s.
+    pub store: StoreConfig,
     /// Value size.
     pub size: ValueSize,
     /// Blocks per request.
@@ -330,7 +331,7 @@ impl ToolAddr {
 
 async fn redis_benchmark(cfg: &BenchConfig, keys: Option<usize>) -> anyhow::Result<Vec<Ceiling>> {
     let size = cfg.size.namespace().block_bytes();
-    let addr = ToolAddr::of(&cfg.redis_url)?;
+    let addr = ToolAddr::of(&cfg.store.url)?;
     // As many values as the paths move in a round, at least 50 and at most ~4 GB.
     let requests = (cfg.requests * cfg.batch)
         .min((4_000_000_000 / size) as usize)
@@ -457,17 +458,16 @@ pub struct LookupResult {
 
 /// Lookup latency against prefix length (1 … 4096 blocks, all present), sequential
 /// requests, `requests` per length and path.
-pub async fn lookup_latency(redis_url: &str, requests: usize) -> anyhow::Result<Vec<LookupResult>> {
+pub async fn lookup_latency(
+    store: &StoreConfig,
+    requests: usize,
+) -> anyhow::Result<Vec<LookupResult>> {
     let mut ns = ValueSize::K192.namespace();
     // Tiny blocks: lookups never read payloads, and 4096 of them must fit any Redis.
     ns.label = "bench-lookup".into();
     ns.layout.num_layers = 1;
     ns.layout.head_dim = 8;
-    let store = RedisStore::connect(StoreConfig {
-        url: redis_url.to_owned(),
-        ..Default::default()
-    })
-    .await?;
+    let store = RedisStore::connect(store.clone()).await?;
     let tokens: Vec<u32> = (0..4096 * ns.block_size).collect();
     let hashes = PrefixHasher::new(&ns, None).hash_prefix(&tokens);
     for chunk in hashes.chunks(512) {
@@ -577,9 +577,8 @@ impl Fixture {
         put_ns.label = format!("{}-put", ns.label);
         put_ns.ttl = Some(Duration::from_secs(120));
         let store_cfg = StoreConfig {
-            url: cfg.redis_url.clone(),
             response_timeout: Duration::from_secs(60),
-            ..Default::default()
+            ..cfg.store.clone()
         };
         let store = RedisStore::connect(store_cfg.clone()).await?;
         let hashes = bench_hashes(&ns, distinct_blocks(cfg), 0);
@@ -1000,7 +999,7 @@ async fn one_put(
             .put(ns, blocks)
             .await?
             .iter()
-            .filter(|o| matches!(o, PutOutcome::Stored))
+            .filter(|o| matches!(o, PutResult::Stored))
             .count(),
         Runner::Sidecar(client) => client
             .put(&ns.label, blocks, false)

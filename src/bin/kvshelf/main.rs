@@ -18,7 +18,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use kvshelf::config::Config;
 use kvshelf::store::block_key;
-use kvshelf::{BlockHash, Dtype, Layout, Namespace, PrefixHasher, PutOutcome, RedisStore};
+use kvshelf::{BlockHash, Dtype, Layout, Namespace, PrefixHasher, PutResult, RedisStore};
 
 #[derive(Parser)]
 #[command(
@@ -191,7 +191,7 @@ async fn main() -> Result<()> {
             json,
         } => {
             if lookup {
-                let rows = bench::lookup_latency(&store_cfg.url, requests).await?;
+                let rows = bench::lookup_latency(&store_cfg, requests).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&rows)?);
                 } else {
@@ -200,7 +200,7 @@ async fn main() -> Result<()> {
                 return Ok(());
             }
             let bench = bench::BenchConfig {
-                redis_url: store_cfg.url.clone(),
+                store: store_cfg.clone(),
                 size,
                 batch,
                 concurrency,
@@ -482,7 +482,7 @@ async fn demo(store: RedisStore, shared_tokens: u32) -> Result<()> {
         let put_time = t.elapsed();
         let stored = outcomes
             .iter()
-            .filter(|o| **o == PutOutcome::Stored)
+            .filter(|o| **o == PutResult::Stored)
             .count();
         let bytes = fetched.len() as u64 * ns.block_bytes();
         println!(
