@@ -480,10 +480,7 @@ async fn demo(store: RedisStore, shared_tokens: u32) -> Result<()> {
         let t = Instant::now();
         let outcomes = store.put(&ns, &missing).await?;
         let put_time = t.elapsed();
-        let stored = outcomes
-            .iter()
-            .filter(|o| **o == PutResult::Stored)
-            .count();
+        let stored = outcomes.iter().filter(|o| **o == PutResult::Stored).count();
         let bytes = fetched.len() as u64 * ns.block_bytes();
         println!(
             "worker {worker}: prompt {} tokens = {} full blocks; lookup {hit} hit in {lookup_time:.2?}; \
