@@ -389,7 +389,6 @@ fn outcome_name(o: PutResult) -> &'static str {
         PutResult::AlreadyPresent => "already_present",
         // The store never queues: `Dropped` is a block whose Redis node did not answer.
         PutResult::Dropped | PutResult::Queued => "unavailable",
-        _ => "unavailable",
     }
 }
 
@@ -460,7 +459,8 @@ impl Store {
             // SAFETY: `bufs` keeps every buffer alive and exported (so not resizable) until
             // this call returns, checked writable above; the slices do not overlap unless
             // the caller passed one buffer twice, which only makes its bytes unspecified.
-            let mut slices: Vec<&mut [u8]> = raws.iter().map(|r| unsafe { r.as_mut_slice() }).collect();
+            let mut slices: Vec<&mut [u8]> =
+                raws.iter().map(|r| unsafe { r.as_mut_slice() }).collect();
             // Payloads go straight from the socket into the caller's buffers.
             let found = runtime()
                 .block_on(self.store.read_into(&ns.0, &hashes, &mut slices))

@@ -385,8 +385,10 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
                     Op::Get => {
                         // SAFETY: `pending` holds the writable buffer until this batch's
                         // completion is drained, and LMCache does not touch it before.
-                        let mut bufs: Vec<&mut [u8]> =
-                            group.iter().map(|it| unsafe { it.buf.as_mut_slice() }).collect();
+                        let mut bufs: Vec<&mut [u8]> = group
+                            .iter()
+                            .map(|it| unsafe { it.buf.as_mut_slice() })
+                            .collect();
                         // Payloads go straight from the socket into LMCache's buffers.
                         let found = store.read_into(ns, &hashes, &mut bufs).await?;
                         Ok::<_, kvshelf::Error>(
