@@ -1,4 +1,4 @@
-//! Fuzzes the lean RESP path's reply parser (`kvshelf::resp::Parser`) with arbitrary bytes,
+//! Fuzzes the data path's RESP reply parser (`kvshelf::resp::Parser`) with arbitrary bytes,
 //! as a Redis (or anything listening on its port) might answer.
 //!
 //! Input: byte 0 picks the read size the bytes arrive in (1–256), byte 1 the longest bulk
@@ -31,7 +31,8 @@ fn check_span(reply: &Reply, span: &[u8]) {
         Reply::Bulk(_) => b"$",
         Reply::Status(_) => b"+",
         Reply::Error(_) => b"-",
-        other => panic!("a reply type the data path never asks for: {other:?}"),
+        Reply::Array(_) => b"*",
+        other => panic!("a reply type the parser never makes: {other:?}"),
     };
     assert!(kind.contains(&span[0]), "{reply:?} parsed from {span:?}");
     if let Reply::Bulk(value) = reply {
@@ -51,6 +52,24 @@ fn check_span(reply: &Reply, span: &[u8]) {
             Some(value.len() as i64),
             "{reply:?} parsed from {span:?}"
         );
+    }
+}
+
+/// No bulk string over the cap and no array deeper than `MAX_DEPTH`, at any depth.
+fn check_caps(reply: &Reply, max_bulk: usize, depth: usize) {
+    match reply {
+        Reply::Bulk(b) => assert!(
+            b.len() <= max_bulk,
+            "a bulk of {} bytes passed a cap of {max_bulk}",
+            b.len()
+        ),
+        Reply::Array(items) => {
+            assert!(depth <= kvshelf::resp::MAX_DEPTH, "arrays nested {depth} deep");
+            for item in items {
+                check_caps(item, max_bulk, depth + 1);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -118,13 +137,7 @@ fuzz_target!(|data: &[u8]| {
 
     let mut again = Vec::new();
     for r in &replies {
-        if let Reply::Bulk(b) = r {
-            assert!(
-                b.len() <= max_bulk,
-                "a bulk of {} bytes passed a cap of {max_bulk}",
-                b.len()
-            );
-        }
+        check_caps(r, max_bulk, 1);
         r.encode(&mut again);
     }
     let (reparsed, err2, left2) = parse(&again, chunk, max_bulk);
