@@ -382,8 +382,8 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// The `GET` (with `PEXPIRE … XX` when sliding) and `PTTL` of each block: what its key
-    /// holds and its PTTL.
+    /// The `GET` and `PEXPIRE … XX` (sliding) or `PTTL` of each block: what its key holds
+    /// and the PTTL it has after the read.
     async fn read_raw(
         &self,
         ns: &Namespace,
@@ -407,17 +407,29 @@ impl RedisStore {
                 req.cmd_bulk(max_value, &[Arg::Small(b"GET"), Arg::Small(key.as_bytes())]);
                 if sliding {
                     // XX: only keys that already have an expiry, so a pinned block stays
-                    // pinned.
+                    // pinned. Its answer also says the TTL left: the full `ttl` when it
+                    // slid (1), none when the block is pinned (0): no `PTTL` needed.
                     req.cmd(&[
                         Arg::Small(b"PEXPIRE"),
                         Arg::Small(key.as_bytes()),
                         Arg::Small(ttl.as_bytes()),
                         Arg::Small(b"XX"),
                     ]);
+                } else {
+                    req.cmd(&[Arg::Small(b"PTTL"), Arg::Small(key.as_bytes())]);
                 }
-                req.cmd(&[Arg::Small(b"PTTL"), Arg::Small(key.as_bytes())]);
             })
             .await?;
+        let ttl_ms = ttl_millis(self.ttl_of(ns)) as i64;
+        // The PTTL a read leaves: from `PTTL`, or from whether `PEXPIRE … XX` slid it. (A
+        // block deleted between the `GET` and the `PEXPIRE` reads as pinned; its
+        // invalidation drops it from any L1.)
+        let pttl_of = |last: Option<&Reply>| match (sliding, last.and_then(Reply::int)) {
+            (false, Some(pttl)) => pttl,
+            (true, Some(1)) => ttl_ms,
+            (true, Some(0)) => -1,
+            _ => -2,
+        };
         Ok(replies
             .into_iter()
             .map(|r| match r {
@@ -431,7 +443,7 @@ impl RedisStore {
                     -2,
                 ),
                 KeyReplies::Replies(r) => {
-                    let pttl = r.last().and_then(Reply::int).unwrap_or(-2);
+                    let pttl = pttl_of(r.last());
                     let stored = match r.into_iter().next() {
                         Some(Reply::Bulk(v)) => Stored::Value(v),
                         Some(Reply::Split { head, body_len }) => Stored::Split(head, body_len),
