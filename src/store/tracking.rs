@@ -24,8 +24,10 @@ use crate::resp::{Arg, Reply, Request};
 /// The channel Redis publishes invalidations on.
 const CHANNEL: &str = "__redis__:invalidate";
 
-/// Longest key in an invalidation message.
-const MAX_KEY: usize = 1024;
+/// Longest key an invalidation message may name. Block keys are under 200 bytes, but `BCAST`
+/// reports every key under the prefix, whoever wrote it; one longer than this ends the
+/// stream (a protocol error: the follower flushes L1 and tracks again).
+const MAX_KEY: usize = 64 * 1024;
 
 /// How often a tracker checks whether the primaries changed.
 const EPOCH_EVERY: Duration = Duration::from_millis(500);
