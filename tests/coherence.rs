@@ -14,7 +14,7 @@ use kvshelf::shelf::L1Coherence;
 use kvshelf::store::block_key;
 use kvshelf::{BlockHash, Namespace, PrefixHasher};
 use redis::AsyncCommands;
-use support::{RedisServer, Sidecar, namespace, payload, raw, redis_cli, sidecar_config};
+use support::{RedisServer, Sidecar, namespace, raw, redis_cli, sidecar_config};
 
 const TEST_LIMIT: Duration = Duration::from_secs(20);
 
@@ -37,17 +37,7 @@ async fn two_sidecars(redis: &RedisServer, ns: &Namespace) -> (Sidecar, Sidecar)
 /// Puts `hs` through A, then reads them through B until B serves them from its L1 (no
 /// Redis read): B's L1 holds them.
 async fn fill_b(a: &Sidecar, b: &Sidecar, ns: &Namespace, hs: &[BlockHash]) {
-    let blocks: Vec<_> = hs
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (*h, payload(ns, i as u8)))
-        .collect();
-    a.client(Protocol::Http, None)
-        .put(&ns.label, &blocks, false)
-        .await
-        .unwrap();
-    let c = b.client(Protocol::Http, None);
-    assert_eq!(c.fetch(&ns.label, hs).await.unwrap().blocks.len(), hs.len());
+    support::put_via_then_fetch_via(a, b, ns, hs).await;
     from_b_l1(b, ns, hs).await;
 }
 

@@ -14,7 +14,7 @@ use kvshelf::config::Config;
 use kvshelf::shelf::L1Coherence;
 use kvshelf::store::block_key;
 use kvshelf::{BlockHash, Namespace, PrefixHasher, RedisStore, StoreConfig};
-use support::{RedisCluster, RedisSentinel, Sidecar, namespace, payload, redis_cli};
+use support::{RedisCluster, RedisSentinel, Sidecar, namespace, redis_cli};
 
 const TEST_LIMIT: Duration = Duration::from_secs(60);
 
@@ -44,17 +44,7 @@ async fn until_tracking(b: &Sidecar) {
 
 /// Puts `hs` through A and reads them through B until B serves them all from its L1.
 async fn fill_b(a: &Sidecar, b: &Sidecar, ns: &Namespace, hs: &[BlockHash]) {
-    let blocks: Vec<_> = hs
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (*h, payload(ns, i as u8)))
-        .collect();
-    a.client(Protocol::Http, None)
-        .put(&ns.label, &blocks, false)
-        .await
-        .unwrap();
-    let c = b.client(Protocol::Http, None);
-    assert_eq!(c.fetch(&ns.label, hs).await.unwrap().blocks.len(), hs.len());
+    support::put_via_then_fetch_via(a, b, ns, hs).await;
     assert_eq!(from_b_l1(b, ns, hs).await, hs.len(), "all from B's L1");
 }
 

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kvshelf::{Dtype, Layout, Namespace, RedisStore, StoreConfig};
+use kvshelf::{BlockHash, Dtype, Layout, Namespace, RedisStore, StoreConfig};
 
 /// A `redis-server` owned by a test: stopped when dropped, and also when the test process
 /// dies, because it is started under a shell that kills it when its stdin (our pipe) closes.
@@ -590,6 +590,22 @@ pub fn payload(ns: &Namespace, seed: u8) -> bytes::Bytes {
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect::<Vec<u8>>()
         .into()
+}
+
+/// Puts `hs` (block `i` holds `payload(ns, i)`) through sidecar `a`, then fetches them all
+/// through sidecar `b` (which fills `b`'s L1, if it has one).
+pub async fn put_via_then_fetch_via(a: &Sidecar, b: &Sidecar, ns: &Namespace, hs: &[BlockHash]) {
+    let blocks: Vec<_> = hs
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (*h, payload(ns, i as u8)))
+        .collect();
+    a.client(kvshelf::client::Protocol::Http, None)
+        .put(&ns.label, &blocks, false)
+        .await
+        .unwrap();
+    let c = b.client(kvshelf::client::Protocol::Http, None);
+    assert_eq!(c.fetch(&ns.label, hs).await.unwrap().blocks.len(), hs.len());
 }
 
 impl RedisServer {
