@@ -31,7 +31,7 @@ use crate::codec::{self, Block, Header};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::hashing::BlockHash;
 use crate::namespace::{Namespace, validate_label};
-use crate::resp::{Arg, Reply, Request, SMALL_BULK};
+use crate::resp::{Arg, Reply, Request};
 
 /// What happened to one block of a put: the one put result of the library, the sidecar
 /// and the client (the store answers the first and the last; the sidecar's queue, `Queued`).
@@ -681,7 +681,7 @@ impl RedisStore {
         let mut cursor = "0".to_owned();
         loop {
             let r = self
-                .on_key_bulk(&pins, KEY_REPLY, |req| {
+                .on_key(&pins, |req| {
                     req.cmd_bulk(
                         KEY_REPLY,
                         &[
@@ -901,7 +901,7 @@ impl RedisStore {
     pub async fn inspect(&self, key: &str) -> Result<Option<(Header, Option<Duration>)>, Error> {
         let end = (codec::MAX_HEADER_LEN - 1).to_string();
         let r = self
-            .on_key_bulk(key, codec::MAX_HEADER_LEN, |req| {
+            .on_key(key, |req| {
                 req.cmd_bulk(
                     codec::MAX_HEADER_LEN,
                     &[
@@ -1041,18 +1041,9 @@ impl RedisStore {
         }
     }
 
-    /// Commands on one key, with small replies: their replies, or the first server error.
+    /// Commands on one key (each says the longest bulk reply it may get, as `build` adds
+    /// it): their replies, or the first server error.
     async fn on_key(&self, key: &str, build: impl Fn(&mut Request)) -> Result<Vec<Reply>, Error> {
-        self.on_key_bulk(key, SMALL_BULK, build).await
-    }
-
-    /// [`on_key`](Self::on_key) for commands that may answer bulk strings of `max_bulk`.
-    async fn on_key_bulk(
-        &self,
-        key: &str,
-        _max_bulk: usize,
-        build: impl Fn(&mut Request),
-    ) -> Result<Vec<Reply>, Error> {
         let keys = [key.to_owned()];
         let mut r = self
             .keyed(&keys, false, Vec::new(), |_, _, req| build(req))
