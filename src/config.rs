@@ -95,9 +95,16 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub lookup_timeout: Duration,
     /// Longest a fetch waits for the backend for one chunk of blocks before ending the
-    /// stream as a miss. Default: 100ms.
+    /// stream as `backend_unavailable`, on top of the chunk's transfer allowance (its bytes
+    /// at `fetch_min_bytes_per_second`). Default: 100ms.
     #[serde(with = "humantime_serde")]
     pub fetch_timeout: Duration,
+    /// The slowest transfer a fetch still counts as Redis answering: each wait of a chunk
+    /// (for room in the fetch budget, for its read, for another request's read of the same
+    /// blocks) may last `fetch_timeout` + the chunk's bytes at this rate, so a 32 MiB block
+    /// gets 100 ms + 320 ms, a 2 MiB one 100 ms + 20 ms. 0: no allowance (`fetch_timeout`
+    /// alone, whatever the size). Default: 100 MiB/s (104857600).
+    pub fetch_min_bytes_per_second: u64,
     /// Longest a synchronous put waits for the backend before the blocks count as
     /// dropped. Default: 2s.
     #[serde(with = "humantime_serde")]
@@ -165,6 +172,7 @@ impl Default for ServerConfig {
             listen_unix: None,
             lookup_timeout: Duration::from_millis(100),
             fetch_timeout: Duration::from_millis(100),
+            fetch_min_bytes_per_second: 100 << 20,
             put_timeout: Duration::from_secs(2),
             operator_timeout: Duration::from_secs(3),
             fetch_chunk_bytes: 8 << 20,

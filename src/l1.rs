@@ -29,7 +29,10 @@ type Key = (Arc<str>, BlockHash);
 
 #[derive(Clone)]
 struct Entry {
-    payload: Bytes,
+    /// `None`: a tombstone, left by a load that found no such block so that the calls
+    /// waiting for that load learn it at once; it is already expired when inserted, so it
+    /// never serves a miss to a later call.
+    payload: Option<Bytes>,
     expires_at: Instant,
 }
 
@@ -38,7 +41,7 @@ struct Weigher;
 
 impl Weighter<Key, Entry> for Weigher {
     fn weight(&self, key: &Key, val: &Entry) -> u64 {
-        (val.payload.len() + key.0.len() + 96) as u64
+        (val.payload.as_ref().map_or(0, Bytes::len) + key.0.len() + 96) as u64
     }
 }
 
@@ -151,7 +154,7 @@ impl L1 {
     fn entry(&self, payload: Bytes, ttl: Option<Duration>) -> Option<Entry> {
         let ttl = ttl.map_or(self.max_ttl, |t| t.min(self.max_ttl));
         (!ttl.is_zero()).then(|| Entry {
-            payload,
+            payload: Some(payload),
             expires_at: Instant::now() + ttl,
         })
     }
@@ -181,11 +184,17 @@ impl L1 {
     /// wait that times out is [`Served::Unavailable`] (counted in
     /// `kvshelf_l1_wait_timeouts_total`). Each `load` is also cut off after `wait`.
     ///
+    /// A load that fails or is cut off does not turn its waiters into N separate reads:
+    /// the block's placeholder passes to one waiter, which loads it for all (one shared
+    /// retry, bounded by the same deadline); a load that finds no block tells every waiter
+    /// so at once (a tombstone entry that is already expired).
+    ///
     /// Why it cannot deadlock: a call claims the blocks nobody is loading (placeholder
     /// guards), loads them and fills every guard BEFORE it waits for anyone else, so it
-    /// never waits while others wait on it. A guard handed to a waiter (its loader found
-    /// nothing, failed, or its entry did not stay in a full L1) is released at once; such
-    /// blocks are read again together, without single flight, once every wait is over.
+    /// never waits while others wait on it. A guard handed to a waiter is loaded and filled
+    /// (or released) by that waiter before it waits for anything else, so the same holds.
+    /// A block whose loader left an entry that has expired already is read again, without
+    /// single flight, once every wait is over.
     pub async fn get_or_load<F, Fut>(
         &self,
         label: &str,
@@ -221,8 +230,11 @@ impl L1 {
             loop {
                 // A zero timeout never blocks: someone else's placeholder gives `Timeout`.
                 match self.cache.get_value_or_guard(&key, Some(Duration::ZERO)) {
-                    GuardResult::Value(e) if e.expires_at > now => {
-                        served[u] = Some(Served::Hit(e.payload));
+                    GuardResult::Value(Entry {
+                        payload: Some(payload),
+                        expires_at,
+                    }) if expires_at > now => {
+                        served[u] = Some(Served::Hit(payload));
                     }
                     GuardResult::Value(_) => {
                         self.cache.remove(&key);
@@ -256,14 +268,24 @@ impl L1 {
             let joined =
                 tokio::time::timeout_at(deadline, self.cache.get_value_or_guard_async(&key)).await;
             match joined {
-                Ok(Ok(e)) if e.expires_at > Instant::now() => {
-                    served[u] = Some(Served::Coalesced(e.payload));
+                Ok(Ok(Entry { payload: None, .. })) => served[u] = Some(Served::Miss),
+                Ok(Ok(Entry {
+                    payload: Some(payload),
+                    expires_at,
+                })) if expires_at > Instant::now() => {
+                    served[u] = Some(Served::Coalesced(payload));
                 }
-                // The loader left nothing usable: release its guard now, read it below.
+                // The loader's entry has expired already: read it below.
                 Ok(Ok(_)) => orphans.push(u),
+                // The loader failed or was cut off and its placeholder passed to this call:
+                // load the block for every waiter now, before waiting for anything else.
                 Ok(Err(guard)) => {
-                    drop(guard);
-                    orphans.push(u);
+                    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let loaded = bounded_load(remaining, load(vec![unique[u]])).await;
+                    served[u] = Some(match loaded.and_then(|r| r.into_iter().next()) {
+                        Some(read) => self.fill(guard, read),
+                        None => Served::Unavailable, // the next waiter tries, if in time
+                    });
                 }
                 Err(_) => {
                     metrics::counter!("kvshelf_l1_wait_timeouts_total").increment(1);
@@ -300,8 +322,9 @@ impl L1 {
             .collect()
     }
 
-    /// Completes a load this call owns: caches a hit (waking the waiters) or drops the
-    /// guard on a miss or an unavailable node (waking them to read it themselves).
+    /// Completes a load this call owns: caches a hit (waking the waiters), leaves a
+    /// tombstone on a miss (the waiters learn it is a miss), or drops the guard when the
+    /// block's node did not answer (one waiter then loads it for the others).
     fn fill(&self, guard: Guard<'_>, read: Read) -> Served {
         match read {
             Read::Hit(hit) => {
@@ -311,9 +334,14 @@ impl L1 {
                 }
                 Served::Loaded(payload)
             }
-            // Dropping the guard wakes the waiters.
             Read::Unavailable => Served::Unavailable,
-            _ => Served::Miss,
+            _ => {
+                let _ = guard.insert(Entry {
+                    payload: None,
+                    expires_at: Instant::now(),
+                });
+                Served::Miss
+            }
         }
     }
 }
@@ -499,6 +527,85 @@ mod tests {
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
+    }
+
+    /// `n` concurrent fetches of one block whose first load answers `first` (after every
+    /// fetch is waiting for it) and whose later loads find the block. Returns what each
+    /// fetch got and how many loads ran.
+    async fn waiters_of_one_load(n: usize, first: Loaded) -> (Vec<Served>, usize) {
+        let l1 = Arc::new(L1::new(1 << 20, Duration::from_secs(30)));
+        let x = hash(1);
+        let loads = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (l1, loads, gate, first) =
+                    (l1.clone(), loads.clone(), gate.clone(), first.clone());
+                tokio::spawn(async move {
+                    l1.get_or_load("ns", &[x], Duration::from_secs(5), move |hs| {
+                        let (loads, gate, first) = (loads.clone(), gate.clone(), first.clone());
+                        async move {
+                            if loads.fetch_add(1, Ordering::SeqCst) == 0 {
+                                gate.notified().await;
+                                return first;
+                            }
+                            Some(hs.iter().map(|h| Read::Hit(hit_of(h, None))).collect())
+                        }
+                    })
+                    .await
+                    .remove(0)
+                })
+            })
+            .collect();
+        settle().await;
+        gate.notify_one();
+        let mut served = Vec::new();
+        for t in tasks {
+            served.push(t.await.unwrap());
+        }
+        (served, loads.load(Ordering::SeqCst))
+    }
+
+    /// Issue 17 §3: when the one load of a hot block fails (Redis slow: cut off), its
+    /// waiters share ONE retry instead of each reading the block on its own.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_of_a_failed_load_share_one_retry() {
+        within_limit(async {
+            let (served, loads) = waiters_of_one_load(8, None).await;
+            assert_eq!(
+                loads, 2,
+                "the failed load and one shared retry, not one per waiter"
+            );
+            assert_eq!(
+                served.iter().filter(|s| **s == Served::Unavailable).count(),
+                1
+            );
+            for s in served.into_iter().filter(|s| *s != Served::Unavailable) {
+                assert_eq!(s.into_payload().unwrap(), payload_of(&hash(1)));
+            }
+        })
+        .await;
+    }
+
+    /// A load that finds no block tells its waiters at once: one read, not one per waiter,
+    /// and the miss is not remembered for later calls.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_of_a_load_that_misses_learn_the_miss() {
+        within_limit(async {
+            let (served, loads) = waiters_of_one_load(8, Some(vec![Read::Miss])).await;
+            assert_eq!(loads, 1);
+            assert!(served.iter().all(|s| *s == Served::Miss), "{served:?}");
+        })
+        .await;
+        let l1 = L1::new(1 << 20, Duration::from_secs(30));
+        let x = hash(1);
+        let miss = l1
+            .get_or_load("ns", &[x], WAIT, |_| async { Some(vec![Read::Miss]) })
+            .await;
+        assert_eq!(miss, vec![Served::Miss]);
+        assert!(!l1.contains("ns", &x), "a tombstone is no entry");
+        let later = l1.get_or_load("ns", &[x], WAIT, backend_has_all).await;
+        assert!(matches!(later[0], Served::Loaded(_)), "{later:?}");
     }
 
     /// The review's first reproduction: a fetch of `[X, X]` while another caller's load of

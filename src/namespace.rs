@@ -17,6 +17,11 @@ pub const MAX_LABEL_LEN: usize = 64;
 
 /// Largest block size accepted, in tokens. LMCache uses 256-token chunks; 4096 leaves room.
 pub const MAX_BLOCK_SIZE: u32 = 4096;
+/// Largest block payload a namespace may have: a stored value (header + payload) must fit
+/// Redis's default `proto-max-bulk-len` (512 MiB), which is also below the codec's 1 GiB
+/// payload cap. A larger block would be refused by Redis on every put, or, with a raised
+/// limit, stored and then answered as corrupt on every read.
+pub const MAX_BLOCK_BYTES: u64 = (512 << 20) - crate::codec::MAX_HEADER_LEN as u64;
 
 /// Element type of the stored K and V tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -320,7 +325,21 @@ impl Namespace {
                 self.block_size
             )));
         }
-        self.layout.validate()
+        self.layout.validate()?;
+        let bytes = self
+            .block_shape()
+            .iter()
+            .try_fold(self.kv_dtype.size() as u64, |n, d| n.checked_mul(*d));
+        match bytes {
+            Some(b) if b <= MAX_BLOCK_BYTES => Ok(()),
+            _ => Err(Error::InvalidNamespace(format!(
+                "a block of {} would be {} bytes; the most is {MAX_BLOCK_BYTES} (a stored \
+                 value must fit Redis's default proto-max-bulk-len of 512 MiB): use a \
+                 smaller block_size",
+                self.label,
+                bytes.map_or("more than 2^64".to_string(), |b| b.to_string()),
+            ))),
+        }
     }
 
     /// The shape of one full block's tensor, axes in the layout's order.
@@ -393,6 +412,25 @@ pub(crate) mod tests {
             max_pinned_bytes: None,
             hash_scheme: HashScheme::KvshelfV1,
         }
+    }
+
+    #[test]
+    fn a_block_redis_cannot_hold_is_refused() {
+        // Llama-3-70B-like: 80 layers, 8 KV heads, 128 dims, bf16: 320 KiB per token.
+        let mut ns = qwen();
+        ns.layout.num_layers = 80;
+        ns.layout.num_kv_heads = 8;
+        ns.layout.head_dim = 128;
+        ns.block_size = 1024; // 320 MiB: fits
+        ns.validate().unwrap();
+        ns.block_size = 2048; // 640 MiB: over Redis's 512 MiB bulk limit
+        let e = ns.validate().unwrap_err().to_string();
+        assert!(e.contains("proto-max-bulk-len"), "{e}");
+        // Dimensions whose product overflows are refused, not a panic.
+        ns.layout.num_layers = u32::MAX;
+        ns.layout.head_dim = u32::MAX;
+        ns.block_size = MAX_BLOCK_SIZE;
+        assert!(ns.validate().is_err());
     }
 
     #[test]

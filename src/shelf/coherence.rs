@@ -13,7 +13,7 @@ use super::Shelf;
 use crate::hashing::BlockHash;
 use crate::l1::L1;
 use crate::namespace::Namespace;
-use crate::store::{Invalidation, RedisStore};
+use crate::store::{FELL_BEHIND, Invalidation, RedisStore};
 
 /// How this sidecar's L1 stays true to Redis (see [`Shelf::l1_coherence`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +45,12 @@ impl Shelf {
     }
 }
 
+/// Invalidation messages (each naming one or more keys) queued for the follower. A follower
+/// this far behind (its `EXISTS` checks stalled) ends the stream and flushes L1, counted as
+/// `kvshelf_l1_flushes_total{reason="invalidations_overflowed"}`: memory stays bounded and
+/// no report is lost silently.
+pub(super) const INVALIDATION_QUEUE: usize = 1024;
+
 /// Keeps L1 coherent with Redis (standalone, Sentinel or Cluster): a tracking connection
 /// per primary ([`RedisStore::track`], BCAST on the block key prefix) reports every block
 /// key that is overwritten, deleted, expired or evicted, by any client, and its L1 entry is
@@ -70,7 +76,7 @@ pub(super) async fn l1_follower(
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        let (tx, mut pushes) = mpsc::unbounded_channel();
+        let (tx, mut pushes) = mpsc::channel(INVALIDATION_QUEUE);
         let tracked = tokio::select! {
             t = store.track(tx) => t,
             _ = stopped.changed() => return,
@@ -111,7 +117,11 @@ pub(super) async fn l1_follower(
                 drop(tracker);
                 live.store(false, Ordering::Release);
                 metrics::gauge!("kvshelf_l1_tracking").set(0.0);
-                flush("tracking_lost");
+                flush(if why == FELL_BEHIND {
+                    "invalidations_overflowed"
+                } else {
+                    "tracking_lost"
+                });
                 tracing::warn!(reason = %why, "L1 invalidation stream lost: L1 flushed; reconnecting");
             }
             Err(e) => {

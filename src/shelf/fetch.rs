@@ -66,8 +66,8 @@ impl futures_util::Stream for FetchStream {
 
 impl Shelf {
     /// How many leading blocks are on the shelf: leading L1 entries, then ONE backend
-    /// round trip for the rest. With `warm`, the hit blocks are read into L1 before the
-    /// answer, so a fetch right after is served locally.
+    /// round trip for the rest. With `warm`, the hit blocks are read into L1 in the
+    /// background ([`Shelf::warm`]): the answer does not wait for them.
     pub async fn lookup(
         &self,
         _admission: Admission,
@@ -106,13 +106,8 @@ impl Shelf {
             }
         };
         let hit_blocks = in_l1 + found;
-        if warm && hit_blocks > in_l1 && self.inner.l1.is_some() {
-            let (tx, mut rx) = mpsc::channel(64);
-            let warmer = self.clone();
-            let to_warm = hashes[in_l1..hit_blocks].to_vec();
-            let ns2 = ns.clone();
-            tokio::spawn(async move { warmer.stream_blocks(ns2, to_warm, tx).await });
-            while rx.recv().await.is_some() {}
+        if warm && hit_blocks > 0 {
+            self.warm(&ns, &hashes[..hit_blocks]);
         }
         metrics::counter!("kvshelf_lookup_blocks_total", "namespace" => ns.label.clone(), "result" => "hit")
             .increment(hit_blocks as u64);
@@ -126,6 +121,36 @@ impl Shelf {
             block_hashes: hashes,
             backend_ok,
         })
+    }
+
+    /// Reads the leading blocks of `hashes` into L1 in the background, as a fetch would
+    /// (through the fetch budget and single flight, so a fetch that comes meanwhile waits
+    /// for the same reads instead of repeating them), and slides the TTL of those already
+    /// in L1. At most half of L1 is warmed by one lookup (a longer prefix would evict its
+    /// own first blocks before they are fetched), and at most [`super::MAX_WARMING`] warms run at
+    /// once; past that, a lookup does not warm (counted).
+    fn warm(&self, ns: &Namespace, hashes: &[BlockHash]) {
+        let Some(l1) = &self.inner.l1 else {
+            return; // the embedded store has no L1 to warm
+        };
+        let fits = (l1.usage().1 / 2 / ns.block_bytes().max(1)) as usize;
+        let hashes = hashes[..hashes.len().min(fits)].to_vec();
+        if hashes.is_empty() {
+            return;
+        }
+        let Ok(slot) = self.inner.warming.clone().try_acquire_owned() else {
+            metrics::counter!("kvshelf_warm_skipped_total").increment(1);
+            return;
+        };
+        let (tx, mut rx) = mpsc::channel(self.chunk_blocks(ns));
+        let me = self.clone();
+        let ns = ns.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let read = me.stream_blocks(ns, hashes, tx);
+            let drain = async { while rx.recv().await.is_some() {} };
+            tokio::join!(read, drain);
+        });
     }
 
     /// Streams the leading run of `hashes` that can be served, then an end item. Errors
@@ -187,7 +212,6 @@ impl Shelf {
         let mut sent = 0u32;
         let mut reason = EndReason::Complete;
         let block_bytes = ns.block_bytes();
-        let fetch_timeout = self.inner.cfg.fetch_timeout;
         let label: Arc<str> = Arc::from(ns.label.as_str());
         'chunks: for chunk in hashes.chunks(self.chunk_blocks(&ns)) {
             // Room for this chunk in the fetch memory budget, before reading it. Each
@@ -196,7 +220,8 @@ impl Shelf {
             // The wait is bounded: fetches whose readers stall hold their room, and the
             // others fail open instead of queueing behind them forever.
             let want = chunk.len() as u64 * block_bytes;
-            let mut room = match tokio::time::timeout(fetch_timeout, self.fetch_room(want)).await {
+            let deadline = self.read_deadline(want);
+            let mut room = match tokio::time::timeout(deadline, self.fetch_room(want)).await {
                 Ok(Some(room)) => room,
                 Ok(None) => return,
                 Err(_) => {
@@ -284,10 +309,24 @@ impl Shelf {
             .expect("zero permits are always available")
     }
 
+    /// How long one wait for a chunk of `bytes` may last: `fetch_timeout`, plus the
+    /// chunk's transfer at `fetch_min_bytes_per_second`. One 100 ms for any size would fail
+    /// every big block on a busy host, and each failure would cost Redis a read it already
+    /// did.
+    pub(crate) fn read_deadline(&self, bytes: u64) -> std::time::Duration {
+        let cfg = &self.inner.cfg;
+        let transfer = match cfg.fetch_min_bytes_per_second {
+            0 => std::time::Duration::ZERO,
+            rate => std::time::Duration::from_secs_f64(bytes as f64 / rate as f64),
+        };
+        cfg.fetch_timeout + transfer
+    }
+
     /// Reads one chunk through L1 (coalescing concurrent misses) or straight from the
-    /// embedded store, every backend read and every wait within `fetch_timeout`.
+    /// embedded store, every backend read and every wait within the chunk's
+    /// [`Shelf::read_deadline`].
     async fn read_blocks(&self, ns: &Namespace, hashes: &[BlockHash]) -> Vec<Served> {
-        let timeout = self.inner.cfg.fetch_timeout;
+        let timeout = self.read_deadline(hashes.len() as u64 * ns.block_bytes());
         let load = |hs: Vec<BlockHash>| async move {
             metrics::counter!("kvshelf_backend_block_reads_total", "namespace" => ns.label.clone())
                 .increment(hs.len() as u64);

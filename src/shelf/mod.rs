@@ -92,7 +92,12 @@ struct Inner {
     _stop_tracking: tokio::sync::watch::Sender<()>,
     /// Whether L1 follows Redis's invalidations right now (`None`: it does not try to).
     l1_tracking: Option<Arc<AtomicBool>>,
+    /// Background warms of lookups (`warm: true`) running at once, at most [`MAX_WARMING`].
+    warming: Arc<Semaphore>,
 }
+
+/// Most lookups warming L1 in the background at once; a lookup past it does not warm.
+pub const MAX_WARMING: usize = 16;
 
 impl std::fmt::Debug for Shelf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -218,6 +223,7 @@ impl Shelf {
                 touch_tx,
                 _stop_tracking: stop_tracking,
                 l1_tracking,
+                warming: Arc::new(Semaphore::new(MAX_WARMING)),
             }),
         };
         let worker = tokio::spawn(put_queue_worker(shelf.clone(), rx));

@@ -13,9 +13,17 @@
 //! (a restart, its idle `timeout`, `CLIENT KILL`) is sent again on a newly dialled
 //! connection up to `command_retries` times (every command kvshelf sends is idempotent),
 //! and the idle connections are dropped with it (as old, likely as dead). New connections
-//! are paced (`connect_rate`): in a brownout, where each fail-open timeout costs a
-//! connection, Redis is not also flooded with reconnects and `AUTH`s.
+//! are paced (`connect_rate`): in a brownout Redis is not also flooded with reconnects and
+//! `AUTH`s.
+//!
+//! A call given up on mid-exchange (its deadline passed, its caller cancelled it) does not
+//! cost its connection when the connection is still in step: a connection knows what its
+//! pipeline still owes ([`Conn::owes`]), and a background task reads those replies into
+//! the connection's own memory (never the caller's: the caller's sinks went with the call),
+//! discards them and gives the connection back to the pool, within `response_timeout`.
+//! Only a connection cut off while writing its pipeline, or broken, is closed.
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -36,6 +44,11 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Alignment of the buffers big values are read into.
 const ALIGN: usize = 64;
+
+/// TCP keepalive on every Redis socket: first probe after this much silence...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// ...then one per this interval (the kernel's probe count, 9 on Linux, before it is dead).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A node's address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -196,6 +209,22 @@ pub(crate) struct Conn {
     stream: Stream,
     buf: BytesMut,
     parser: Parser,
+    owed: Owed,
+}
+
+/// What the pipeline in flight on a connection still owes, kept up to date at every await
+/// of an exchange so that a connection whose call was dropped mid-way can be read back into
+/// step ([`Conn::drain`]).
+#[derive(Debug, Default)]
+struct Owed {
+    /// The pipeline is being written (a command may be half sent), or the connection broke:
+    /// it can never be brought back in step.
+    lost: bool,
+    /// The caps of the replies not yet read whole, in order: the front one is being read.
+    replies: VecDeque<usize>,
+    /// Bytes of the front reply, past what the parser has seen, still to read: the rest of
+    /// a bulk string read around the parser (into the caller's memory), with its CRLF.
+    raw: usize,
 }
 
 impl Conn {
@@ -206,6 +235,15 @@ impl Conn {
             .await
             .map_err(io)?;
         tcp.set_nodelay(true).map_err(io)?;
+        // Keepalive, so an idle connection whose peer vanished without a FIN (a middlebox
+        // dropped the flow, a host died) is found dead by the kernel rather than on first
+        // use. Calls in flight have their own deadlines; tracking has its own heartbeat.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL);
+        socket2::SockRef::from(&tcp)
+            .set_tcp_keepalive(&keepalive)
+            .map_err(io)?;
         let stream = match &dialer.tls {
             None => Stream::Tcp(tcp),
             #[cfg(feature = "tls")]
@@ -223,6 +261,7 @@ impl Conn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             parser: Parser::new(),
+            owed: Owed::default(),
         };
         let login = &dialer.login;
         let mut hello = Request::default();
@@ -263,7 +302,12 @@ impl Conn {
         req: &Request,
         sinks: &mut [Sink<'_>],
     ) -> std::io::Result<Replies> {
+        debug_assert!(!self.owes(), "a connection in the pool owes nothing");
+        // Until the whole pipeline is out, a connection dropped mid-write is lost.
+        self.owed.lost = true;
         self.write_all(req.slices()).await?;
+        self.owed.lost = false;
+        self.owed.replies.extend(req.max_bulk.iter().copied());
         self.read_replies(&req.max_bulk, sinks).await
     }
 
@@ -277,21 +321,64 @@ impl Conn {
         for (i, &max) in max_bulk.iter().enumerate() {
             let sink = sinks.get_mut(i);
             match self.read_reply(max, sink).await {
-                Ok(r) => replies.push(r),
-                Err(ReadError::Io(e)) => return Err(e),
-                Err(ReadError::Protocol(ProtocolError::BulkTooLong { len, .. })) => {
-                    return Ok(Replies {
-                        replies,
-                        oversized: Some(len),
-                    });
+                Ok(r) => {
+                    self.owed.replies.pop_front();
+                    replies.push(r);
                 }
-                Err(ReadError::Protocol(e)) => return Err(protocol(e)),
+                Err(e) => {
+                    // Out of step (or an oversized value left unread): never reused.
+                    self.owed.lost = true;
+                    match e {
+                        ReadError::Io(e) => return Err(e),
+                        ReadError::Protocol(ProtocolError::BulkTooLong { len, .. }) => {
+                            return Ok(Replies {
+                                replies,
+                                oversized: Some(len),
+                            });
+                        }
+                        ReadError::Protocol(e) => return Err(protocol(e)),
+                    }
+                }
             }
         }
         Ok(Replies {
             replies,
             oversized: None,
         })
+    }
+
+    /// Whether a pipeline sent on this connection has replies not yet read (its call was
+    /// dropped mid-exchange), or the connection is out of step for good.
+    pub(crate) fn owes(&self) -> bool {
+        self.owed.lost || !self.owed.replies.is_empty()
+    }
+
+    /// Reads what the pipeline in flight still owes into the connection's own memory and
+    /// discards it, so the connection is in step again. Fails for a connection that can
+    /// never be (cut off mid-write, or broken): close it.
+    async fn drain(&mut self) -> std::io::Result<()> {
+        if self.owed.lost {
+            return Err(std::io::Error::other("cut off mid-write or broken"));
+        }
+        if self.owed.raw > 0 {
+            // The rest of a value that was going into the caller's memory: skip it here.
+            let mut rest = BytesMut::new();
+            let n = self.owed.raw;
+            if let Err(e) = self.take(&mut rest, n).await {
+                self.owed.lost = true;
+                return Err(match e {
+                    ReadError::Io(e) => e,
+                    ReadError::Protocol(e) => protocol(e),
+                });
+            }
+            self.owed.replies.pop_front();
+        }
+        let max_bulk: Vec<usize> = self.owed.replies.iter().copied().collect();
+        let replies = self.read_replies(&max_bulk, &mut []).await?;
+        if replies.oversized.is_some() {
+            return Err(std::io::Error::other("an oversized reply"));
+        }
+        Ok(())
     }
 
     /// Sends commands without reading anything (a pub/sub subscription's replies are read
@@ -349,6 +436,8 @@ impl Conn {
                 && let Some(len) = self.parser.bare_bulk()
             {
                 self.parser.skip_bulk();
+                // The value and its CRLF are now read around the parser.
+                self.owed.raw = len + 2;
                 return self.read_split(len, out).await;
             }
             match self.parser.bulk_missing(self.buf.len()) {
@@ -363,15 +452,21 @@ impl Conn {
                     value.put_bytes(0, pad);
                     value.advance(pad);
                     value.put(self.buf.split());
+                    // Read into `self.buf` itself (it has room for the whole value), so
+                    // that a call dropped mid-value leaves every byte read where a drain
+                    // finds it.
+                    self.buf = value;
                     let mut want = missing;
                     while want > 0 {
-                        let n = self.stream.read_buf(&mut (&mut value).limit(want)).await?;
+                        let n = self
+                            .stream
+                            .read_buf(&mut (&mut self.buf).limit(want))
+                            .await?;
                         if n == 0 {
                             return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
                         }
                         want -= n;
                     }
-                    self.buf = value;
                 }
                 _ => {
                     self.buf.reserve(READ_CHUNK);
@@ -399,11 +494,17 @@ impl Conn {
                 let rest = h - head.len();
                 self.take(&mut head, rest).await?;
                 let body = &mut out[..len - h];
-                let buffered = self.buf.len().min(body.len());
-                body[..buffered].copy_from_slice(&self.buf[..buffered]);
-                self.buf.advance(buffered);
-                if buffered < body.len() {
-                    self.stream.read_exact(&mut body[buffered..]).await?;
+                let mut at = self.buf.len().min(body.len());
+                body[..at].copy_from_slice(&self.buf[..at]);
+                self.buf.advance(at);
+                self.owed.raw -= at;
+                while at < body.len() {
+                    let n = self.stream.read(&mut body[at..]).await?;
+                    if n == 0 {
+                        return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                    }
+                    at += n;
+                    self.owed.raw -= n;
                 }
                 Reply::Split {
                     head: head.freeze(),
@@ -425,11 +526,12 @@ impl Conn {
     }
 
     /// Appends the next `n` bytes of the stream to `into`: what is buffered, then straight
-    /// from the socket.
+    /// from the socket. They are bytes read around the parser: each counts off `owed.raw`.
     async fn take(&mut self, into: &mut BytesMut, n: usize) -> Result<(), ReadError> {
         let buffered = self.buf.len().min(n);
         into.extend_from_slice(&self.buf[..buffered]);
         self.buf.advance(buffered);
+        self.owed.raw -= buffered;
         let mut want = n - buffered;
         into.reserve(want);
         while want > 0 {
@@ -438,6 +540,7 @@ impl Conn {
                 return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
             want -= got;
+            self.owed.raw -= got;
         }
         Ok(())
     }
@@ -488,15 +591,84 @@ impl Pacer {
 pub(crate) struct Pool {
     addr: Addr,
     dialer: Arc<Dialer>,
-    idle: Mutex<Vec<Conn>>,
-    /// One permit per connection that may exist (idle or in use).
-    slots: tokio::sync::Semaphore,
+    /// Connections in step, ready for a call; shared with the tasks that drain connections
+    /// whose calls were dropped, which put them back here.
+    idle: Arc<Mutex<Vec<Conn>>>,
+    /// One permit per connection that may exist (idle, in use or being drained).
+    slots: Arc<tokio::sync::Semaphore>,
     dials: Pacer,
 }
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Conn")
+    }
+}
+
+/// A connection a call holds, with its pool slot. Dropped with the call (a deadline, a
+/// cancelled caller), it hands a connection that still owes replies to a task that reads
+/// them back into step and returns it to the pool, holding the slot meanwhile.
+struct Held {
+    conn: Option<Conn>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    idle: Arc<Mutex<Vec<Conn>>>,
+    drain_within: Duration,
+    addr: Addr,
+}
+
+impl Held {
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("a held connection")
+    }
+
+    /// Back to the pool: the exchange ended in step.
+    fn give_back(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // At most `max_connections` exist, one per slot: every one given back is kept.
+            self.idle.lock().expect("pool lock").push(conn);
+        }
+    }
+
+    /// Closes the connection (broken, or out of step for good).
+    fn close(&mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if !conn.owes() {
+            self.idle.lock().expect("pool lock").push(conn);
+            return;
+        }
+        if conn.owed.lost {
+            return; // cut off mid-write: closed
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let slot = self.slot.take();
+        let idle = self.idle.clone();
+        let within = self.drain_within;
+        let addr = self.addr.clone();
+        rt.spawn(async move {
+            let drained = tokio::time::timeout(within, conn.drain()).await;
+            let result = match drained {
+                Ok(Ok(())) => {
+                    idle.lock().expect("pool lock").push(conn);
+                    "kept"
+                }
+                Ok(Err(_)) => "closed",
+                Err(_) => "timeout",
+            };
+            tracing::debug!(node = %addr, result, "drained a connection whose call was dropped");
+            metrics::counter!("kvshelf_store_connection_drains_total", "result" => result)
+                .increment(1);
+            drop(slot);
+        });
     }
 }
 
@@ -507,8 +679,8 @@ impl Pool {
         Pool {
             addr,
             dials: Pacer::new(dialer.connect_rate, u32::try_from(max).unwrap_or(u32::MAX)),
-            slots: tokio::sync::Semaphore::new(max),
-            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(max)),
+            idle: Arc::new(Mutex::new(Vec::new())),
             dialer,
         }
     }
@@ -525,31 +697,42 @@ impl Pool {
 
     /// Sends `req` and reads all its replies (bulk replies into `sinks` where given). Each
     /// step has its own bound: waiting for a connection slot and each exchange
-    /// `response_timeout`, each dial (pacing included) `connection_timeout`.
+    /// `response_timeout`, each dial (pacing included) `connection_timeout`. A call dropped
+    /// or timed out mid-exchange leaves its connection to be drained back into the pool
+    /// (module docs), and never touches `sinks` again.
     pub(crate) async fn exec(
         &self,
         req: &Request,
         sinks: &mut [Sink<'_>],
     ) -> Result<Replies, BackendError> {
         let timeout = self.dialer.response_timeout;
-        let _slot = tokio::time::timeout(timeout, self.slots.acquire())
+        let slot = tokio::time::timeout(timeout, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| self.timed_out("no connection free in time"))?
             .expect("the pool's semaphore is never closed");
-        let mut conn = match self.take_idle() {
+        let conn = match self.take_idle() {
             Some(c) => c,
             None => self.dial().await?,
         };
+        let mut held = Held {
+            conn: Some(conn),
+            slot: Some(slot),
+            idle: self.idle.clone(),
+            drain_within: timeout,
+            addr: self.addr.clone(),
+        };
         let mut retries = 0;
         loop {
-            match tokio::time::timeout(timeout, conn.exchange(req, sinks)).await {
+            match tokio::time::timeout(timeout, held.conn().exchange(req, sinks)).await {
                 Ok(Ok(replies)) => {
-                    if replies.oversized.is_none() {
-                        self.give_back(conn);
+                    match replies.oversized {
+                        None => held.give_back(),
+                        Some(_) => held.close(),
                     }
                     return Ok(replies);
                 }
                 Ok(Err(e)) if is_dropped(&e) => {
+                    held.close();
                     // Redis closed this connection: a restart, or its idle `timeout`. The
                     // idle ones are older still: drop them rather than find out one by one.
                     self.idle.lock().expect("pool lock").clear();
@@ -558,9 +741,13 @@ impl Pool {
                     }
                     retries += 1;
                     tracing::debug!(node = %self.addr, error = %e, retries, "redis connection dropped; resending on a new one");
-                    conn = self.dial().await?;
+                    held.conn = Some(self.dial().await?);
                 }
-                Ok(Err(e)) => return Err(BackendError::io(&format!("redis {}", self.addr), &e)),
+                Ok(Err(e)) => {
+                    held.close();
+                    return Err(BackendError::io(&format!("redis {}", self.addr), &e));
+                }
+                // `held` drains the connection in the background.
                 Err(_) => return Err(self.timed_out("response timed out")),
             }
         }
@@ -580,11 +767,6 @@ impl Pool {
 
     fn take_idle(&self) -> Option<Conn> {
         self.idle.lock().expect("pool lock").pop()
-    }
-
-    fn give_back(&self, conn: Conn) {
-        // At most `max_connections` exist, one per slot: every one given back is kept.
-        self.idle.lock().expect("pool lock").push(conn);
     }
 
     /// Opens a new connection, if the pacer allows one now, within `connection_timeout`.
@@ -743,6 +925,129 @@ mod tests {
             Reply::Bulk(Bytes::from_static(b"not a block"))
         );
         assert_eq!(tiny, [0; 4]);
+    }
+
+    /// A node that accepts ONE connection and answers each request it reads with the
+    /// next script entry: a list of (pause before, bytes) writes. A client that dialled a
+    /// second connection would never be answered.
+    async fn scripted(script: Vec<Vec<(Duration, Vec<u8>)>>) -> Addr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            for writes in script {
+                let mut req = [0u8; 4096];
+                if sock.read(&mut req).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                for (pause, bytes) in writes {
+                    tokio::time::sleep(pause).await;
+                    if sock.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let mut sink = Vec::new();
+            let _ = sock.read_to_end(&mut sink).await;
+        });
+        Addr {
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    fn get(max: usize) -> Request {
+        let mut r = Request::default();
+        r.cmd_bulk(max, &[Arg::Small(b"GET"), Arg::Small(b"k")]);
+        r
+    }
+
+    /// Issue 17 §3: a call that timed out before its reply came does not cost the
+    /// connection: the late reply is read and discarded in the background, and the next
+    /// call is answered on the same connection (the node accepts only one).
+    #[tokio::test]
+    async fn a_timed_out_exchange_is_drained_and_its_connection_kept() {
+        let mut late = Vec::new();
+        Reply::Bulk(Bytes::from(vec![1u8; 300_000])).encode(&mut late);
+        let mut next = Vec::new();
+        Reply::Bulk(Bytes::from_static(b"second")).encode(&mut next);
+        let ms = Duration::from_millis;
+        let addr = scripted(vec![vec![(ms(600), late)], vec![(ms(0), next)]]).await;
+        let pool = Pool::new(
+            addr,
+            Arc::new(Dialer {
+                response_timeout: ms(500),
+                ..dialer()
+            }),
+        );
+        let first = pool.exec(&get(1 << 20), &mut []).await.unwrap_err();
+        assert_eq!(first.kind(), BackendErrorKind::Timeout, "{first}");
+        let again = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                // The slot frees once the drain has given the connection back.
+                match pool.exec(&get(1 << 20), &mut []).await {
+                    Ok(r) => return r,
+                    Err(e) => assert_eq!(e.kind(), BackendErrorKind::Timeout, "{e}"),
+                }
+            }
+        })
+        .await
+        .expect("the drained connection answers again");
+        assert_eq!(
+            again.replies,
+            vec![Reply::Bulk(Bytes::from_static(b"second"))]
+        );
+    }
+
+    /// A call dropped while a block's payload was going straight into the caller's memory
+    /// never writes there again: the rest of the value is read into the connection's own
+    /// memory, and the connection serves the next call.
+    #[tokio::test]
+    async fn a_call_dropped_mid_payload_never_writes_the_callers_buffer_again() {
+        let ns = crate::namespace::tests::qwen();
+        let hash = crate::hashing::BlockHash([7; 32]);
+        let payload = vec![0xab; 300_000];
+        let value = codec::encode(&codec::Header::for_block(&ns, &hash, &payload), &payload);
+        let mut wire = Vec::new();
+        Reply::Bulk(value.clone()).encode(&mut wire);
+        let half = wire.len() - payload.len() / 2;
+        let mut next = Vec::new();
+        Reply::Bulk(Bytes::from_static(b"second")).encode(&mut next);
+        let ms = Duration::from_millis;
+        let addr = scripted(vec![
+            vec![
+                (ms(0), wire[..half].to_vec()),
+                (ms(400), wire[half..].to_vec()),
+            ],
+            vec![(ms(0), next)],
+        ])
+        .await;
+        let pool = Pool::new(addr, Arc::new(dialer()));
+        let mut mine = vec![0u8; payload.len()];
+        {
+            let mut sinks = [Sink::Into(&mut mine)];
+            let req = get(value.len());
+            let call = pool.exec(&req, &mut sinks);
+            assert!(
+                tokio::time::timeout(ms(200), call).await.is_err(),
+                "the caller gives up mid-payload"
+            );
+        }
+        assert!(mine.contains(&0xab), "half the payload had landed");
+        // The caller reuses its buffer at once.
+        mine.fill(0x11);
+        let again = tokio::time::timeout(Duration::from_secs(10), pool.exec(&get(64), &mut []))
+            .await
+            .expect("the connection was drained back")
+            .unwrap();
+        assert_eq!(
+            again.replies,
+            vec![Reply::Bulk(Bytes::from_static(b"second"))]
+        );
+        assert!(
+            mine.iter().all(|&b| b == 0x11),
+            "the caller's buffer was written after the call was dropped"
+        );
     }
 
     #[test]

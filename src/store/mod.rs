@@ -26,7 +26,7 @@ pub use self::keys::{
     KEY_PREFIX, PINS_PREFIX, block_key, namespace_pattern, parse_block_key, pins_key,
 };
 use self::topology::{TEXT_REPLY, Topology};
-pub use self::tracking::{Invalidation, Tracker};
+pub use self::tracking::{FELL_BEHIND, Invalidation, Tracker};
 use crate::codec::{self, Block, Header};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::hashing::BlockHash;

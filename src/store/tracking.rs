@@ -32,6 +32,17 @@ const MAX_KEY: usize = 64 * 1024;
 /// How often a tracker checks whether the primaries changed.
 const EPOCH_EVERY: Duration = Duration::from_millis(500);
 
+/// After this long without a message, a tracking connection sends `PING`; without an answer
+/// within the store's `response_timeout` the stream ends (the follower flushes L1 and tracks
+/// again). A connection cut silently (a middlebox dropping the flow, a partition: no FIN,
+/// no RST) otherwise looks exactly like a quiet Redis, and L1 would serve deleted blocks.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a tracker ended when its follower fell behind: the invalidation channel was full, so
+/// an invalidation could not be delivered and the follower must flush (as for a lost
+/// connection).
+pub const FELL_BEHIND: &str = "the follower fell behind: its invalidation channel is full";
+
 /// What Redis reported changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -62,8 +73,10 @@ impl Tracker {
 
 impl RedisStore {
     /// Opens a tracking connection on every primary and returns once all are subscribed;
-    /// from then on every change to a block key is sent on `tx`.
-    pub async fn track(&self, tx: mpsc::UnboundedSender<Invalidation>) -> Result<Tracker, Error> {
+    /// from then on every change to a block key is sent on `tx`. `tx` is bounded: when it
+    /// is full, the stream ends ([`Tracker::lost`] says [`FELL_BEHIND`]) rather than wait
+    /// (Redis would buffer for us) or drop a report silently.
+    pub async fn track(&self, tx: mpsc::Sender<Invalidation>) -> Result<Tracker, Error> {
         let epoch = self.topo.epoch();
         let mut tasks = JoinSet::new();
         for primary in self.topo.primaries().await? {
@@ -87,7 +100,8 @@ impl RedisStore {
             };
             let tx = tx.clone();
             let name = primary.name;
-            tasks.spawn(async move { follow(conn, tx, name).await });
+            let answer_within = pool.response_timeout();
+            tasks.spawn(async move { follow(conn, tx, name, answer_within).await });
         }
         let topo = self.topo.clone();
         tasks.spawn(async move {
@@ -151,17 +165,46 @@ async fn subscribe(pool: &Pool) -> Result<super::conn::Conn, Error> {
     }
 }
 
-/// Reads invalidation messages until the connection fails; why it stopped.
+/// Reads invalidation messages until the connection fails or stops answering its
+/// heartbeat (see [`HEARTBEAT_EVERY`]); why it stopped.
 async fn follow(
     mut conn: super::conn::Conn,
-    tx: mpsc::UnboundedSender<Invalidation>,
+    tx: mpsc::Sender<Invalidation>,
     node: String,
+    answer_within: Duration,
 ) -> String {
+    let mut ping = Request::default();
+    ping.cmd(&[Arg::Small(b"PING")]);
+    // When the unanswered PING was sent, if one is out.
+    let mut pinged: Option<tokio::time::Instant> = None;
+    let mut heard = tokio::time::Instant::now();
     loop {
-        let reply = match conn.next_reply(MAX_KEY).await {
-            Ok(r) => r,
-            Err(e) => return format!("tracking connection to {node}: {e}"),
+        let until = match pinged {
+            Some(at) => at + answer_within,
+            None => heard + HEARTBEAT_EVERY,
         };
+        // Reading a reply is cancel-safe: what a dropped read got stays in the
+        // connection's buffer and parser.
+        let reply = match tokio::time::timeout_at(until, conn.next_reply(MAX_KEY)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return format!("tracking connection to {node}: {e}"),
+            Err(_) if pinged.is_some() => {
+                return format!(
+                    "tracking connection to {node}: no answer to PING within {answer_within:?}"
+                );
+            }
+            Err(_) => {
+                let sent = tokio::time::timeout(answer_within, conn.send(&ping)).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    return format!("tracking connection to {node}: cannot send PING");
+                }
+                pinged = Some(tokio::time::Instant::now());
+                continue;
+            }
+        };
+        // Any message proves the connection alive (a PING's answer is `["pong", ""]`).
+        heard = tokio::time::Instant::now();
+        pinged = None;
         let Reply::Array(msg) = reply else { continue };
         if msg.first().and_then(Reply::text) != Some("message") {
             continue;
@@ -175,8 +218,10 @@ async fn follow(
             // A nil list: the whole database was flushed.
             _ => Invalidation::All,
         };
-        if tx.send(event).is_err() {
-            return "the follower stopped".into();
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => return FELL_BEHIND.into(),
+            Err(mpsc::error::TrySendError::Closed(_)) => return "the follower stopped".into(),
         }
     }
 }

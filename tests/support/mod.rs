@@ -1347,3 +1347,117 @@ pub fn wait_replicas_of(primary: &RedisServer, within: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A TCP proxy in front of a node whose connections a test can cut silently: a blackholed
+/// connection stays open but forwards nothing more, either way, as a middlebox that drops
+/// a flow does (no FIN, no RST). Each connection is matched by what its client sent.
+pub struct Proxy {
+    pub port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<ProxyConn>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyConn {
+    /// The first 64 KiB its client sent.
+    sent: std::sync::Mutex<Vec<u8>>,
+    dead: std::sync::atomic::AtomicBool,
+}
+
+impl Proxy {
+    /// Forwards a free loopback port to `127.0.0.1:target`.
+    pub async fn start(target: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        use std::sync::{Arc, Mutex};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns: Arc<Mutex<Vec<Arc<ProxyConn>>>> = Arc::default();
+        let all = conns.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let conn = Arc::new(ProxyConn {
+                    sent: Mutex::new(Vec::new()),
+                    dead: false.into(),
+                });
+                all.lock().unwrap().push(conn.clone());
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = conn.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if up.dead.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        {
+                            let mut sent = up.sent.lock().unwrap();
+                            let room = (64 * 1024usize).saturating_sub(sent.len());
+                            sent.extend_from_slice(&buf[..n.min(room)]);
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Blackholed: keep both sockets open, forward nothing.
+                    let _keep = (cr, sw);
+                    std::future::pending::<()>().await;
+                });
+                let down = conn;
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if down.dead.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _keep = (sr, cw);
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        Proxy { port, conns, task }
+    }
+
+    /// Silently cuts every open connection whose client sent bytes for which `sent` is
+    /// true; returns how many it cut. Connections opened later are forwarded as usual.
+    pub fn blackhole(&self, sent: impl Fn(&[u8]) -> bool) -> usize {
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|c| sent(&c.sent.lock().unwrap()))
+            .map(|c| c.dead.store(true, std::sync::atomic::Ordering::SeqCst))
+            .count()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether `haystack` contains `needle` (for [`Proxy::blackhole`] predicates).
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}

@@ -1,0 +1,274 @@
+//! Fail-open that recovers (issue 17 §3, and the tracking heartbeat): big blocks get time
+//! for their bytes, a fetch cut off by its deadline does not cost Redis a connection, a
+//! tracking connection cut silently is noticed, and a follower that falls behind flushes.
+//! Each against a real `redis-server` of its own (they pause or cut it).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kvshelf::admission::BodyKind;
+use kvshelf::frame::EndReason;
+use kvshelf::shelf::{Caller, FetchItem, L1Coherence, Shelf};
+use kvshelf::{BlockHash, Dtype, Layout, Namespace, PrefixHasher, RedisStore, StoreConfig};
+use redis::AsyncCommands;
+use support::{Proxy, RedisServer, Sidecar, contains_bytes, namespace, payload, sidecar_config};
+
+/// Fails the test instead of hanging it.
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+async fn fetch(shelf: &Shelf, ns: &Namespace, hashes: &[BlockHash]) -> (usize, EndReason) {
+    let admission = shelf.admit(BodyKind::None, None).await.expect("admitted");
+    let mut s = shelf
+        .fetch(admission, &Caller::default(), &ns.label, hashes.to_vec())
+        .await
+        .expect("a fetch");
+    let mut blocks = 0;
+    loop {
+        match s.recv().await.expect("a stream ends with an end item") {
+            FetchItem::Block { .. } => blocks += 1,
+            FetchItem::End { reason, .. } => return (blocks, reason),
+        }
+    }
+}
+
+fn hashes(ns: &Namespace, blocks: u32) -> Vec<BlockHash> {
+    let tokens: Vec<u32> = (0..blocks * ns.block_size).collect();
+    PrefixHasher::new(ns, None).hash_prefix(&tokens)
+}
+
+/// 16 MiB blocks: 128 tokens of an 8B-class model (32 layers, 8 KV heads × 128, bf16).
+fn big_namespace(test: &str) -> Namespace {
+    Namespace {
+        kv_dtype: Dtype::Bfloat16,
+        layout: Layout {
+            num_layers: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            tp_size: 1,
+            tp_rank: 0,
+            order: "lkthd".into(),
+        },
+        block_size: 128,
+        ..namespace(test)
+    }
+}
+
+async fn put(url: &str, ns: &Namespace, hs: &[BlockHash]) {
+    let store = RedisStore::new(StoreConfig {
+        url: url.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let blocks: Vec<_> = hs
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (*h, payload(ns, i as u8)))
+        .collect();
+    store.put(ns, &blocks).await.unwrap();
+}
+
+/// Holds every Redis client (this one's command returns at once) for `ms`.
+async fn pause(redis: &mut redis::aio::MultiplexedConnection, ms: u64) {
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("ALL")
+        .query_async(redis)
+        .await
+        .unwrap();
+}
+
+async fn connections_received(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(redis)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO stats has total_connections_received")
+}
+
+/// A fetch's deadline grows with the bytes it asks for: a 16 MiB block whose Redis answers
+/// after 300 ms is served, while a 1 KiB block that waits as long ends `backend_unavailable`
+/// at its 100 ms. On the old code both had 100 ms, and every big block on a busy host failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_chunk_gets_time_for_its_bytes() {
+    let redis = RedisServer::start(&[]);
+    let (big, small) = (big_namespace("big"), namespace("small"));
+    let mut cfg = sidecar_config(Some(redis.url()), vec![big.clone(), small.clone()]);
+    cfg.server.l1_bytes = 0;
+    cfg.server.fetch_timeout = Duration::from_millis(100);
+    // 16 MiB at 32 MiB/s: 500 ms more for the big block, 30 µs for the small one.
+    cfg.server.fetch_min_bytes_per_second = 32 << 20;
+    let side = Sidecar::start(cfg).await;
+    let (hb, hs) = (hashes(&big, 1), hashes(&small, 1));
+    put(&redis.url(), &big, &hb).await;
+    put(&redis.url(), &small, &hs).await;
+    let mut raw = support::raw(&redis.url()).await;
+    // Connections dialled before the pause, so the pause holds replies, not dials.
+    assert_eq!(
+        fetch(&side.shelf, &big, &hb).await,
+        (1, EndReason::Complete)
+    );
+    assert_eq!(
+        fetch(&side.shelf, &small, &hs).await,
+        (1, EndReason::Complete)
+    );
+
+    tokio::time::timeout(TEST_LIMIT, async {
+        pause(&mut raw, 300).await;
+        assert_eq!(
+            fetch(&side.shelf, &big, &hb).await,
+            (1, EndReason::Complete),
+            "a 16 MiB block gets 100 ms + its bytes at 32 MiB/s"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        pause(&mut raw, 300).await;
+        let started = Instant::now();
+        assert_eq!(
+            fetch(&side.shelf, &small, &hs).await,
+            (0, EndReason::BackendUnavailable)
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(290),
+            "{:?}",
+            started.elapsed()
+        );
+    })
+    .await
+    .expect("a fetch hung");
+}
+
+/// A fetch cut off by its deadline does not cost a connection: the late reply is read in
+/// the background and the connection goes back to the pool. Redis's
+/// `total_connections_received` stays put across five cut-off fetches (the old code closed
+/// the connection each time and dialled a new one: Redis saw a reconnect, and an `AUTH`,
+/// per fail-open timeout — in a brownout, that made things worse).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_cut_off_by_their_deadline_keep_their_connections() {
+    let redis = RedisServer::start(&[]);
+    let ns = namespace("drain");
+    let mut cfg = sidecar_config(Some(redis.url()), vec![ns.clone()]);
+    cfg.server.l1_bytes = 0;
+    let side = Sidecar::start(cfg).await;
+    let hs = hashes(&ns, 2);
+    put(&redis.url(), &ns, &hs).await;
+    let mut raw = support::raw(&redis.url()).await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        assert_eq!(fetch(&side.shelf, &ns, &hs).await, (2, EndReason::Complete));
+        let before = connections_received(&mut raw).await;
+        for _ in 0..5 {
+            pause(&mut raw, 300).await;
+            assert_eq!(
+                fetch(&side.shelf, &ns, &hs).await,
+                (0, EndReason::BackendUnavailable),
+                "fails open at fetch_timeout"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(fetch(&side.shelf, &ns, &hs).await, (2, EndReason::Complete));
+        }
+        let after = connections_received(&mut raw).await;
+        assert_eq!(after, before, "no connection was dialled again");
+    })
+    .await
+    .expect("a fetch hung");
+}
+
+/// A tracking connection cut silently (no FIN, no RST: a proxy stops forwarding it) is
+/// noticed by its heartbeat: L1 is flushed, so a block deleted in Redis meanwhile is not
+/// served from L1, and tracking starts again on a new connection. Before, nothing was ever
+/// sent on it: `kvshelf_l1_tracking` stayed 1 and L1 served the deleted block until
+/// `l1_max_ttl` (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_cut_tracking_connection_is_noticed() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start(redis.port).await;
+    let ns = namespace("heartbeat");
+    let mut cfg = sidecar_config(Some(proxy.url()), vec![ns.clone()]);
+    cfg.store.as_mut().unwrap().response_timeout = Duration::from_millis(500);
+    let side = Sidecar::start(cfg).await;
+    assert_eq!(side.shelf.l1_coherence(), L1Coherence::Tracking);
+    let hs = hashes(&ns, 1);
+    put(&redis.url(), &ns, &hs).await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        assert_eq!(fetch(&side.shelf, &ns, &hs).await, (1, EndReason::Complete));
+        let cut = proxy.blackhole(|sent| contains_bytes(sent, b"TRACKING"));
+        assert_eq!(cut, 1, "one tracking connection");
+        // Deleted behind the sidecar's back, its invalidation lost in the cut.
+        let mut raw = support::raw(&redis.url()).await;
+        let key = kvshelf::store::block_key(&ns.label, &hs[0]);
+        let _: u64 = raw.unlink(&key).await.unwrap();
+        let started = Instant::now();
+        loop {
+            if fetch(&side.shelf, &ns, &hs).await == (0, EndReason::Miss) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "L1 still serves a block deleted in Redis after a silent cut"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while side.shelf.l1_coherence() != L1Coherence::Tracking {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "tracking never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("hung");
+}
+
+/// A follower that falls behind (its `EXISTS` check stalled on a cut data connection while
+/// thousands of block keys change) does not queue invalidations without bound: the stream
+/// ends, L1 is flushed (`reason="invalidations_overflowed"`) and tracking starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_falls_behind_flushes_instead_of_queueing() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start(redis.port).await;
+    let ns = namespace("behind");
+    let mut cfg = sidecar_config(Some(proxy.url()), vec![ns.clone()]);
+    // One data connection (the pacer's burst of two covers it and the tracking dial).
+    let store = cfg.store.as_mut().unwrap();
+    store.max_connections = 2;
+    store.batch_connections = 1;
+    let side = Sidecar::start(cfg).await;
+    assert_eq!(side.shelf.l1_coherence(), L1Coherence::Tracking);
+    let hs = hashes(&ns, 1);
+    put(&redis.url(), &ns, &hs).await;
+    let series = "kvshelf_l1_flushes_total{reason=\"invalidations_overflowed\"}";
+    tokio::time::timeout(TEST_LIMIT, async {
+        assert_eq!(fetch(&side.shelf, &ns, &hs).await, (1, EndReason::Complete));
+        assert_eq!(side.metric(series).await, 0.0);
+        // The sidecar's one data connection goes silent; its tracking stays up.
+        let cut = proxy.blackhole(|sent| !contains_bytes(sent, b"TRACKING"));
+        assert!(cut >= 1);
+        let mut raw = support::raw(&redis.url()).await;
+        // The block in L1 changes: the follower checks it (EXISTS) on the cut connection...
+        let key = kvshelf::store::block_key(&ns.label, &hs[0]);
+        let _: u64 = raw.unlink(&key).await.unwrap();
+        // ...while thousands of block keys change, one message each (Redis sends what
+        // changed in one event loop turn as one message: one command per round trip).
+        for i in 0..3000 {
+            let _: () = raw
+                .set_ex(format!("kvshelf:v1:{}:flood-{i}", ns.label), "x", 60)
+                .await
+                .unwrap();
+        }
+        let started = Instant::now();
+        while side.metric(series).await < 1.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the follower never flushed for falling behind"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("hung");
+}
