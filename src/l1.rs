@@ -27,6 +27,10 @@ use crate::store::Read;
 
 type Key = (Arc<str>, BlockHash);
 
+/// Payloads smaller than this are copied into L1 rather than kept as slices (see
+/// `L1::entry`): a copy this small costs less than the memory a slice could pin.
+const COPY_BELOW: usize = 64 * 1024;
+
 #[derive(Clone)]
 struct Entry {
     /// `None`: a tombstone, left by a load that found no such block so that the calls
@@ -151,8 +155,17 @@ impl L1 {
     }
 
     /// The entry for a payload the backend holds for `ttl` more; `None` if it expires now.
+    ///
+    /// A small payload is copied: it may be a slice of a larger buffer (a Redis read
+    /// buffer holding other replies), which the entry would pin while weighing only the
+    /// slice. Big payloads are read into buffers of their own exact size, so they are kept
+    /// as they are.
     fn entry(&self, payload: Bytes, ttl: Option<Duration>) -> Option<Entry> {
         let ttl = ttl.map_or(self.max_ttl, |t| t.min(self.max_ttl));
+        let payload = match payload.len() < COPY_BELOW {
+            true => Bytes::copy_from_slice(&payload),
+            false => payload,
+        };
         (!ttl.is_zero()).then(|| Entry {
             payload: Some(payload),
             expires_at: Instant::now() + ttl,
@@ -487,6 +500,37 @@ mod tests {
         assert!(l1.contains("ns", &b));
         l1.remove_namespace("ns");
         assert!(!l1.contains("ns", &b));
+    }
+
+    /// Issue 17 §4: an entry weighs what it holds. A small payload sliced from a big
+    /// buffer (a read buffer holding other replies) is copied, so L1 does not pin the
+    /// buffer while weighing only the slice.
+    #[test]
+    fn a_small_slice_does_not_pin_its_buffer() {
+        struct Owner(Vec<u8>, Arc<AtomicUsize>);
+        impl AsRef<[u8]> for Owner {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Owner {
+            fn drop(&mut self) {
+                self.1.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let freed = Arc::new(AtomicUsize::new(0));
+        let big = Bytes::from_owner(Owner(vec![7; 4 << 20], freed.clone()));
+        let small = big.slice(100..612);
+        drop(big);
+        let l1 = L1::new(1 << 20, Duration::from_secs(30));
+        l1.insert("ns", &hash(1), small, None);
+        assert_eq!(freed.load(Ordering::SeqCst), 1, "the 4 MiB buffer is freed");
+        assert!(l1.contains("ns", &hash(1)));
+        assert!(
+            l1.usage().0 < 1024,
+            "weighs its 512 bytes: {:?}",
+            l1.usage()
+        );
     }
 
     #[tokio::test]

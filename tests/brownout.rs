@@ -272,3 +272,157 @@ async fn a_follower_that_falls_behind_flushes_instead_of_queueing() {
     .await
     .expect("hung");
 }
+
+async fn lookup_warm(shelf: &Shelf, ns: &Namespace, hs: &[BlockHash]) -> usize {
+    let admission = shelf
+        .admit(BodyKind::Control, None)
+        .await
+        .expect("admitted");
+    shelf
+        .lookup(
+            admission,
+            &Caller::default(),
+            &ns.label,
+            kvshelf::shelf::LookupInput::Hashes(hs.to_vec()),
+            true,
+        )
+        .await
+        .expect("a lookup")
+        .hit_blocks
+}
+
+/// Issue 17 §4: a warm lookup answers without waiting for the warm. Here the warm cannot
+/// even start (a fetch whose reader stalls holds the whole fetch budget): the lookup still
+/// answers at once. Before, it waited for the warm's full fetch, up to its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_lookup_answers_without_waiting_for_the_warm() {
+    let redis = RedisServer::start(&[]);
+    let ns = namespace("warm-wait");
+    let mut cfg = sidecar_config(Some(redis.url()), vec![ns.clone()]);
+    cfg.server.fetch_memory_bytes = ns.block_bytes();
+    cfg.server.fetch_timeout = Duration::from_secs(3);
+    let side = Sidecar::start(cfg).await;
+    let hs = hashes(&ns, 4);
+    put(&redis.url(), &ns, &hs).await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        // A reader that never reads: its first block holds the whole budget.
+        let admission = side.shelf.admit(BodyKind::None, None).await.unwrap();
+        let _stalled = side
+            .shelf
+            .fetch(admission, &Caller::default(), &ns.label, hs[..1].to_vec())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = Instant::now();
+        assert_eq!(lookup_warm(&side.shelf, &ns, &hs[1..]).await, 3);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the lookup waited {:?} for its warm",
+            started.elapsed()
+        );
+    })
+    .await
+    .expect("hung");
+}
+
+/// A warm lookup reads at most half of L1 (a longer prefix would evict its own first
+/// blocks before they are fetched), and slides the Redis TTL of the blocks it finds in L1
+/// already, as docs/api.md says a warm lookup does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_lookup_warms_at_most_half_of_l1_and_slides_l1_hits() {
+    let redis = RedisServer::start(&[]);
+    let ns = Namespace {
+        ttl: Some(Duration::from_secs(100)),
+        ..namespace("warm-half")
+    };
+    let mut cfg = sidecar_config(Some(redis.url()), vec![ns.clone()]);
+    // Room for 8 blocks and their bookkeeping; a warm takes half: 6 blocks of 512 bytes.
+    cfg.server.l1_bytes = 8 * (ns.block_bytes() + 256);
+    let half = cfg.server.l1_bytes / 2 / ns.block_bytes();
+    assert_eq!(half, 6);
+    cfg.server.l1_touch_interval = Duration::from_millis(100);
+    let side = Sidecar::start(cfg).await;
+    let hs = hashes(&ns, 12);
+    put(&redis.url(), &ns, &hs).await;
+    let mut raw = support::raw(&redis.url()).await;
+    let key0 = kvshelf::store::block_key(&ns.label, &hs[0]);
+    tokio::time::timeout(TEST_LIMIT, async {
+        // Block 0 in L1; its TTL then runs down in Redis.
+        assert_eq!(fetch(&side.shelf, &ns, &hs[..1]).await, (1, EndReason::Complete));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before: i64 = raw.pttl(&key0).await.unwrap();
+        assert!(before < 99_000, "{before}");
+        assert_eq!(lookup_warm(&side.shelf, &ns, &hs).await, 12);
+        let started = Instant::now();
+        loop {
+            let stats = side.shelf.stats().await;
+            let pttl: i64 = raw.pttl(&key0).await.unwrap();
+            if stats.l1_entries == half && pttl > 99_000 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "L1 holds {} entries (want {half}: half of L1), block 0's TTL is {pttl} ms (want slid to ~100 s)",
+                stats.l1_entries
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(side.shelf.stats().await.l1_entries, half, "no more than half of L1");
+    })
+    .await
+    .expect("hung");
+}
+
+/// Issue 17 §4: hashing a long prompt (here 4,096 blocks of 256 tokens) does not stall the
+/// async worker it was asked on: on a one-thread runtime, a ticker keeps ticking while the
+/// sidecar hashes. Before, the hash ran on the worker and the ticker stood still.
+#[tokio::test(flavor = "current_thread")]
+async fn hashing_a_long_prompt_leaves_the_async_worker_free() {
+    let ns = Namespace {
+        block_size: 256,
+        ..namespace("cpu")
+    };
+    // The embedded store: no Redis needed to hash.
+    let shelf = Shelf::new(&sidecar_config(None, vec![ns.clone()])).unwrap();
+    let tokens: Vec<u32> = (0..4096 * 256).collect();
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ticker = {
+        let ticks = ticks.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (started, before) = (
+        Instant::now(),
+        ticks.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    let hashes = tokio::time::timeout(
+        TEST_LIMIT,
+        shelf.hash(&Caller::default(), &ns.label, tokens.clone(), Vec::new()),
+    )
+    .await
+    .expect("hung")
+    .unwrap();
+    let (took, ticked) = (
+        started.elapsed(),
+        ticks.load(std::sync::atomic::Ordering::SeqCst) - before,
+    );
+    ticker.abort();
+    assert_eq!(hashes, PrefixHasher::new(&ns, None).hash_prefix(&tokens));
+    // A 1 ms ticker on a free worker ticks about every 2 ms; leave room for a busy host.
+    let expected = (took.as_millis() as u64 / 10).max(1);
+    assert!(
+        ticked >= expected,
+        "the worker stalled: {ticked} ticks in {took:?} of hashing"
+    );
+    eprintln!("hashed in {took:?}; {ticked} ticks meanwhile");
+    assert!(
+        took >= Duration::from_millis(20),
+        "too quick to tell: {took:?}"
+    );
+}

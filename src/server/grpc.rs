@@ -192,9 +192,9 @@ impl proto::shelf_server::Shelf for GrpcShelf {
         let run = async {
             let _admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
             let who = caller_of(&self.shelf, &req)?;
-            let r = req.get_ref();
-            let extras = extras_of(r.extra_keys.clone());
-            self.shelf.hash(&who, &r.namespace, &r.tokens, &extras)
+            let r = req.into_inner();
+            let extras = extras_of(r.extra_keys);
+            self.shelf.hash(&who, &r.namespace, r.tokens, extras).await
         };
         let hashes = run.await.map_err(|e| status_of(&e))?;
         Ok(Response::new(proto::HashResponse {
@@ -298,7 +298,12 @@ impl proto::shelf_server::Shelf for GrpcShelf {
                     }
                 };
                 for b in msg.blocks {
-                    batch.push(hash_of(&b.block_hash)?, b.payload)?;
+                    // prost hands out payloads as slices of tonic's decode buffer, which
+                    // holds the whole message (and may be larger still): a block kept in
+                    // the put queue or L1 would pin all of it while being weighed as its
+                    // own length. One copy makes each block own exactly its bytes.
+                    let payload = bytes::Bytes::copy_from_slice(&b.payload);
+                    batch.push(hash_of(&b.block_hash)?, payload)?;
                 }
             }
             let Some(batch) = batch else {

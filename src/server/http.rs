@@ -173,8 +173,12 @@ async fn each_chunk(
     Ok(())
 }
 
+/// JSON bodies up to this size are parsed on the async worker; larger ones on a blocking
+/// thread (`Shelf::cpu`).
+const JSON_INLINE_BYTES: usize = 64 * 1024;
+
 /// Admits a request with a JSON body, then reads and parses the body.
-async fn admit_json<T: DeserializeOwned>(
+async fn admit_json<T: DeserializeOwned + Send + 'static>(
     shelf: &Shelf,
     headers: &HeaderMap,
     body: Body,
@@ -186,8 +190,14 @@ async fn admit_json<T: DeserializeOwned>(
         Ok(())
     })
     .await?;
-    let req = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))?;
+    let inline = bytes.len() <= JSON_INLINE_BYTES;
+    let parse = move || serde_json::from_slice::<T>(&bytes);
+    // A large body (a long prompt's token ids) is parsed off the async workers.
+    let parsed = match inline {
+        true => parse(),
+        false => shelf.cpu(parse).await?,
+    };
+    let req = parsed.map_err(|e| ApiError::InvalidRequest(format!("malformed JSON body: {e}")))?;
     Ok((admission, req))
 }
 
@@ -264,7 +274,7 @@ async fn hash(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Res
     let who = caller(&shelf, &headers)?;
     let (_admission, req): (_, HashBody) = admit_json(&shelf, &headers, body).await?;
     let extras = parse_extras(req.extra_keys)?;
-    let hashes = shelf.hash(&who, &req.namespace, &req.tokens, &extras)?;
+    let hashes = shelf.hash(&who, &req.namespace, req.tokens, extras).await?;
     Ok(axum::Json(serde_json::json!({ "block_hashes": hashes })).into_response())
 }
 

@@ -79,7 +79,7 @@ impl Shelf {
         let started = Instant::now();
         let ns = self.namespace(label)?.clone();
         let hashes = match input {
-            LookupInput::Tokens(tokens, extras) => self.hash(caller, label, &tokens, &extras)?,
+            LookupInput::Tokens(tokens, extras) => self.hash(caller, label, tokens, extras).await?,
             LookupInput::Hashes(h) => {
                 self.check_count(h.len())?;
                 h

@@ -94,7 +94,13 @@ struct Inner {
     l1_tracking: Option<Arc<AtomicBool>>,
     /// Background warms of lookups (`warm: true`) running at once, at most [`MAX_WARMING`].
     warming: Arc<Semaphore>,
+    /// One permit per core: CPU jobs off the async workers ([`Shelf::cpu`]).
+    cpu_jobs: Semaphore,
 }
+
+/// Prompts up to this many tokens are hashed on the async worker (~0.1 ms of SHA-256);
+/// longer ones on a blocking thread ([`Shelf::cpu`]).
+const HASH_INLINE_TOKENS: usize = 16 * 1024;
 
 /// Most lookups warming L1 in the background at once; a lookup past it does not warm.
 pub const MAX_WARMING: usize = 16;
@@ -224,6 +230,9 @@ impl Shelf {
                 _stop_tracking: stop_tracking,
                 l1_tracking,
                 warming: Arc::new(Semaphore::new(MAX_WARMING)),
+                cpu_jobs: Semaphore::new(
+                    std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+                ),
             }),
         };
         let worker = tokio::spawn(put_queue_worker(shelf.clone(), rx));
@@ -282,18 +291,47 @@ impl Shelf {
         Ok(())
     }
 
-    /// Hashes of every full block of `tokens`, with the caller's salt.
-    pub fn hash(
+    /// Hashes of every full block of `tokens`, with the caller's salt. A long prompt is
+    /// hashed off the async workers ([`Shelf::cpu`]): 4096 blocks of 4096 tokens take
+    /// ~100 ms of SHA-256, which would stall every request sharing the worker.
+    pub async fn hash(
         &self,
         caller: &Caller,
         label: &str,
-        tokens: &[u32],
-        extras: &[Vec<Vec<u8>>],
+        tokens: Vec<u32>,
+        extras: Vec<Vec<Vec<u8>>>,
     ) -> Result<Vec<BlockHash>, ApiError> {
         let ns = self.namespace(label)?;
         self.check_count(tokens.len() / ns.block_size as usize)?;
         let hasher = PrefixHasher::new(ns, caller.salt());
-        Ok(hasher.hash_prefix_with_extras(tokens, extras)?)
+        let inline = tokens.len() <= HASH_INLINE_TOKENS;
+        let hash = move || hasher.hash_prefix_with_extras(&tokens, &extras);
+        let hashes = match inline {
+            true => hash(),
+            false => self.cpu(hash).await?,
+        };
+        Ok(hashes?)
+    }
+
+    /// Runs CPU-heavy work (hashing a long prompt, parsing a large JSON body) on tokio's
+    /// blocking threads, at most one job per core at once, so the async workers keep
+    /// serving other requests meanwhile.
+    pub async fn cpu<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _core = self
+            .inner
+            .cpu_jobs
+            .acquire()
+            .await
+            .expect("the CPU semaphore is never closed");
+        match tokio::task::spawn_blocking(job).await {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(ApiError::Overloaded),
+        }
     }
 
     /// Runs a backend call under `timeout`. Caller errors pass through; a backend that
