@@ -594,6 +594,8 @@ pub(crate) struct Pool {
     /// Connections in step, ready for a call; shared with the tasks that drain connections
     /// whose calls were dropped, which put them back here.
     idle: Arc<Mutex<Vec<Conn>>>,
+    /// Connections being drained, and a wake-up for calls waiting for one to come back.
+    drains: Arc<Drains>,
     /// One permit per connection that may exist (idle, in use or being drained).
     slots: Arc<tokio::sync::Semaphore>,
     dials: Pacer,
@@ -605,6 +607,16 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// The connections of a pool being drained. While any is, a call that finds no idle
+/// connection waits for one to come back rather than dial: in a brownout every call that
+/// times out leaves a connection draining, and dialling past them would open a new
+/// connection (and `AUTH`) per timeout, just when Redis can least afford it.
+#[derive(Debug, Default)]
+struct Drains {
+    running: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
 /// A connection a call holds, with its pool slot. Dropped with the call (a deadline, a
 /// cancelled caller), it hands a connection that still owes replies to a task that reads
 /// them back into step and returns it to the pool, holding the slot meanwhile.
@@ -612,6 +624,7 @@ struct Held {
     conn: Option<Conn>,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     idle: Arc<Mutex<Vec<Conn>>>,
+    drains: Arc<Drains>,
     drain_within: Duration,
     addr: Addr,
 }
@@ -652,8 +665,12 @@ impl Drop for Held {
         };
         let slot = self.slot.take();
         let idle = self.idle.clone();
+        let drains = self.drains.clone();
         let within = self.drain_within;
         let addr = self.addr.clone();
+        drains
+            .running
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         rt.spawn(async move {
             let drained = tokio::time::timeout(within, conn.drain()).await;
             let result = match drained {
@@ -664,6 +681,10 @@ impl Drop for Held {
                 Ok(Err(_)) => "closed",
                 Err(_) => "timeout",
             };
+            drains
+                .running
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            drains.done.notify_waiters();
             tracing::debug!(node = %addr, result, "drained a connection whose call was dropped");
             metrics::counter!("kvshelf_store_connection_drains_total", "result" => result)
                 .increment(1);
@@ -681,6 +702,7 @@ impl Pool {
             dials: Pacer::new(dialer.connect_rate, u32::try_from(max).unwrap_or(u32::MAX)),
             slots: Arc::new(tokio::sync::Semaphore::new(max)),
             idle: Arc::new(Mutex::new(Vec::new())),
+            drains: Arc::default(),
             dialer,
         }
     }
@@ -706,18 +728,35 @@ impl Pool {
         sinks: &mut [Sink<'_>],
     ) -> Result<Replies, BackendError> {
         let timeout = self.dialer.response_timeout;
-        let slot = tokio::time::timeout(timeout, self.slots.clone().acquire_owned())
+        let free_by = tokio::time::Instant::now() + timeout;
+        let slot = tokio::time::timeout_at(free_by, self.slots.clone().acquire_owned())
             .await
             .map_err(|_| self.timed_out("no connection free in time"))?
             .expect("the pool's semaphore is never closed");
-        let conn = match self.take_idle() {
-            Some(c) => c,
-            None => self.dial().await?,
+        let conn = loop {
+            let back = self.drains.done.notified();
+            tokio::pin!(back);
+            back.as_mut().enable();
+            if let Some(c) = self.take_idle() {
+                break c;
+            }
+            if self
+                .drains
+                .running
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                break self.dial().await?;
+            }
+            tokio::time::timeout_at(free_by, back)
+                .await
+                .map_err(|_| self.timed_out("no connection free in time (others draining)"))?;
         };
         let mut held = Held {
             conn: Some(conn),
             slot: Some(slot),
             idle: self.idle.clone(),
+            drains: self.drains.clone(),
             drain_within: timeout,
             addr: self.addr.clone(),
         };
