@@ -81,10 +81,11 @@ fn big_namespace(test: &str) -> Namespace {
     ns
 }
 
-/// A sidecar whose fetch budget (8 MiB) one stalled reader of 1 MiB blocks can fill, and
-/// one block of `ns` on it. Returns the block's hash.
-async fn fetch_sidecar(ns: &Namespace) -> (Sidecar, BlockHash) {
+/// A sidecar with room for `readers` requests at once and a fetch budget of 8 MiB, and one
+/// block of `ns` (1 MiB) on it. Returns the block's hash.
+async fn fetch_sidecar(ns: &Namespace, readers: usize) -> (Sidecar, BlockHash) {
     let mut cfg = with_deadlines(sidecar_config(Some(redis_url()), vec![ns.clone()]));
+    cfg.server.max_concurrent_requests = readers;
     cfg.server.fetch_memory_bytes = 8 << 20;
     cfg.server.fetch_timeout = Duration::from_millis(200);
     let side = Sidecar::start(cfg).await;
@@ -96,15 +97,26 @@ async fn fetch_sidecar(ns: &Namespace) -> (Sidecar, BlockHash) {
     (side, h)
 }
 
-/// A fetch of one block by a client of its own is served in full (its room in the fetch
-/// budget came within fetch_timeout).
+/// A fetch of one block by a client of its own is served in full: it got a slot (not
+/// `overloaded`) and its room in the fetch budget within fetch_timeout.
 async fn fetch_complete(side: &Sidecar, ns: &Namespace, h: BlockHash) -> bool {
-    let got = side
+    match side
         .client(Protocol::Http, None)
         .fetch(&ns.label, &[h])
         .await
-        .unwrap();
-    got.reason == EndReason::Complete && got.blocks.len() == 1
+    {
+        Ok(got) => got.reason == EndReason::Complete && got.blocks.len() == 1,
+        Err(kvshelf::client::ClientError::Api { code, .. }) if code == "overloaded" => false,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The stalled readers hold fetch budget: read from Redis, not taken by their clients.
+async fn budget_held(side: &Sidecar, since: Instant) {
+    recovers("the stalled readers hold fetch budget", since, || async {
+        side.shelf.fetch_memory_in_use() > 0
+    })
+    .await;
 }
 
 /// The request of a fetch of `h` 4096 times: 4 GiB of response, far more than any socket
@@ -229,10 +241,11 @@ async fn four_headers_only_puts_give_the_body_budget_back() {
             assert_eq!(status, "HTTP/1.1 408 Request Timeout");
             assert_eq!(body["error"], "request_timeout");
         }
-        assert_eq!(
+        // The recorder is the process's: other tests in this binary count too.
+        assert!(
             side.metric(r#"kvshelf_stalled_requests_total{reason="body_read_timeout"}"#)
-                .await,
-            4.0
+                .await
+                >= 4.0
         );
     })
     .await
@@ -280,18 +293,19 @@ async fn half_sent_single_block_puts_give_their_slots_back() {
     .await
 }
 
-/// HTTP/1.1 fetch streams whose clients stop reading hold the whole fetch budget: another
-/// client's fetch fails open (`backend_unavailable`) for as long as they stay (on main:
-/// forever). Once their connections are closed, it is served in full and the budget is
+/// An HTTP/1.1 fetch stream whose client reads the response head and then stops reading:
+/// with `max_concurrent_requests = 1` it holds the only slot and part of the fetch budget,
+/// and every other request is refused (on main: for as long as the socket stays open). Once
+/// its connection is closed, another client's fetch is served in full and the budget is
 /// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_http1_fetch_readers_give_the_fetch_budget_back() {
     within(async {
         let ns = big_namespace("h1-reader");
-        let (side, h) = fetch_sidecar(&ns).await;
+        let (side, h) = fetch_sidecar(&ns, 1).await;
         let body = serde_json::to_vec(&endless_fetch(&ns, h)).unwrap();
         let mut stalled = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..1 {
             let mut raw = Raw::connect(&side).await;
             let headers = [
                 format!("Content-Length: {}", body.len()),
@@ -299,21 +313,19 @@ async fn stalled_http1_fetch_readers_give_the_fetch_budget_back() {
             ];
             raw.head("POST", "/v1/fetch", &headers).await;
             raw.send(&body).await;
-            stalled.push(raw); // never read
+            let mut status = String::new();
+            raw.conn.read_line(&mut status).await.unwrap();
+            assert_eq!(status.trim_end(), "HTTP/1.1 200 OK");
+            stalled.push(raw); // read no further
         }
         let since = Instant::now();
-        recovers("the fetch budget is held", since, || async {
-            side.shelf.fetch_memory_in_use() == 8 << 20
-        })
-        .await;
+        budget_held(&side, since).await;
         recovers("another client's fetch is served", since, || {
             fetch_complete(&side, &ns, h)
         })
         .await;
         budget_returned(&side, since).await;
-        // The stalled client that held the budget finds its response cut short: the
-        // connection closed. (A reader that never got room had a short, whole response:
-        // its fetch failed open, and its connection stays.)
+        // The stalled client finds its response cut short: the connection closed.
         let mut closed = 0;
         for mut raw in stalled {
             let mut got = 0u64;
@@ -330,19 +342,21 @@ async fn stalled_http1_fetch_readers_give_the_fetch_budget_back() {
             }
             assert!(got < 4096 << 20, "{got} bytes: cut short");
         }
-        assert!(closed >= 1, "a stalled reader's connection is closed");
+        assert_eq!(closed, 1, "the stalled reader's connection is closed");
     })
     .await
 }
 
 /// An HTTP/2 (h2c) client that keeps reading its socket but stops reading one fetch
-/// stream: the stream's flow-control window closes, the socket never stalls; the fetch is
-/// still cut off (with its connection) and the budget comes back.
+/// stream: the stream's flow-control window closes, the socket never stalls. With
+/// `max_concurrent_requests = 1` it holds the only slot and part of the fetch budget; the
+/// fetch is cut off (with its connection), then another client's fetch is served in full
+/// and the budget comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_h2_fetch_reader_gives_the_fetch_budget_back() {
     within(async {
         let ns = big_namespace("h2-reader");
-        let (side, h) = fetch_sidecar(&ns).await;
+        let (side, h) = fetch_sidecar(&ns, 1).await;
         let h2 = reqwest::Client::builder()
             .http2_prior_knowledge()
             .build()
@@ -356,10 +370,7 @@ async fn a_stalled_h2_fetch_reader_gives_the_fetch_budget_back() {
         assert_eq!(resp.version(), reqwest::Version::HTTP_2);
         assert_eq!(resp.status(), 200);
         let since = Instant::now();
-        recovers("the fetch budget is held", since, || async {
-            side.shelf.fetch_memory_in_use() == 8 << 20
-        })
-        .await;
+        budget_held(&side, since).await;
         recovers("another client's fetch is served", since, || {
             fetch_complete(&side, &ns, h)
         })
@@ -497,14 +508,15 @@ async fn stalled_grpc_put_streams_give_their_slots_and_budget_back() {
     .await
 }
 
-/// A gRPC fetch stream whose client reads one message and then stops: cut off (with its
+/// A gRPC fetch stream whose client reads one message and then stops, holding the only slot
+/// (`max_concurrent_requests = 1`) and part of the fetch budget: cut off (with its
 /// connection) within `response_write_timeout`; another client's fetch is then served in
 /// full and the fetch budget is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_grpc_fetch_reader_gives_the_fetch_budget_back() {
     within(async {
         let ns = big_namespace("grpc-reader");
-        let (side, h) = fetch_sidecar(&ns).await;
+        let (side, h) = fetch_sidecar(&ns, 1).await;
         let mut stalled = grpc(&side).await;
         let mut stream = stalled
             .fetch(FetchRequest {
@@ -516,10 +528,7 @@ async fn a_stalled_grpc_fetch_reader_gives_the_fetch_budget_back() {
             .into_inner();
         assert!(stream.message().await.unwrap().is_some());
         let since = Instant::now();
-        recovers("the fetch budget is held", since, || async {
-            side.shelf.fetch_memory_in_use() == 8 << 20
-        })
-        .await;
+        budget_held(&side, since).await;
         recovers("another client's fetch is served", since, || {
             fetch_complete(&side, &ns, h)
         })
