@@ -14,6 +14,10 @@
 //! the budget has no room, the request waits at most `put_timeout` and is then refused as
 //! `overloaded`, holding its slot while it waits so that waiting is bounded too.
 //!
+//! A body that stops arriving is cut off by the transport after `body_read_timeout` without
+//! a byte ([`Admission::stalled`]): the request ends `request_timeout` and, being dropped,
+//! gives its slot and its room back; idle sockets cannot hold either.
+//!
 //! [`PutBatch`] checks a put's blocks as they arrive, so a stream of a million empty
 //! payloads is refused at block `max_blocks_per_request + 1`, not at its end.
 
@@ -83,6 +87,7 @@ struct Limits {
     max_body: u64,
     largest_block_bytes: u64,
     largest_block_size: u64,
+    body_read_timeout: Duration,
 }
 
 impl Limits {
@@ -152,6 +157,7 @@ impl Admitter {
                     .min(u32::MAX as u64),
                 largest_block_bytes,
                 largest_block_size,
+                body_read_timeout: cfg.body_read_timeout,
             }),
             requests: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             budget: Arc::new(Semaphore::new(budget_bytes as usize)),
@@ -220,6 +226,7 @@ impl Admitter {
 enum Refusal {
     TooLarge(u64),
     Overloaded,
+    Stalled(Duration),
 }
 
 /// Counts the refusal and returns its error.
@@ -227,6 +234,11 @@ fn refused(r: Refusal) -> ApiError {
     let (reason, e) = match r {
         Refusal::TooLarge(limit) => ("payload_too_large", ApiError::PayloadTooLarge { limit }),
         Refusal::Overloaded => ("overloaded", ApiError::Overloaded),
+        Refusal::Stalled(after) => {
+            metrics::counter!("kvshelf_stalled_requests_total", "reason" => "body_read_timeout")
+                .increment(1);
+            return ApiError::RequestTimeout(after);
+        }
     };
     metrics::counter!("kvshelf_rejected_requests_total", "reason" => reason).increment(1);
     e
@@ -296,7 +308,13 @@ impl Admission {
         self.meter.0.state().refused.map(|r| match r {
             Refusal::TooLarge(limit) => ApiError::PayloadTooLarge { limit },
             Refusal::Overloaded => ApiError::Overloaded,
+            Refusal::Stalled(after) => ApiError::RequestTimeout(after),
         })
+    }
+
+    /// See [`BodyMeter::stalled`].
+    pub fn stalled(&self) -> ApiError {
+        self.meter.stalled()
     }
 }
 
@@ -329,6 +347,14 @@ impl Account {
 }
 
 impl BodyMeter {
+    /// Records that the body stopped arriving (the transport's `body_read_timeout` passed
+    /// without a byte) and counts it: the request's error, `request_timeout`.
+    pub fn stalled(&self) -> ApiError {
+        let r = Refusal::Stalled(self.0.limits.body_read_timeout);
+        self.0.state().refused = Some(r);
+        refused(r)
+    }
+
     /// See [`Admission::receive`].
     pub async fn receive(&self, n: usize) -> Result<(), ApiError> {
         let more = {

@@ -117,6 +117,18 @@ pub struct ServerConfig {
     /// Default: 3s.
     #[serde(with = "humantime_serde")]
     pub operator_timeout: Duration,
+    /// Longest a request body may go without a byte arriving while the request reads it (it
+    /// holds a concurrency slot and its room in `body_memory_bytes` meanwhile). Past it the
+    /// request is cut off: `408 request_timeout` (gRPC `DEADLINE_EXCEEDED`), its slot and
+    /// room given back, and an HTTP/1.1 connection closed. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Longest a response may wait for its client to take more of it: a fetch block not
+    /// taken, or a socket that accepts no byte, for this long. Past it the connection is
+    /// closed (over HTTP/2, with every stream on it), and the fetch's slot and its share of
+    /// `fetch_memory_bytes` are given back. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub response_write_timeout: Duration,
     /// Blocks are read from the backend in chunks of about this many bytes, so a fetch's
     /// memory stays bounded whatever its length. Default: 8 MiB.
     pub fetch_chunk_bytes: u64,
@@ -175,6 +187,8 @@ impl Default for ServerConfig {
             fetch_min_bytes_per_second: 100 << 20,
             put_timeout: Duration::from_secs(2),
             operator_timeout: Duration::from_secs(3),
+            body_read_timeout: Duration::from_secs(10),
+            response_write_timeout: Duration::from_secs(10),
             fetch_chunk_bytes: 8 << 20,
             fetch_memory_bytes: 1 << 30,
             max_body_bytes: 256 << 20,
@@ -221,6 +235,16 @@ impl Config {
             }
         }
         self.check_salts()?;
+        for (name, d) in [
+            ("body_read_timeout", self.server.body_read_timeout),
+            ("response_write_timeout", self.server.response_write_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::Config(format!(
+                    "[server] {name} must be longer than 0: it cuts off clients that stall"
+                )));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for ns in &self.namespaces {
             ns.validate()?;
@@ -404,6 +428,8 @@ mod tests {
     #[test]
     fn bad_configs_are_refused() {
         assert!(Config::from_toml("[store]\nurl = 1").is_err());
+        assert!(Config::from_toml("[server]\nbody_read_timeout = \"0s\"").is_err());
+        assert!(Config::from_toml("[server]\nresponse_write_timeout = \"0s\"").is_err());
         assert!(Config::from_toml("[stor]").is_err());
         let dup = r#"
             [[namespaces]]

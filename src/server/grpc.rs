@@ -10,12 +10,13 @@
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::middleware::Next;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::deadline::{Cutoff, send_within};
 use crate::frame::EndReason;
 use crate::hashing::BlockHash;
 use crate::proto::{self, shelf_server::ShelfServer};
@@ -46,6 +47,7 @@ fn uncounted_status(e: &ApiError) -> Status {
         ApiError::InvalidRequest(_) | ApiError::Library(_) => Code::InvalidArgument,
         ApiError::PayloadTooLarge { .. } | ApiError::TooManyBlocks { .. } => Code::InvalidArgument,
         ApiError::Overloaded | ApiError::PinLimit { .. } => Code::ResourceExhausted,
+        ApiError::RequestTimeout(_) => Code::DeadlineExceeded,
         ApiError::BackendUnavailable(_) => Code::Unavailable,
     };
     let mut status = Status::new(code, e.to_string());
@@ -126,6 +128,10 @@ async fn admit(
                     Ok(()) => Some((Ok(chunk), Some((chunks, meter)))),
                     Err(e) => Some((Err(uncounted_status(&e)), None)),
                 },
+                // The client stopped sending for body_read_timeout (`deadline`).
+                Err(e) if super::deadline::is_stall(&e) => {
+                    Some((Err(uncounted_status(&meter.stalled())), None))
+                }
                 // tonic recognises a reset stream (h2) in the error's source chain.
                 Err(e) => Some((Err(Status::from_error(e.into_inner())), None)),
             }
@@ -233,6 +239,7 @@ impl proto::shelf_server::Shelf for GrpcShelf {
     type FetchStream = Pin<Box<dyn Stream<Item = Result<proto::FetchResponse, Status>> + Send>>;
 
     async fn fetch(&self, req: Request<proto::FetchRequest>) -> RpcResult<Self::FetchStream> {
+        let req_cutoff = req.extensions().get::<ConnectInfo<Cutoff>>().cloned();
         let run = async {
             let admission = admission_of(&self.shelf, &req, BodyKind::Control).await?;
             let who = caller_of(&self.shelf, &req)?;
@@ -241,6 +248,7 @@ impl proto::shelf_server::Shelf for GrpcShelf {
                 .fetch(admission, &who, &r.namespace, hashes_of(&r.block_hashes)?)
                 .await
         };
+        let cutoff = req_cutoff.map(|c| c.0);
         let rx = run.await.map_err(|e| status_of(&e))?;
         let stream = rx.map(|item| {
             use proto::fetch_response::Kind;
@@ -261,7 +269,11 @@ impl proto::shelf_server::Shelf for GrpcShelf {
             };
             Ok(proto::FetchResponse { kind: Some(kind) })
         });
-        Ok(Response::new(Box::pin(stream)))
+        // Each message must be taken by the client within response_write_timeout.
+        let timeout = self.shelf.config().response_write_timeout;
+        Ok(Response::new(Box::pin(send_within(
+            stream, timeout, cutoff,
+        ))))
     }
 
     async fn put(

@@ -5,9 +5,10 @@
 
 use std::convert::Infallible;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -15,6 +16,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use super::deadline::{Cutoff, send_within};
 use crate::frame;
 use crate::hashing::BlockHash;
 use crate::shelf::{
@@ -106,6 +108,7 @@ pub fn status_of(e: &ApiError) -> StatusCode {
         ApiError::InvalidRequest(_) | ApiError::Library(_) => StatusCode::BAD_REQUEST,
         ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         ApiError::TooManyBlocks { .. } => StatusCode::BAD_REQUEST,
+        ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
         ApiError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
@@ -165,8 +168,10 @@ async fn each_chunk(
 ) -> std::result::Result<(), ApiError> {
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::InvalidRequest(format!("cannot read the request body: {e}")))?;
+        let chunk = chunk.map_err(|e| match super::deadline::is_stall(&e) {
+            true => admission.stalled(),
+            false => ApiError::InvalidRequest(format!("cannot read the request body: {e}")),
+        })?;
         admission.receive(chunk.len()).await?;
         keep(chunk)?;
     }
@@ -246,6 +251,7 @@ async fn metrics(State(shelf): State<Shelf>) -> Response {
     metrics::gauge!("kvshelf_put_queue_bytes").set(stats.put_queue_bytes as f64);
     shelf.refresh_pinned_gauges().await;
     metrics::gauge!("kvshelf_body_memory_bytes").set(shelf.body_memory_in_use() as f64);
+    metrics::gauge!("kvshelf_fetch_memory_bytes").set(shelf.fetch_memory_in_use() as f64);
     let text = super::metrics_handle().render();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -316,7 +322,27 @@ struct BlocksBody {
     block_hashes: Vec<BlockHash>,
 }
 
-async fn fetch(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Result<Response> {
+/// The connection's cutoff, for a response whose client stops taking it (`deadline`).
+type Conn = Option<Extension<ConnectInfo<Cutoff>>>;
+
+/// `parts` as a response body whose every part the client must take within
+/// `response_write_timeout` (`deadline::send_within`).
+fn body_within(
+    shelf: &Shelf,
+    conn: Conn,
+    parts: impl futures_util::Stream<Item = Bytes> + Send + 'static,
+) -> Body {
+    let timeout = shelf.config().response_write_timeout;
+    let parts = send_within(parts, timeout, conn.map(|c| (c.0).0));
+    Body::from_stream(parts.map(Ok::<_, Infallible>))
+}
+
+async fn fetch(
+    State(shelf): State<Shelf>,
+    conn: Conn,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
     let who = caller(&shelf, &headers)?;
     let (admission, req): (_, BlocksBody) = admit_json(&shelf, &headers, body).await?;
     let rx = shelf
@@ -324,9 +350,7 @@ async fn fetch(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Re
         .await?;
     // Each block goes out as a small frame head followed by the payload `Bytes` itself:
     // the tensor bytes are not copied into a frame buffer on their way to the socket.
-    let head = futures_util::stream::once(async {
-        Ok::<_, Infallible>(Bytes::from_static(frame::STREAM_MAGIC))
-    });
+    let head = futures_util::stream::once(async { Bytes::from_static(frame::STREAM_MAGIC) });
     let frames = rx.flat_map(|item| {
         let parts = match item {
             FetchItem::Block {
@@ -338,9 +362,9 @@ async fn fetch(State(shelf): State<Shelf>, headers: HeaderMap, body: Body) -> Re
             }
             FetchItem::End { blocks, reason } => vec![frame::end(blocks, reason)],
         };
-        futures_util::stream::iter(parts.into_iter().map(Ok::<_, Infallible>))
+        futures_util::stream::iter(parts)
     });
-    let body = Body::from_stream(head.chain(frames));
+    let body = body_within(&shelf, conn, head.chain(frames));
     Ok(([(header::CONTENT_TYPE, frame::CONTENT_TYPE)], body).into_response())
 }
 
@@ -377,6 +401,7 @@ async fn put_batch(
 
 async fn get_block(
     State(shelf): State<Shelf>,
+    conn: Conn,
     headers: HeaderMap,
     Path((namespace, hash)): Path<(String, String)>,
 ) -> Result<Response> {
@@ -384,9 +409,18 @@ async fn get_block(
     let hash = parse_hash(&hash)?;
     let admission = shelf.admit(BodyKind::None, None).await?;
     let payload = shelf.get_one(admission, &who, &namespace, hash).await?;
+    // The payload holds its share of fetch_memory_bytes until it is written.
+    let len = payload.len();
+    let body = body_within(&shelf, conn, futures_util::stream::once(async { payload }));
     Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        payload,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (header::CONTENT_LENGTH, HeaderValue::from(len)),
+        ],
+        body,
     )
         .into_response())
 }

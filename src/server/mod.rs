@@ -6,6 +6,7 @@
 //!
 //! [`run`] takes an already-bound listener, so tests run servers on port 0.
 
+pub mod deadline;
 pub mod grpc;
 pub mod http;
 
@@ -102,6 +103,10 @@ fn describe_metrics() {
         "Fetches that found no room in fetch_memory_bytes within fetch_timeout (ended backend_unavailable)."
     );
     describe_counter!(
+        "kvshelf_stalled_requests_total",
+        "Requests cut off because their client stalled, by reason (body_read_timeout, response_write_timeout)."
+    );
+    describe_counter!(
         "kvshelf_rejected_requests_total",
         "Requests refused by a limit, by reason."
     );
@@ -131,6 +136,10 @@ fn describe_metrics() {
         "kvshelf_body_memory_bytes",
         "Request body bytes reserved in the body budget (body_memory_bytes)."
     );
+    describe_gauge!(
+        "kvshelf_fetch_memory_bytes",
+        "Payload bytes fetches hold, read and not yet written to their clients (fetch_memory_bytes)."
+    );
     describe_histogram!(
         "kvshelf_request_duration_seconds",
         "Time to serve lookups, fetches and puts."
@@ -141,12 +150,18 @@ fn describe_metrics() {
 pub fn router(shelf: Shelf) -> axum::Router {
     metrics_handle();
     let grpc = grpc::routes(shelf.clone());
+    let body_read_timeout = shelf.config().body_read_timeout;
     // tonic's router answers every unknown path with gRPC's UNIMPLEMENTED; replace that
     // fallback so plain HTTP clients get the API's JSON 404 instead.
     http::routes(shelf)
         .merge(grpc)
         .fallback(http::unknown_route)
         .method_not_allowed_fallback(http::method_not_allowed)
+        // Every request body, HTTP and gRPC: one that sends nothing for this long fails, and
+        // its reader ends the request `request_timeout` (`deadline`).
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_read_timeout,
+        ))
 }
 
 /// Serves HTTP/1.1, HTTP/2 and gRPC on `listener` until `shutdown` resolves, then lets
@@ -167,7 +182,9 @@ pub async fn run_with_unix(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = shelf.config().shutdown_grace;
-    let app = router(shelf.clone());
+    let write_timeout = shelf.config().response_write_timeout;
+    // Each connection carries its `Cutoff`, for responses that must close it.
+    let app = router(shelf.clone()).into_make_service_with_connect_info::<deadline::Cutoff>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -180,13 +197,14 @@ pub async fn run_with_unix(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
+    let listener = deadline::Deadlines::new(listener, write_timeout);
     let tcp = axum::serve(listener, app.clone())
         .with_graceful_shutdown(stopped(stop_rx.clone()))
         .into_future();
     let unix = async {
         match unix {
             Some(unix) => {
-                axum::serve(unix, app)
+                axum::serve(deadline::Deadlines::new(unix, write_timeout), app)
                     .with_graceful_shutdown(stopped(stop_rx.clone()))
                     .await
             }

@@ -33,6 +33,12 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// The request body stopped arriving: no byte for `body_read_timeout` while it was read.
+    #[error(
+        "the request body sent nothing for {0:?} (body_read_timeout): the request is cut off; \
+         send the body without pauses, or retry"
+    )]
+    RequestTimeout(std::time::Duration),
     /// More concurrent requests than `max_concurrent_requests`.
     #[error("too many concurrent requests; retry shortly")]
     Overloaded,
@@ -79,6 +85,7 @@ impl ApiError {
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::TooManyBlocks { .. } => "too_many_blocks",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Overloaded => "overloaded",
             ApiError::NotFound => "not_found",
             ApiError::NoSuchRoute(_) => "no_such_route",

@@ -274,6 +274,17 @@ impl Shelf {
         self.inner.admitter.in_use()
     }
 
+    /// Payload bytes fetches hold right now in the fetch budget (`fetch_memory_bytes`): read
+    /// and not yet written to their clients.
+    pub fn fetch_memory_in_use(&self) -> u64 {
+        let total = self
+            .inner
+            .cfg
+            .fetch_memory_bytes
+            .clamp(1, Semaphore::MAX_PERMITS as u64);
+        total - self.inner.fetch_budget.available_permits() as u64
+    }
+
     /// A configured namespace.
     pub fn namespace(&self, label: &str) -> Result<&Namespace, ApiError> {
         crate::namespace::validate_label(label)?;
