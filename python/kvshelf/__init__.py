@@ -91,8 +91,12 @@ class AsyncStore:
 
 
 class AsyncClient:
-    """``Client`` for asyncio code, like ``AsyncStore``: each call runs the synchronous
-    method (which releases the GIL) on a worker thread of the loop's default executor."""
+    """``Client`` for asyncio code, like ``AsyncStore``: ``fetch_into`` runs as a native
+    task (``Client.start_fetch_into``) that a cancellation stops and awaits to its end
+    before ``CancelledError`` reaches you; ``put`` copies your buffers before its first
+    await (``Client.start_put``), so they are yours again at once. The other calls run
+    the synchronous method (which releases the GIL) on a worker thread of the loop's
+    default executor."""
 
     def __init__(self, url: str = "http://127.0.0.1:7070", **options: Any) -> None:
         self.sync = Client(url, **options)
@@ -111,7 +115,7 @@ class AsyncClient:
     async def fetch_into(
         self, namespace: str, hashes: Sequence[bytes | str], buffers: Sequence[Any]
     ) -> tuple[int, str]:
-        return await self._run("fetch_into", namespace, hashes, buffers)
+        return await finish(self.sync.start_fetch_into(namespace, hashes, buffers))
 
     async def fetch(self, namespace: str, hashes: Sequence[bytes | str]) -> tuple[list[bytes], str]:
         return await self._run("fetch", namespace, hashes)
@@ -123,7 +127,7 @@ class AsyncClient:
         buffers: Sequence[Any],
         asynchronous: bool = False,
     ) -> list[str]:
-        return await self._run("put", namespace, hashes, buffers, asynchronous=asynchronous)
+        return await finish(self.sync.start_put(namespace, hashes, buffers, asynchronous))
 
     async def delete(self, namespace: str, hashes: Sequence[bytes | str]) -> int:
         return await self._run("delete", namespace, hashes)

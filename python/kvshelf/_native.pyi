@@ -116,8 +116,8 @@ class Store:
         """Seconds left; ``None`` when missing, ``inf`` when pinned."""
 
 class Pending:
-    """A ``Store`` call over your buffers running on kvshelf's threads
-    (``start_get_into``, ``start_put``). It holds the buffers until the call has ended;
+    """A call over your buffers running on kvshelf's threads (``Store.start_get_into``,
+    ``Store.start_put``, ``Client.start_fetch_into``). It holds the buffers until the call has ended;
     dropped unfinished, it cancels the call and waits for its end."""
 
     def wait(self) -> Any:
@@ -157,6 +157,15 @@ class Client:
     ) -> tuple[int, str]:
         """Writes the leading run into ``buffers``; ``(n, reason)`` with reason
         ``"complete"``, ``"miss"`` or ``"backend_unavailable"``."""
+    def start_fetch_into(
+        self,
+        namespace: str,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        keep: Optional[object] = None,
+    ) -> Pending:
+        """``fetch_into`` as a native task: ``wait()`` for ``(n, reason)``, ``cancel()`` to
+        stop it; the buffers (and ``keep``) are held until it has ended."""
     def fetch(self, namespace: str, hashes: Sequence[Hash]) -> tuple[list[bytes], str]: ...
     def put(
         self,
@@ -166,6 +175,14 @@ class Client:
         asynchronous: bool = False,
     ) -> list[str]:
         """``"stored"``, ``"already_present"``, ``"queued"`` or ``"dropped"`` per block."""
+    def start_put(
+        self,
+        namespace: str,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        asynchronous: bool = False,
+    ) -> Pending:
+        """``put`` as a native task; the payloads are copied before it returns."""
     def delete(self, namespace: str, hashes: Sequence[Hash]) -> int: ...
     def pin(self, namespace: str, hash: Hash) -> bool: ...
     def unpin(self, namespace: str, hash: Hash) -> bool: ...

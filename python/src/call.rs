@@ -1,5 +1,5 @@
-//! `Pending`: a store call over caller memory, running on the runtime while the caller
-//! waits for it, and that the caller can cancel.
+//! `Pending`: a call over caller memory (the store's, or the sidecar client's), running on
+//! the runtime while the caller waits for it, and that the caller can cancel.
 //!
 //! Why it exists: asyncio code gives up on calls (`asyncio.wait_for`, a cancelled task,
 //! LMCache's `future.result(timeout)` then `future.cancel()`) and then reuses or frees the
@@ -14,14 +14,14 @@
 
 use std::sync::Mutex;
 
-use kvshelf::Error;
+use kvshelf::client::ClientError;
 use pyo3::IntoPyObjectExt;
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use tokio::task::{AbortHandle, JoinHandle};
 
-use crate::{kvshelf_error, runtime, to_py};
+use crate::{kvshelf_error, runtime};
 
 /// What a finished call answers.
 pub(crate) enum Answer {
@@ -29,6 +29,27 @@ pub(crate) enum Answer {
     Read(Vec<Option<usize>>),
     /// Per block: `"stored"`, `"already_present"` or `"unavailable"`.
     Put(Vec<&'static str>),
+    /// A sidecar fetch: blocks written, and why it stopped there.
+    Fetch((usize, &'static str)),
+}
+
+/// Why a call failed, turned into a Python exception only under the GIL (the task runs
+/// without it).
+pub(crate) enum Failure {
+    Store(kvshelf::Error),
+    Client(ClientError),
+    /// The caller's input (a buffer too small for its block): `ValueError`.
+    Input(String),
+}
+
+impl From<Failure> for PyErr {
+    fn from(f: Failure) -> PyErr {
+        match f {
+            Failure::Store(e) => crate::to_py(e),
+            Failure::Client(e) => crate::client::to_py(e),
+            Failure::Input(m) => PyValueError::new_err(m),
+        }
+    }
 }
 
 /// The caller's objects a call borrows, released only once the call has ended.
@@ -37,13 +58,13 @@ struct Lent {
     _keep: Option<Py<PyAny>>,
 }
 
-/// A store call running on kvshelf's threads over the caller's buffers (see the module
-/// docs). Returned by `Store.start_get_into` and `Store.start_put`.
+/// A call running on kvshelf's threads over the caller's buffers (see the module docs).
+/// Returned by `Store.start_get_into`, `Store.start_put` and `Client.start_fetch_into`.
 #[pyclass(frozen, module = "kvshelf._native")]
 pub struct Pending {
     abort: AbortHandle,
     /// Taken by the one `wait` (or by `drop`).
-    task: Mutex<Option<JoinHandle<Result<Answer, Error>>>>,
+    task: Mutex<Option<JoinHandle<Result<Answer, Failure>>>>,
     /// `None` once the task has ended.
     lent: Mutex<Option<Lent>>,
 }
@@ -51,7 +72,7 @@ pub struct Pending {
 impl Pending {
     /// Spawns `work`, which may touch the memory of `bufs` (and of `keep`) until it ends.
     pub(crate) fn spawn(
-        work: impl Future<Output = Result<Answer, Error>> + Send + 'static,
+        work: impl Future<Output = Result<Answer, Failure>> + Send + 'static,
         bufs: Vec<PyBuffer<u8>>,
         keep: Option<Py<PyAny>>,
     ) -> Pending {
@@ -87,7 +108,8 @@ impl Pending {
         match joined {
             Ok(Ok(Answer::Read(v))) => v.into_py_any(py),
             Ok(Ok(Answer::Put(v))) => v.into_py_any(py),
-            Ok(Err(e)) => Err(to_py(e)),
+            Ok(Ok(Answer::Fetch(v))) => v.into_py_any(py),
+            Ok(Err(e)) => Err(e.into()),
             Err(e) if e.is_cancelled() => Err(kvshelf_error(
                 "the call was cancelled before it finished".into(),
                 "cancelled",

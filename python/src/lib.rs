@@ -593,7 +593,10 @@ impl Store {
         let work = async move {
             // SAFETY: the `Pending` holds the buffers until this future has ended.
             let written = within(deadline, unsafe { read_into(&store, &ns, &hashes, &raws) });
-            written.await.map(call::Answer::Read)
+            written
+                .await
+                .map(call::Answer::Read)
+                .map_err(call::Failure::Store)
         };
         Ok(call::Pending::spawn(work, bufs, keep))
     }
@@ -657,7 +660,10 @@ impl Store {
         let work = async move {
             // SAFETY: the `Pending` holds the buffers until this future has ended.
             let stored = within(deadline, unsafe { put_from(&store, &ns, &hashes, &raws) });
-            stored.await.map(call::Answer::Put)
+            stored
+                .await
+                .map(call::Answer::Put)
+                .map_err(call::Failure::Store)
         };
         Ok(call::Pending::spawn(work, bufs, keep))
     }

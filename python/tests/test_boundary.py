@@ -143,6 +143,40 @@ def test_start_get_into_cancelled_then_waited_has_finished(own_redis, label):
     watch_untouched([arr], 0x11)
 
 
+def test_async_client_fetch_into_abandoned_never_writes_again(redis, label):
+    """The same through a sidecar: AsyncClient.fetch_into given up on while the sidecar
+    is stopped (SIGSTOP); its answer, arriving later, must not be copied in."""
+    import signal
+
+    from test_client import Sidecar
+
+    ns = kvshelf.Namespace(label=label, model_id="kvshelf/test-model", kv_dtype="float16",
+                           num_layers=2, num_kv_heads=2, head_dim=8, block_size=4)
+    hashes = kvshelf.PrefixHasher(ns).hash_prefix(list(range(ns.block_size)))
+    side = Sidecar(redis.url, label)
+    try:
+        c = kvshelf.AsyncClient(side.url)
+        arr, mv = caller_memory(ns.block_bytes)
+
+        async def main():
+            assert await c.put(label, hashes, [b"\xab" * ns.block_bytes]) == ["stored"]
+            side.proc.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(c.fetch_into(label, hashes, [mv]), 0.5)
+                fill(arr, 0x11)
+            finally:
+                side.proc.send_signal(signal.SIGCONT)
+            await asyncio.to_thread(watch_untouched, [arr], 0x11, 2.0)
+            fresh, fresh_mv = caller_memory(ns.block_bytes)
+            assert await c.fetch_into(label, hashes, [fresh_mv]) == (1, "complete")
+            assert bytes(fresh) == b"\xab" * ns.block_bytes
+
+        asyncio.run(main())
+    finally:
+        side.stop()
+
+
 # --- in-process LMCache: its own RemoteBackend gives up on a get -------------------------
 
 
