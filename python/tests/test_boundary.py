@@ -14,7 +14,6 @@ import ctypes
 import faulthandler
 import functools
 import os
-import select
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ import time
 import pytest
 
 import kvshelf
+from test_lmcache_mp import drain_all
 
 GUARD = 60.0  # seconds a test may take before the process dumps its stacks and exits
 PAUSE_MS = 2000
@@ -224,18 +224,6 @@ def test_lmcache_get_abandoned_by_its_timeout_never_writes_into_reused_memory(ow
 
 CHUNK_KW = dict(kv_dtype="bf16", num_layers=1, num_kv_heads=1, head_dim=1, chunk_size=256)
 CHUNK = 2 * 1 * 256 * 1 * 1 * 2  # 1 KiB
-
-
-def drain_all(c, ids, seconds: float = 20.0) -> dict:
-    results: dict = {}
-    deadline = time.monotonic() + seconds
-    while set(ids) - results.keys():
-        left = deadline - time.monotonic()
-        assert left > 0, "completions did not arrive in time"
-        if select.select([c.event_fd()], [], [], left)[0]:
-            for (f, ok, err, bools) in c.drain_completions():
-                results[f] = (ok, err, bools)
-    return results
 
 
 def test_close_racing_submits_from_another_thread_leaves_no_batch_running(own_redis, label):
