@@ -15,11 +15,13 @@ from ._native import (
     Client,
     KvshelfError,
     Namespace,
+    Pending,
     PrefixHasher,
     Store,
     block_key,
     lmcache_key_hash,
 )
+from ._pending import finish
 
 __all__ = [
     "AsyncClient",
@@ -27,6 +29,7 @@ __all__ = [
     "Client",
     "KvshelfError",
     "Namespace",
+    "Pending",
     "PrefixHasher",
     "Store",
     "block_key",
@@ -35,9 +38,16 @@ __all__ = [
 
 
 class AsyncStore:
-    """``Store`` for asyncio code: each call runs the synchronous method on a worker
-    thread of the loop's default executor. The Rust side releases the GIL while it talks
-    to Redis, so the event loop and other threads keep running meanwhile."""
+    """``Store`` for asyncio code. The Rust side releases the GIL while it talks to Redis,
+    so the event loop and other threads keep running meanwhile.
+
+    ``get_into`` and ``put`` lend your buffers: they run as a native task
+    (``Store.start_get_into`` / ``start_put``) that a cancellation of the awaiting
+    coroutine — ``asyncio.wait_for`` giving up, ``task.cancel()`` — stops, and
+    ``CancelledError`` reaches you only once that task has ended: from then on kvshelf
+    never touches the buffers again, so you may reuse or free them. ``timeout`` (seconds)
+    bounds the call itself (``KvshelfError``, ``backend_timeout``). The other methods run
+    the synchronous method on a worker thread of the loop's default executor."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379", **options: Any) -> None:
         self.sync = Store(url, **options)
@@ -56,25 +66,37 @@ class AsyncStore:
         return await self._run("exists", ns, hashes)
 
     async def get_into(
-        self, ns: Namespace, hashes: Sequence[bytes | str], buffers: Sequence[Any]
+        self,
+        ns: Namespace,
+        hashes: Sequence[bytes | str],
+        buffers: Sequence[Any],
+        timeout: Optional[float] = None,
     ) -> list[Optional[int]]:
-        return await self._run("get_into", ns, hashes, buffers)
+        return await finish(self.sync.start_get_into(ns, hashes, buffers, timeout))
 
     async def get(self, ns: Namespace, hashes: Sequence[bytes | str]) -> list[Optional[bytes]]:
         return await self._run("get", ns, hashes)
 
     async def put(
-        self, ns: Namespace, hashes: Sequence[bytes | str], buffers: Sequence[Any]
+        self,
+        ns: Namespace,
+        hashes: Sequence[bytes | str],
+        buffers: Sequence[Any],
+        timeout: Optional[float] = None,
     ) -> list[str]:
-        return await self._run("put", ns, hashes, buffers)
+        return await finish(self.sync.start_put(ns, hashes, buffers, timeout))
 
     async def delete(self, ns: Namespace, hashes: Sequence[bytes | str]) -> int:
         return await self._run("delete", ns, hashes)
 
 
 class AsyncClient:
-    """``Client`` for asyncio code, like ``AsyncStore``: each call runs the synchronous
-    method (which releases the GIL) on a worker thread of the loop's default executor."""
+    """``Client`` for asyncio code, like ``AsyncStore``: ``fetch_into`` runs as a native
+    task (``Client.start_fetch_into``) that a cancellation stops and awaits to its end
+    before ``CancelledError`` reaches you; ``put`` copies your buffers before its first
+    await (``Client.start_put``), so they are yours again at once. The other calls run
+    the synchronous method (which releases the GIL) on a worker thread of the loop's
+    default executor."""
 
     def __init__(self, url: str = "http://127.0.0.1:7070", **options: Any) -> None:
         self.sync = Client(url, **options)
@@ -93,7 +115,7 @@ class AsyncClient:
     async def fetch_into(
         self, namespace: str, hashes: Sequence[bytes | str], buffers: Sequence[Any]
     ) -> tuple[int, str]:
-        return await self._run("fetch_into", namespace, hashes, buffers)
+        return await finish(self.sync.start_fetch_into(namespace, hashes, buffers))
 
     async def fetch(self, namespace: str, hashes: Sequence[bytes | str]) -> tuple[list[bytes], str]:
         return await self._run("fetch", namespace, hashes)
@@ -105,7 +127,7 @@ class AsyncClient:
         buffers: Sequence[Any],
         asynchronous: bool = False,
     ) -> list[str]:
-        return await self._run("put", namespace, hashes, buffers, asynchronous=asynchronous)
+        return await finish(self.sync.start_put(namespace, hashes, buffers, asynchronous))
 
     async def delete(self, namespace: str, hashes: Sequence[bytes | str]) -> int:
         return await self._run("delete", namespace, hashes)

@@ -69,16 +69,64 @@ class Store:
         """Leading blocks on the shelf, one round trip."""
     def exists(self, ns: Namespace, hashes: Sequence[Hash]) -> list[bool]: ...
     def get_into(
-        self, ns: Namespace, hashes: Sequence[Hash], buffers: Sequence[Buffer]
+        self,
+        ns: Namespace,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        timeout: Optional[float] = None,
     ) -> list[Optional[int]]:
         """Reads block i into writable ``buffers[i]`` (bytearray, memoryview, numpy array,
-        ``tensor.view(torch.uint8).numpy()``); returns bytes written, ``None`` for a miss."""
+        ``tensor.view(torch.uint8).numpy()``); returns bytes written, ``None`` for a miss.
+        The buffers are written only while the call runs; ``timeout`` (seconds) bounds
+        it (``KvshelfError``, ``backend_timeout``), so a thread running it returns by
+        then. Do not reuse the buffers of a call still running on another thread: use
+        ``start_get_into`` (or ``AsyncStore``) to be able to cancel."""
+    def start_get_into(
+        self,
+        ns: Namespace,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        timeout: Optional[float] = None,
+        keep: Optional[object] = None,
+    ) -> Pending:
+        """``get_into`` as a native task: ``wait()`` for its result, ``cancel()`` to stop
+        it. The buffers, and ``keep`` (the owner of their memory, if it frees it when
+        dropped), are held until the read has ended."""
     def get(self, ns: Namespace, hashes: Sequence[Hash]) -> list[Optional[bytes]]: ...
-    def put(self, ns: Namespace, hashes: Sequence[Hash], buffers: Sequence[Buffer]) -> list[str]:
-        """``"stored"``, ``"already_present"`` or ``"unavailable"`` per block."""
+    def put(
+        self,
+        ns: Namespace,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        timeout: Optional[float] = None,
+    ) -> list[str]:
+        """``"stored"``, ``"already_present"`` or ``"unavailable"`` per block. The buffers
+        are read only while the call runs; ``timeout`` as for ``get_into``."""
+    def start_put(
+        self,
+        ns: Namespace,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        timeout: Optional[float] = None,
+        keep: Optional[object] = None,
+    ) -> Pending:
+        """``put`` as a native task, as ``start_get_into`` is ``get_into``'s."""
     def delete(self, ns: Namespace, hashes: Sequence[Hash]) -> int: ...
     def ttl(self, ns: Namespace, hash: Hash) -> Optional[float]:
         """Seconds left; ``None`` when missing, ``inf`` when pinned."""
+
+class Pending:
+    """A call over your buffers running on kvshelf's threads (``Store.start_get_into``,
+    ``Store.start_put``, ``Client.start_fetch_into``). It holds the buffers until the call has ended;
+    dropped unfinished, it cancels the call and waits for its end."""
+
+    def wait(self) -> Any:
+        """Blocks (GIL released) until the call has ended; its result, as the synchronous
+        method's. Raises ``KvshelfError`` with ``code == "cancelled"`` if ``cancel()``
+        stopped it first. Once it returns or raises, the buffers are yours. Called once."""
+    def cancel(self) -> None:
+        """Asks the call to stop; returns at once (``wait()`` returns when it has)."""
+    def done(self) -> bool: ...
 
 class Client:
     """A client of a kvshelf sidecar (``docs/api.md``), over HTTP or gRPC, through the Rust
@@ -109,6 +157,15 @@ class Client:
     ) -> tuple[int, str]:
         """Writes the leading run into ``buffers``; ``(n, reason)`` with reason
         ``"complete"``, ``"miss"`` or ``"backend_unavailable"``."""
+    def start_fetch_into(
+        self,
+        namespace: str,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        keep: Optional[object] = None,
+    ) -> Pending:
+        """``fetch_into`` as a native task: ``wait()`` for ``(n, reason)``, ``cancel()`` to
+        stop it; the buffers (and ``keep``) are held until it has ended."""
     def fetch(self, namespace: str, hashes: Sequence[Hash]) -> tuple[list[bytes], str]: ...
     def put(
         self,
@@ -118,6 +175,14 @@ class Client:
         asynchronous: bool = False,
     ) -> list[str]:
         """``"stored"``, ``"already_present"``, ``"queued"`` or ``"dropped"`` per block."""
+    def start_put(
+        self,
+        namespace: str,
+        hashes: Sequence[Hash],
+        buffers: Sequence[Buffer],
+        asynchronous: bool = False,
+    ) -> Pending:
+        """``put`` as a native task; the payloads are copied before it returns."""
     def delete(self, namespace: str, hashes: Sequence[Hash]) -> int: ...
     def pin(self, namespace: str, hash: Hash) -> bool: ...
     def unpin(self, namespace: str, hash: Hash) -> bool: ...
@@ -140,4 +205,6 @@ class Engine:
     def submit_delete(self, keys: Sequence[str]) -> int: ...
     def drain(self) -> list[tuple[int, bool, str, Optional[list[bool]]]]: ...
     def in_flight(self) -> int: ...
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Cancels running batches and waits until none can touch a buffer; submits from
+        any thread from then on fail at once and touch no buffer."""

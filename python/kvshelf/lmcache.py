@@ -17,6 +17,7 @@ completion; no call on the data path raises.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Optional, Sequence
 
@@ -56,6 +57,9 @@ def lmcache_namespace(
     return Namespace(**fields)
 
 
+_NAMESPACE_FIELDS = frozenset(inspect.signature(lmcache_namespace).parameters) - {"namespace"}
+
+
 class KvshelfNativeConnector:
     """LMCache's ``native_plugin`` connector, backed by kvshelf's Rust store.
 
@@ -73,29 +77,15 @@ class KvshelfNativeConnector:
         url: str = "redis://127.0.0.1:6379",
         namespace: str = "lmcache",
         *,
-        kv_dtype: str,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        chunk_size: int = 256,
-        tp_size: int = 1,
-        model_id: str = "lmcache",
-        ttl: Optional[float | str] = None,
         timeout: float = 5.0,
         fanout: int = 2,
-        **store_options: Any,
+        **params: Any,
     ) -> None:
-        self.namespace = lmcache_namespace(
-            namespace,
-            kv_dtype=kv_dtype,
-            num_layers=num_layers,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            chunk_size=chunk_size,
-            tp_size=tp_size,
-            model_id=model_id,
-            ttl=ttl,
-        )
+        # The namespace's fields are lmcache_namespace's keyword arguments (a missing one
+        # raises its TypeError); everything else is a StoreConfig field.
+        fields = {k: params.pop(k) for k in _NAMESPACE_FIELDS if k in params}
+        self.namespace = lmcache_namespace(namespace, **fields)
+        store_options = params
         fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             # The engine owns the fd from here on and closes it in close().

@@ -11,12 +11,13 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::{KvshelfError, hash_of, hashes_and_buffers, hashes_of, runtime};
+use crate::call::{Answer, Failure, Pending};
+use crate::{RawBuf, hash_of, hashes_and_buffers, hashes_of, kvshelf_error, runtime};
 
 /// The sidecar's errors as Python exceptions: its refusals and transport failures raise
 /// `KvshelfError` with `code` (the API's stable code, or `transport` / `protocol`); a
 /// client configuration that cannot work raises `ValueError`.
-fn to_py(e: ClientError) -> PyErr {
+pub(crate) fn to_py(e: ClientError) -> PyErr {
     let code = match &e {
         ClientError::Api { code, .. } => code.clone(),
         ClientError::Transport(_) => "transport".to_owned(),
@@ -24,11 +25,40 @@ fn to_py(e: ClientError) -> PyErr {
         ClientError::Config(m) => return PyValueError::new_err(m.clone()),
         _ => "client".to_owned(),
     };
-    let err = KvshelfError::new_err((e.to_string(), code.clone()));
-    Python::attach(|py| {
-        let _ = err.value(py).setattr("code", code);
-    });
-    err
+    kvshelf_error(e.to_string(), &code)
+}
+
+/// Fetches the leading run of `hashes` and copies it into `raws`: `(blocks written,
+/// reason)`. Every payload is checked to fit before any buffer is written, and the copy
+/// happens inside this future, after its last await: a future dropped early wrote nothing.
+///
+/// # Safety
+/// Every buffer is alive, writable and touched by nobody else until the returned future
+/// has ended.
+async unsafe fn fetch_into(
+    client: &kvshelf::client::Client,
+    namespace: &str,
+    hashes: &[BlockHash],
+    raws: &[RawBuf],
+) -> Result<(usize, &'static str), Failure> {
+    let fetched = client
+        .fetch(namespace, hashes)
+        .await
+        .map_err(Failure::Client)?;
+    for (i, ((_, payload), raw)) in fetched.blocks.iter().zip(raws).enumerate() {
+        if payload.len() > raw.len {
+            return Err(Failure::Input(format!(
+                "buffer {i} holds {} bytes; its block has {}",
+                raw.len,
+                payload.len()
+            )));
+        }
+    }
+    for ((_, payload), raw) in fetched.blocks.iter().zip(raws) {
+        // SAFETY: the caller's promise above; checked large enough above.
+        unsafe { raw.fill(payload) };
+    }
+    Ok((fetched.blocks.len(), reason_name(fetched.reason)))
 }
 
 fn reason_name(r: EndReason) -> &'static str {
@@ -38,6 +68,21 @@ fn reason_name(r: EndReason) -> &'static str {
         EndReason::BackendUnavailable => "backend_unavailable",
         _ => "unknown",
     }
+}
+
+/// The blocks of a put, their payloads copied out of the caller's buffers (under the GIL,
+/// before the call goes anywhere).
+fn copied_blocks(
+    py: Python<'_>,
+    hashes: &Bound<'_, PyAny>,
+    buffers: &[Bound<'_, PyAny>],
+) -> PyResult<Vec<(BlockHash, bytes::Bytes)>> {
+    let (hashes, bufs, _) = hashes_and_buffers(hashes, buffers, false)?;
+    hashes
+        .iter()
+        .zip(&bufs)
+        .map(|(h, buf)| Ok((*h, bytes::Bytes::from(buf.to_vec(py)?))))
+        .collect()
 }
 
 fn put_name(r: &PutResult) -> &'static str {
@@ -154,7 +199,8 @@ impl Client {
     /// Fetches the leading run of `hashes` into `buffers` (`buffers[i]` for `hashes[i]`,
     /// each writable and at least one block long), with the GIL released. Returns
     /// `(n, reason)`: the first `n` buffers were written; `reason` is `"complete"`,
-    /// `"miss"` or `"backend_unavailable"` (recompute from block `n` on).
+    /// `"miss"` or `"backend_unavailable"` (recompute from block `n` on). The buffers are
+    /// written only while this call runs (`start_fetch_into` can be cancelled).
     fn fetch_into(
         &self,
         py: Python<'_>,
@@ -163,28 +209,34 @@ impl Client {
         buffers: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<(usize, &'static str)> {
         let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, true)?;
-        let out = py.detach(|| -> PyResult<(usize, &'static str)> {
-            let fetched = runtime()
-                .block_on(self.client.fetch(namespace, &hashes))
-                .map_err(to_py)?;
-            for (i, ((_, payload), raw)) in fetched.blocks.iter().zip(&raws).enumerate() {
-                if payload.len() > raw.len {
-                    return Err(PyValueError::new_err(format!(
-                        "buffer {i} holds {} bytes; its block has {}",
-                        raw.len,
-                        payload.len()
-                    )));
-                }
-            }
-            for ((_, payload), raw) in fetched.blocks.iter().zip(&raws) {
-                // SAFETY: `bufs` keeps every buffer alive and exported until this call
-                // returns; checked writable and large enough above.
-                unsafe { raw.fill(payload) };
-            }
-            Ok((fetched.blocks.len(), reason_name(fetched.reason)))
-        })?;
+        // SAFETY: `bufs` keeps every buffer alive and exported until this call returns,
+        // after the fetch has ended; checked writable above.
+        let out = py.detach(|| {
+            runtime().block_on(unsafe { fetch_into(&self.client, namespace, &hashes, &raws) })
+        });
         drop(bufs);
-        Ok(out)
+        Ok(out?)
+    }
+
+    /// `fetch_into` started on kvshelf's threads: a `Pending` whose `wait()` gives
+    /// `fetch_into`'s result and whose `cancel()` stops the fetch; the buffers (and `keep`)
+    /// are held until it has ended.
+    #[pyo3(signature = (namespace, hashes, buffers, keep=None))]
+    fn start_fetch_into(
+        &self,
+        namespace: &str,
+        hashes: &Bound<'_, PyAny>,
+        buffers: Vec<Bound<'_, PyAny>>,
+        keep: Option<Py<PyAny>>,
+    ) -> PyResult<Pending> {
+        let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, true)?;
+        let (client, namespace) = (self.client.clone(), namespace.to_owned());
+        let work = async move {
+            // SAFETY: the `Pending` holds the buffers until this future has ended.
+            let fetched = unsafe { fetch_into(&client, &namespace, &hashes, &raws) };
+            fetched.await.map(Answer::Fetch)
+        };
+        Ok(Pending::spawn(work, bufs, keep))
     }
 
     /// Fetches the leading run of `hashes` as new `bytes` objects: `(payloads, reason)`.
@@ -222,17 +274,34 @@ impl Client {
         buffers: Vec<Bound<'_, PyAny>>,
         asynchronous: bool,
     ) -> PyResult<Vec<&'static str>> {
-        let (hashes, bufs, _) = hashes_and_buffers(hashes, &buffers, false)?;
-        let blocks = hashes
-            .iter()
-            .zip(&bufs)
-            .map(|(h, buf)| Ok((*h, bytes::Bytes::from(buf.to_vec(py)?))))
-            .collect::<PyResult<Vec<(BlockHash, bytes::Bytes)>>>()?;
-        drop(bufs);
+        let blocks = copied_blocks(py, hashes, &buffers)?;
         let results = py
             .detach(|| runtime().block_on(self.client.put(namespace, &blocks, asynchronous)))
             .map_err(to_py)?;
         Ok(results.iter().map(put_name).collect())
+    }
+
+    /// `put` started on kvshelf's threads: the payloads are copied before this returns
+    /// (the buffers are the caller's again at once); `wait()` gives `put`'s result and
+    /// `cancel()` stops the request.
+    #[pyo3(signature = (namespace, hashes, buffers, asynchronous=false))]
+    fn start_put(
+        &self,
+        py: Python<'_>,
+        namespace: &str,
+        hashes: &Bound<'_, PyAny>,
+        buffers: Vec<Bound<'_, PyAny>>,
+        asynchronous: bool,
+    ) -> PyResult<Pending> {
+        let blocks = copied_blocks(py, hashes, &buffers)?;
+        let (client, namespace) = (self.client.clone(), namespace.to_owned());
+        let work = async move {
+            let results = client.put(&namespace, &blocks, asynchronous).await;
+            results
+                .map(|r| Answer::Put(r.iter().map(put_name).collect()))
+                .map_err(Failure::Client)
+        };
+        Ok(Pending::spawn(work, Vec::new(), None))
     }
 
     /// Deletes blocks; returns how many existed (an admin token where tokens are set).

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | [`Namespace`], [`PrefixHasher`], [`lmcache_key_hash`], [`block_key`] | the hashing contract |
 //! | [`Store`] | the library's `RedisStore`, synchronous, GIL released |
+//! | [`call::Pending`] | a `Store` call over caller memory run on the runtime: cancellable, and finished before its buffers go back (the async forms) |
 //! | [`client::Client`] | the sidecar's API (HTTP or gRPC) through the Rust client, GIL released |
 //! | [`plugin::Engine`] | submit/complete over an eventfd: LMCache's `native_plugin` protocol |
 
@@ -23,6 +24,7 @@ use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
+mod call;
 mod client;
 mod plugin;
 
@@ -51,17 +53,55 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// A `KvshelfError` whose `code` attribute is `code`.
+pub(crate) fn kvshelf_error(message: String, code: &str) -> PyErr {
+    let err = KvshelfError::new_err((message, code.to_owned()));
+    Python::attach(|py| {
+        let _ = err.value(py).setattr("code", code);
+    });
+    err
+}
+
 /// Library errors as Python exceptions: the caller's input → `ValueError`, anything else →
 /// `KvshelfError` with the library's stable code.
 pub(crate) fn to_py(e: Error) -> PyErr {
     if e.is_caller_error() {
         PyValueError::new_err(e.to_string())
     } else {
-        let err = KvshelfError::new_err((e.to_string(), e.code()));
-        Python::attach(|py| {
-            let _ = err.value(py).setattr("code", e.code());
-        });
-        err
+        kvshelf_error(e.to_string(), e.code())
+    }
+}
+
+/// Runs `work` on the runtime with the GIL released, in the calling thread.
+fn block_on<T: Send>(
+    py: Python<'_>,
+    work: impl Future<Output = Result<T, Error>> + Send,
+) -> PyResult<T> {
+    py.detach(|| runtime().block_on(work)).map_err(to_py)
+}
+
+/// A per-call deadline from seconds (`None`: none but the store's own timeouts).
+pub(crate) fn deadline_of(secs: Option<f64>) -> PyResult<Option<Duration>> {
+    secs.map(|s| {
+        Duration::try_from_secs_f64(s)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| PyValueError::new_err("timeout must be > 0 seconds"))
+    })
+    .transpose()
+}
+
+/// `work`, cut off at `deadline`: past it the future is dropped (so nothing it borrowed is
+/// touched any more) and the call fails with `backend_timeout`.
+async fn within<T>(
+    deadline: Option<Duration>,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match deadline {
+        None => work.await,
+        Some(d) => tokio::time::timeout(d, work)
+            .await
+            .unwrap_or(Err(Error::Deadline(d))),
     }
 }
 
@@ -190,10 +230,11 @@ impl AsRef<[u8]> for Lent {
 ///
 /// # Safety
 /// The buffer must stay alive and unmodified until every clone of the returned `Bytes` is
-/// dropped. The library's writes keep a value only inside the call's own future (the lean
-/// RESP path writes from the caller's future, redis-rs copies into its command), so the
-/// holder of the `PyBuffer` outliving that future is enough. Were the library ever to keep
-/// a value past the call (a queue, a cache), this must become a copy.
+/// dropped. The library's writes keep a value only inside the call's own future (its RESP
+/// path writes the value, vectored, from that future and keeps no copy), so holding the
+/// `PyBuffer` until that future has ended — returned, timed out or been aborted and
+/// awaited — is enough. Were the library ever to keep a value past the call (a queue, a
+/// cache), this must become a copy.
 pub(crate) unsafe fn lend(raw: RawBuf) -> bytes::Bytes {
     bytes::Bytes::from_owner(Lent(raw))
 }
@@ -392,6 +433,77 @@ fn outcome_name(o: PutResult) -> &'static str {
     }
 }
 
+/// The hashes and buffers of a read, checked: a kvshelf block is exactly `block_bytes`,
+/// so a smaller buffer is refused before anything is read (a foreign-scheme chunk may be
+/// shorter; the read then says).
+fn read_args(
+    ns: &Namespace,
+    hashes: &Bound<'_, PyAny>,
+    buffers: &[Bound<'_, PyAny>],
+) -> PyResult<HashesAndBuffers> {
+    let args = hashes_and_buffers(hashes, buffers, true)?;
+    if ns.0.hash_scheme.is_kvshelf() {
+        let want = ns.0.block_bytes();
+        if let Some((i, raw)) = args
+            .2
+            .iter()
+            .enumerate()
+            .find(|(_, r)| (r.len as u64) < want)
+        {
+            return Err(PyValueError::new_err(format!(
+                "buffer {i} holds {} bytes; its block has {want}",
+                raw.len
+            )));
+        }
+    }
+    Ok(args)
+}
+
+/// Reads blocks straight from the socket into `raws`; per block the bytes written, `None`
+/// for a miss.
+///
+/// # Safety
+/// Every buffer is alive, writable and touched by nobody else until the returned future
+/// has ended (completed, or dropped). Buffers that overlap only make their bytes
+/// unspecified.
+pub(crate) async unsafe fn read_into(
+    store: &RedisStore,
+    ns: &kvshelf::Namespace,
+    hashes: &[BlockHash],
+    raws: &[RawBuf],
+) -> Result<Vec<Option<usize>>, Error> {
+    // SAFETY: the caller's promise above.
+    let mut slices: Vec<&mut [u8]> = raws.iter().map(|r| unsafe { r.as_mut_slice() }).collect();
+    let found = store.read_into(ns, hashes, &mut slices).await?;
+    Ok(found
+        .into_iter()
+        .map(|r| match r {
+            kvshelf::ReadInto::Hit { len, .. } => Some(len),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Puts blocks whose payloads are the caller's memory, without a copy.
+///
+/// # Safety
+/// Every buffer is alive and unmodified until the returned future has ended.
+pub(crate) async unsafe fn put_from(
+    store: &RedisStore,
+    ns: &kvshelf::Namespace,
+    hashes: &[BlockHash],
+    raws: &[RawBuf],
+) -> Result<Vec<&'static str>, Error> {
+    // SAFETY: the `Bytes` live inside this future; the caller's promise above.
+    let blocks: Vec<(BlockHash, bytes::Bytes)> = hashes
+        .iter()
+        .zip(raws)
+        .map(|(h, r)| (*h, unsafe { lend(*r) }))
+        .collect();
+    let outcomes = store.put(ns, &blocks).await?;
+    Ok(outcomes.into_iter().map(outcome_name).collect())
+}
+
 #[pymethods]
 impl Store {
     /// `Store(url="redis://127.0.0.1:6379", **options)`: `options` are the fields of the
@@ -409,15 +521,13 @@ impl Store {
 
     /// Checks that Redis answers.
     fn ping(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| runtime().block_on(self.store.ping()))
-            .map_err(to_py)
+        block_on(py, self.store.ping())
     }
 
     /// How many leading blocks of `hashes` are on the shelf (one round trip).
     fn lookup(&self, py: Python<'_>, ns: &Namespace, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
         let hashes = hashes_of(hashes)?;
-        py.detach(|| runtime().block_on(self.store.lookup(&ns.0, &hashes)))
-            .map_err(to_py)
+        block_on(py, self.store.lookup(&ns.0, &hashes))
     }
 
     /// Whether each block of `hashes` is on the shelf (one round trip).
@@ -428,53 +538,67 @@ impl Store {
         hashes: &Bound<'_, PyAny>,
     ) -> PyResult<Vec<bool>> {
         let hashes = hashes_of(hashes)?;
-        py.detach(|| runtime().block_on(self.store.exists(&ns.0.label, &hashes)))
-            .map_err(to_py)
+        block_on(py, self.store.exists(&ns.0.label, &hashes))
     }
 
     /// Reads blocks into the caller's buffers, `buffers[i]` for `hashes[i]`, with the GIL
     /// released. Returns, per block, the number of bytes written, or `None` for a miss
     /// (absent, or found corrupt and deleted). A buffer smaller than its block raises
     /// `ValueError` before any buffer is written.
+    ///
+    /// The buffers are written only while this call runs. `timeout` (seconds) bounds the
+    /// whole call: past it the read is dropped and `KvshelfError` (`backend_timeout`) is
+    /// raised, so a thread running it always returns by then. A caller that stops waiting
+    /// for this call on another thread must not reuse the buffers before it has returned:
+    /// `start_get_into` is the form that can be cancelled.
+    #[pyo3(signature = (ns, hashes, buffers, timeout=None))]
     fn get_into(
         &self,
         py: Python<'_>,
         ns: &Namespace,
         hashes: &Bound<'_, PyAny>,
         buffers: Vec<Bound<'_, PyAny>>,
+        timeout: Option<f64>,
     ) -> PyResult<Vec<Option<usize>>> {
-        let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, true)?;
-        // A kvshelf block is exactly `block_bytes`: a smaller buffer is refused before
-        // anything is read (a foreign-scheme chunk may be shorter; the read then says).
-        if ns.0.hash_scheme.is_kvshelf() {
-            let want = ns.0.block_bytes();
-            if let Some((i, raw)) = raws.iter().enumerate().find(|(_, r)| (r.len as u64) < want) {
-                return Err(PyValueError::new_err(format!(
-                    "buffer {i} holds {} bytes; its block has {want}",
-                    raw.len
-                )));
-            }
-        }
-        let written = py.detach(|| -> Result<Vec<Option<usize>>, PyErr> {
-            // SAFETY: `bufs` keeps every buffer alive and exported (so not resizable) until
-            // this call returns, checked writable above; the slices do not overlap unless
-            // the caller passed one buffer twice, which only makes its bytes unspecified.
-            let mut slices: Vec<&mut [u8]> =
-                raws.iter().map(|r| unsafe { r.as_mut_slice() }).collect();
-            // Payloads go straight from the socket into the caller's buffers.
-            let found = runtime()
-                .block_on(self.store.read_into(&ns.0, &hashes, &mut slices))
-                .map_err(to_py)?;
-            Ok(found
-                .into_iter()
-                .map(|r| match r {
-                    kvshelf::ReadInto::Hit { len, .. } => Some(len),
-                    _ => None,
-                })
-                .collect())
-        })?;
+        let deadline = deadline_of(timeout)?;
+        let (hashes, bufs, raws) = read_args(ns, hashes, &buffers)?;
+        // SAFETY: `bufs` keeps every buffer alive and exported (so not resizable) until
+        // this call returns, which is after the read has ended; checked writable above.
+        let written = block_on(
+            py,
+            within(deadline, unsafe {
+                read_into(&self.store, &ns.0, &hashes, &raws)
+            }),
+        )?;
         drop(bufs);
         Ok(written)
+    }
+
+    /// `get_into` started on kvshelf's threads: returns a `Pending` at once, whose `wait()`
+    /// gives `get_into`'s result and whose `cancel()` stops the read. The buffers (and
+    /// `keep`, the object that owns their memory, if any) are held until the read has
+    /// ended; `wait()` returns only then, cancelled or not.
+    #[pyo3(signature = (ns, hashes, buffers, timeout=None, keep=None))]
+    fn start_get_into(
+        &self,
+        ns: &Namespace,
+        hashes: &Bound<'_, PyAny>,
+        buffers: Vec<Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+        keep: Option<Py<PyAny>>,
+    ) -> PyResult<call::Pending> {
+        let deadline = deadline_of(timeout)?;
+        let (hashes, bufs, raws) = read_args(ns, hashes, &buffers)?;
+        let (store, ns) = (self.store.clone(), ns.0.clone());
+        let work = async move {
+            // SAFETY: the `Pending` holds the buffers until this future has ended.
+            let written = within(deadline, unsafe { read_into(&store, &ns, &hashes, &raws) });
+            written
+                .await
+                .map(call::Answer::Read)
+                .map_err(call::Failure::Store)
+        };
+        Ok(call::Pending::spawn(work, bufs, keep))
     }
 
     /// Reads blocks into new `bytes` objects (`None` for a miss). `get_into` avoids the
@@ -486,9 +610,7 @@ impl Store {
         hashes: &Bound<'py, PyAny>,
     ) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
         let hashes = hashes_of(hashes)?;
-        let hits = py
-            .detach(|| runtime().block_on(self.store.get(&ns.0, &hashes)))
-            .map_err(to_py)?;
+        let hits = block_on(py, self.store.get(&ns.0, &hashes))?;
         Ok(hits
             .into_iter()
             .map(|h| h.map(|h| PyBytes::new(py, &h.block.payload)))
@@ -497,36 +619,59 @@ impl Store {
 
     /// Puts blocks from the caller's buffers, write-once with the namespace's TTL. Returns
     /// per block `"stored"`, `"already_present"` or `"unavailable"` (cluster node down).
-    /// A payload of the wrong length raises `ValueError` and writes nothing.
+    /// A payload of the wrong length raises `ValueError` and writes nothing. The buffers
+    /// are read only while this call runs; `timeout` as for `get_into`.
+    #[pyo3(signature = (ns, hashes, buffers, timeout=None))]
     fn put(
         &self,
         py: Python<'_>,
         ns: &Namespace,
         hashes: &Bound<'_, PyAny>,
         buffers: Vec<Bound<'_, PyAny>>,
+        timeout: Option<f64>,
     ) -> PyResult<Vec<&'static str>> {
+        let deadline = deadline_of(timeout)?;
         let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, false)?;
-        let outcomes = py
-            .detach(|| {
-                // SAFETY: `bufs` keeps the buffers alive until this call returns, and the
-                // `Bytes` are dropped inside it.
-                let blocks: Vec<(BlockHash, bytes::Bytes)> = hashes
-                    .iter()
-                    .zip(&raws)
-                    .map(|(h, r)| (*h, unsafe { lend(*r) }))
-                    .collect();
-                runtime().block_on(self.store.put(&ns.0, &blocks))
-            })
-            .map_err(to_py)?;
+        // SAFETY: `bufs` keeps the buffers alive until this call returns, after the put.
+        let outcomes = block_on(
+            py,
+            within(deadline, unsafe {
+                put_from(&self.store, &ns.0, &hashes, &raws)
+            }),
+        )?;
         drop(bufs);
-        Ok(outcomes.into_iter().map(outcome_name).collect())
+        Ok(outcomes)
+    }
+
+    /// `put` started on kvshelf's threads, as `start_get_into` is `get_into`'s: the
+    /// buffers (and `keep`) are held, and read, until the put has ended.
+    #[pyo3(signature = (ns, hashes, buffers, timeout=None, keep=None))]
+    fn start_put(
+        &self,
+        ns: &Namespace,
+        hashes: &Bound<'_, PyAny>,
+        buffers: Vec<Bound<'_, PyAny>>,
+        timeout: Option<f64>,
+        keep: Option<Py<PyAny>>,
+    ) -> PyResult<call::Pending> {
+        let deadline = deadline_of(timeout)?;
+        let (hashes, bufs, raws) = hashes_and_buffers(hashes, &buffers, false)?;
+        let (store, ns) = (self.store.clone(), ns.0.clone());
+        let work = async move {
+            // SAFETY: the `Pending` holds the buffers until this future has ended.
+            let stored = within(deadline, unsafe { put_from(&store, &ns, &hashes, &raws) });
+            stored
+                .await
+                .map(call::Answer::Put)
+                .map_err(call::Failure::Store)
+        };
+        Ok(call::Pending::spawn(work, bufs, keep))
     }
 
     /// Deletes blocks; returns how many existed.
     fn delete(&self, py: Python<'_>, ns: &Namespace, hashes: &Bound<'_, PyAny>) -> PyResult<u64> {
         let hashes = hashes_of(hashes)?;
-        py.detach(|| runtime().block_on(self.store.delete(&ns.0.label, &hashes)))
-            .map_err(to_py)
+        block_on(py, self.store.delete(&ns.0.label, &hashes))
     }
 
     /// Remaining time to live of a block in seconds: `None` when it is missing, `inf` when
@@ -538,9 +683,7 @@ impl Store {
         hash: &Bound<'_, PyAny>,
     ) -> PyResult<Option<f64>> {
         let hash = hash_of(hash)?;
-        let t = py
-            .detach(|| runtime().block_on(self.store.ttl(&ns.0.label, &hash)))
-            .map_err(to_py)?;
+        let t = block_on(py, self.store.ttl(&ns.0.label, &hash))?;
         Ok(t.map(|t| t.map_or(f64::INFINITY, |d: Duration| d.as_secs_f64())))
     }
 }
@@ -550,6 +693,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Namespace>()?;
     m.add_class::<PrefixHasher>()?;
     m.add_class::<Store>()?;
+    m.add_class::<call::Pending>()?;
     m.add_class::<client::Client>()?;
     m.add_class::<plugin::Engine>()?;
     m.add_function(wrap_pyfunction!(lmcache_key_hash, m)?)?;

@@ -12,8 +12,14 @@
 //! before; holding the `PyBuffer` (and so the exporter) until then means no write can land
 //! in memory LMCache has moved on from, and the release happens under the GIL in `drain`.
 //! Why every batch runs under `timeout`: the cache fails open, so a hung Redis becomes
-//! misses in bounded time; the copy into a buffer happens inside the timed future, so once
-//! the timeout fired nothing writes into that batch's buffers.
+//! misses in bounded time. A batch's sub-batches record their keys as each one finishes,
+//! so keys done before the deadline keep their result; the copy into a buffer happens
+//! inside the timed future, so once the timeout fired nothing writes into that batch's
+//! buffers.
+//! Why `close` sets `closed` under the task map's lock: it waits for the tasks with the
+//! GIL released, when another thread may submit; a submit checks the flag under the same
+//! lock as it spawns, so no batch starts that `close` would not stop before it releases
+//! the buffers.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -23,7 +29,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use kvshelf::{BlockHash, RedisStore};
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
@@ -115,7 +122,14 @@ pub struct Engine {
     next_id: AtomicU64,
     /// Buffers of batches whose completion has not been drained yet.
     pending: Mutex<HashMap<u64, Vec<PyBuffer<u8>>>>,
-    tasks: Mutex<HashMap<u64, tokio::task::JoinHandle<()>>>,
+    tasks: Mutex<Tasks>,
+}
+
+/// The running batches, and whether `close` has begun (see the module docs).
+#[derive(Default)]
+struct Tasks {
+    closed: bool,
+    running: HashMap<u64, tokio::task::JoinHandle<()>>,
 }
 
 enum Op {
@@ -163,7 +177,7 @@ impl Engine {
             fanout: fanout.max(1),
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Tasks::default()),
         })
     }
 
@@ -203,7 +217,7 @@ impl Engine {
         let mut tasks = self.tasks.lock().expect("not poisoned");
         for (id, ..) in &done {
             pending.remove(id);
-            tasks.remove(id);
+            tasks.running.remove(id);
         }
         done
     }
@@ -214,7 +228,8 @@ impl Engine {
     }
 
     /// Cancels batches still running, waits until none can touch a buffer, closes the
-    /// eventfd. Later submits complete at once with every key failed.
+    /// eventfd, releases every buffer. Submits from the moment `close` is called (from any
+    /// thread) complete at once with every key failed and touch no buffer.
     fn close(&self, py: Python<'_>) {
         py.detach(|| self.stop_tasks());
         self.shared.efd.lock().expect("not poisoned").take();
@@ -231,16 +246,15 @@ impl Drop for Engine {
 }
 
 impl Engine {
-    /// Aborts every running batch and waits until none can touch a buffer: a task is
-    /// either before its copy, in it (synchronous: it finishes), or done.
+    /// Marks the engine closed, aborts every running batch and waits until none can touch
+    /// a buffer: a JoinHandle resolves once its task's future has been dropped, and the
+    /// future writes into buffers only while it is polled.
     fn stop_tasks(&self) {
-        let tasks: Vec<_> = self
-            .tasks
-            .lock()
-            .expect("not poisoned")
-            .drain()
-            .map(|(_, t)| t)
-            .collect();
+        let tasks: Vec<_> = {
+            let mut tasks = self.tasks.lock().expect("not poisoned");
+            tasks.closed = true;
+            tasks.running.drain().map(|(_, t)| t).collect()
+        };
         for t in &tasks {
             t.abort();
         }
@@ -266,12 +280,8 @@ impl Engine {
         let n = keys.len();
         let answers = matches!(op, Op::Exists | Op::Delete);
         let mut outcome = Outcome::new(n);
-        if self.shared.efd.lock().expect("not poisoned").is_none() {
-            // Closed: nobody polls the fd any more; the completion is still queued.
-            outcome.errors.push("connector closed".into());
-            self.shared
-                .complete(outcome.into_completion(id, n, answers));
-            return id;
+        if self.tasks.lock().expect("not poisoned").closed {
+            return self.refuse_closed(id, outcome, n, answers);
         }
         let buffers: Option<Vec<Bound<'_, PyAny>>> = match bufs.map(|b| b.extract()) {
             None => None,
@@ -325,12 +335,18 @@ impl Engine {
                 buf,
             });
         }
-        self.pending.lock().expect("not poisoned").insert(id, held);
         let shared = Arc::clone(&self.shared);
         let fanout = self.fanout;
         // Hold the task map's lock across spawn so a fast completion drained at once
-        // cannot race the insert of its own handle.
+        // cannot race the insert of its own handle, and `close` cannot begin between the
+        // check of `closed` and the spawn.
         let mut tasks = self.tasks.lock().expect("not poisoned");
+        if tasks.closed {
+            drop(tasks);
+            drop(held);
+            return self.refuse_closed(id, outcome, n, answers);
+        }
+        self.pending.lock().expect("not poisoned").insert(id, held);
         let handle = runtime().spawn(async move {
             let work = run(&shared, &op, &items, fanout, &mut outcome);
             if tokio::time::timeout(shared.timeout, work).await.is_err() {
@@ -338,17 +354,28 @@ impl Engine {
                     "timed out after {:?}: Redis did not answer in time",
                     shared.timeout
                 ));
-                // Keys that completed before the deadline keep their result; for a get
-                // they were fully copied, since each copy is synchronous.
+                // Keys recorded before the deadline keep their result (`run` records
+                // each sub-batch as it finishes); a get's were fully copied by then.
             }
             shared.complete(outcome.into_completion(id, n, answers));
         });
-        tasks.insert(id, handle);
+        tasks.running.insert(id, handle);
+        id
+    }
+
+    /// The completion of a batch submitted once `close` has begun: every key failed.
+    /// Nobody polls the fd any more; the completion is still queued.
+    fn refuse_closed(&self, id: u64, mut outcome: Outcome, n: usize, answers: bool) -> u64 {
+        outcome.errors.push("connector closed".into());
+        self.shared
+            .complete(outcome.into_completion(id, n, answers));
         id
     }
 }
 
-/// Runs one batch: get and set split into `fanout` concurrent sub-batches.
+/// Runs one batch: get and set split into `fanout` concurrent sub-batches, delete one
+/// call per key. Each sub-batch's keys are recorded in `out` as soon as it finishes, so a
+/// deadline that cuts this future short leaves the finished ones' results in place.
 async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut Outcome) {
     let (ns, store) = (&shared.ns, &shared.store);
     match op {
@@ -364,13 +391,16 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
             }
         }
         Op::Delete => {
-            let deleted = join_all(items.iter().map(|it| async move {
-                store
-                    .delete(&ns.label, std::slice::from_ref(&it.hash))
-                    .await
-            }))
-            .await;
-            for (it, d) in items.iter().zip(deleted) {
+            let mut deleted: FuturesUnordered<_> = items
+                .iter()
+                .map(|it| async move {
+                    let d = store
+                        .delete(&ns.label, std::slice::from_ref(&it.hash))
+                        .await;
+                    (it, d)
+                })
+                .collect();
+            while let Some((it, d)) = deleted.next().await {
                 match d {
                     Ok(n) => out.bools[it.index] = n > 0,
                     Err(e) => out.errors.push(format!("key {}: {e}", it.index)),
@@ -379,58 +409,11 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
         }
         Op::Get | Op::Set => {
             let per = items.len().div_ceil(fanout).max(1);
-            let results = join_all(items.chunks(per).map(|group| async move {
-                let hashes: Vec<BlockHash> = group.iter().map(|it| it.hash).collect();
-                match op {
-                    Op::Get => {
-                        // SAFETY: `pending` holds the writable buffer until this batch's
-                        // completion is drained, and LMCache does not touch it before.
-                        let mut bufs: Vec<&mut [u8]> = group
-                            .iter()
-                            .map(|it| unsafe { it.buf.as_mut_slice() })
-                            .collect();
-                        // Payloads go straight from the socket into LMCache's buffers.
-                        let found = store.read_into(ns, &hashes, &mut bufs).await?;
-                        Ok::<_, kvshelf::Error>(
-                            group
-                                .iter()
-                                .zip(found)
-                                .map(|(it, r)| match r {
-                                    kvshelf::ReadInto::Hit { len, .. } if len != it.buf.len => {
-                                        Err(format!(
-                                            "key {}: stored chunk has {len} bytes, buffer {}",
-                                            it.index, it.buf.len
-                                        ))
-                                    }
-                                    kvshelf::ReadInto::Hit { .. } => Ok(true),
-                                    _ => Ok(false),
-                                })
-                                .collect::<Vec<_>>(),
-                        )
-                    }
-                    _ => {
-                        // SAFETY: `pending` holds the buffer until this batch's completion
-                        // is drained; these `Bytes` are dropped inside this future, which
-                        // ends (or is cancelled by the timeout) before the completion.
-                        let blocks: Vec<(BlockHash, bytes::Bytes)> = group
-                            .iter()
-                            .map(|it| (it.hash, unsafe { crate::lend(it.buf) }))
-                            .collect();
-                        let outcomes = store.put(ns, &blocks).await?;
-                        Ok(outcomes
-                            .into_iter()
-                            .map(|o| match o {
-                                kvshelf::PutResult::Dropped => {
-                                    Err("its Redis node did not answer".to_owned())
-                                }
-                                _ => Ok(true),
-                            })
-                            .collect())
-                    }
-                }
-            }))
-            .await;
-            for (group, r) in items.chunks(per).zip(results) {
+            let mut results: FuturesUnordered<_> = items
+                .chunks(per)
+                .map(|group| async move { (group, run_group(store, ns, op, group).await) })
+                .collect();
+            while let Some((group, r)) = results.next().await {
                 match r {
                     Ok(per_key) => {
                         for (it, k) in group.iter().zip(per_key) {
@@ -448,5 +431,44 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
                 }
             }
         }
+    }
+}
+
+/// Per key of one sub-batch of a get or set: loaded or stored, or why not.
+async fn run_group(
+    store: &RedisStore,
+    ns: &kvshelf::Namespace,
+    op: &Op,
+    group: &[Item],
+) -> Result<Vec<Result<bool, String>>, kvshelf::Error> {
+    let hashes: Vec<BlockHash> = group.iter().map(|it| it.hash).collect();
+    let raws: Vec<RawBuf> = group.iter().map(|it| it.buf).collect();
+    if let Op::Get = op {
+        // SAFETY: `pending` holds the writable buffers until this batch's completion is
+        // drained (after this future has ended), and LMCache does not touch them before.
+        let found = unsafe { crate::read_into(store, ns, &hashes, &raws) }.await?;
+        Ok(group
+            .iter()
+            .zip(found)
+            .map(|(it, r)| match r {
+                Some(len) if len != it.buf.len => Err(format!(
+                    "key {}: stored chunk has {len} bytes, buffer {}",
+                    it.index, it.buf.len
+                )),
+                Some(_) => Ok(true),
+                None => Ok(false),
+            })
+            .collect())
+    } else {
+        // SAFETY: `pending` holds the buffers until this batch's completion is drained,
+        // after this future has ended.
+        let outcomes = unsafe { crate::put_from(store, ns, &hashes, &raws) }.await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|o| match o {
+                "unavailable" => Err("its Redis node did not answer".to_owned()),
+                _ => Ok(true),
+            })
+            .collect())
     }
 }

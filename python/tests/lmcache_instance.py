@@ -21,7 +21,7 @@ LAYERS, HEADS, DIM, CHUNK = 4, 2, 16, 32
 
 
 class Instance:
-    def __init__(self, url: str, label: str, **extra) -> None:
+    def __init__(self, url: str, label: str, blocking_timeout_secs: int = 10, **extra) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -35,6 +35,7 @@ class Instance:
         self.config = LMCacheEngineConfig.from_defaults(
             chunk_size=CHUNK, local_cpu=True, max_local_cpu_size=0.05, remote_serde="naive",
             remote_storage_plugins=["kvshelf"], extra_config=extra_config,
+            blocking_timeout_secs=blocking_timeout_secs,
         )
         self.metadata = LMCacheMetadata(
             model_name=MODEL, world_size=1, local_world_size=1, worker_id=0,
