@@ -1,4 +1,4 @@
-//! Admission: memory is bounded before work is admitted (DESIGN, Security).
+//! Admission: memory is bounded before work is admitted (docs/design.md, Security).
 //!
 //! A request takes its concurrency slot and its share of the body budget before a byte of
 //! its body is read. Its cap follows from what it may carry: a framed put at most

@@ -1,4 +1,4 @@
-//! A request that stops sending or reading is cut off by a deadline (issue 17 §2; DESIGN,
+//! A request that stops sending or reading is cut off by a deadline (issue 17 §2; docs/design.md,
 //! Security): idle sockets cannot hold slots, `body_memory_bytes` or `fetch_memory_bytes`.
 //! HTTP/1.1 (raw sockets), HTTP/2 (h2c) and gRPC, each under a test-level timeout that fails
 //! instead of hanging. Deadlines are short here (500 ms); nothing asserts timing beyond

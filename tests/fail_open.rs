@@ -1,4 +1,4 @@
-//! Fail open (DESIGN contract 5): Redis paused or stopped in the middle of a test turns into
+//! Fail open (docs/design.md, contract 5): Redis paused or stopped in the middle of a test turns into
 //! misses and dropped puts within the configured timeouts, never errors; `/readyz` goes
 //! unready; when Redis is back, hits resume without restarting anything.
 

@@ -56,6 +56,13 @@ async fn the_documented_acl_rule_is_enough_and_passwords_are_checked() {
         ..Default::default()
     })
     .await;
+    // A URL that names a database sends `SELECT` on every connection: the rule allows it
+    // (issue 17 §5: it lacked `+select`, and every such call failed with NOPERM).
+    exercise_every_operation(StoreConfig {
+        url: format!("{url}/2"),
+        ..Default::default()
+    })
+    .await;
     // A sidecar as that user: its L1 follows Redis's invalidations (docs/api.md §10.1).
     let side =
         support::Sidecar::start(support::sidecar_config(Some(url), vec![namespace("acl")])).await;

@@ -1,4 +1,4 @@
-//! Deadlines on clients that stop sending or reading (DESIGN, Security: "a request that
+//! Deadlines on clients that stop sending or reading (docs/design.md, Security: "a request that
 //! stops sending or reading is cut off by a deadline, so idle sockets cannot hold slots or
 //! budget").
 //!

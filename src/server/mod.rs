@@ -80,7 +80,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "kvshelf_l1_flushes_total",
-        "Times the whole L1 was emptied, by reason (tracking_started, tracking_lost, flushed_in_redis)."
+        "Times the whole L1 was emptied, by reason (tracking_started, tracking_lost, flushed_in_redis, invalidations_overflowed)."
     );
     describe_gauge!(
         "kvshelf_l1_tracking",
@@ -92,19 +92,27 @@ fn describe_metrics() {
     );
     describe_counter!(
         "kvshelf_l1_wait_timeouts_total",
-        "Blocks a fetch stopped waiting for: another request's read of them outlasted fetch_timeout."
+        "Blocks a fetch stopped waiting for: another request's read of them outlasted the chunk's deadline."
     );
     describe_counter!(
         "kvshelf_l1_load_timeouts_total",
-        "L1 loads cut off after fetch_timeout."
+        "L1 loads cut off at the chunk's deadline."
     );
     describe_counter!(
         "kvshelf_fetch_budget_timeouts_total",
-        "Fetches that found no room in fetch_memory_bytes within fetch_timeout (ended backend_unavailable)."
+        "Fetches that found no room in fetch_memory_bytes within the chunk's deadline (ended backend_unavailable)."
     );
     describe_counter!(
         "kvshelf_stalled_requests_total",
         "Requests cut off because their client stalled, by reason (body_read_timeout, response_write_timeout)."
+    );
+    describe_counter!(
+        "kvshelf_warm_skipped_total",
+        "Warm lookups that did not warm because MAX_WARMING warms were already running."
+    );
+    describe_counter!(
+        "kvshelf_store_connection_drains_total",
+        "Redis calls given up mid-exchange whose connection was read back into step (kept), could not be (closed) or did not answer in time (timeout)."
     );
     describe_counter!(
         "kvshelf_rejected_requests_total",

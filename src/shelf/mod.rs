@@ -4,7 +4,7 @@
 //! The HTTP and gRPC adapters in [`crate::server`] are thin: they parse a request, call one
 //! method here, and map [`ApiError`] to a status in exactly one table each.
 //!
-//! Fail open (DESIGN contract 5): a backend that is down, slow or full never becomes an error
+//! Fail open (docs/design.md, contract 5): a backend that is down, slow or full never becomes an error
 //! on the worker's data path. Lookup answers 0 and fetch ends its stream with
 //! `backend_unavailable` within the configured timeout; puts are dropped and counted. Only
 //! operator actions (delete, pin, purge) report the backend's failure, since pretending

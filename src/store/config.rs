@@ -40,7 +40,10 @@ pub struct StoreConfig {
     /// pinned. Default: true.
     pub sliding_ttl: bool,
     /// How long to wait for a reply. A 32 MiB value takes tens of milliseconds on loopback,
-    /// so a short timeout would fail big batches on a busy host. Default: 5s.
+    /// so a short timeout would fail big batches on a busy host. Also how long a connection
+    /// whose call was given up mid-exchange may take to be drained back into step, and how
+    /// long a tracking connection waits for the answer to its heartbeat `PING`.
+    /// Default: 5s.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
     /// How long to wait for a new connection. Default: 1s.
@@ -57,10 +60,12 @@ pub struct StoreConfig {
     /// process. Default: 64.
     pub max_connections: usize,
     /// New connections per second to each node once a burst of `max_connections` is
-    /// spent; a call that needs one beyond that fails open at once. Every fail-open timeout
-    /// drops the connection it was using, so without this bound a brownout would have
-    /// every request reconnect (and `AUTH`) to the struggling Redis. 0: no bound.
-    /// Default: 10.
+    /// spent; a call that needs one beyond that fails open at once. A call cut off by a
+    /// deadline leaves its connection to be drained back into the pool (and calls wait for
+    /// a draining connection rather than dial), so connections are dialled again only when
+    /// they broke (a Redis restart, its idle `timeout`, a cut); this bound keeps even that
+    /// from turning into a reconnect (and `AUTH`) storm against a struggling Redis. 0: no
+    /// bound. Default: 10.
     pub connect_rate: u32,
     /// Connections one batch (of one node) is spread over: a batch of many blocks is cut
     /// into this many pipelines sent at once, so that parsing and copying are not
