@@ -470,4 +470,59 @@ mod tests {
             .to_string();
         assert!(!e.contains("hunter2"), "{e}");
     }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(
+            redact_url("rediss://kv:s3cret@redis.internal:6380/0"),
+            "rediss://kv:***@redis.internal:6380/0"
+        );
+        assert_eq!(redact_url("redis://:pw@h/1"), "redis://:***@h/1");
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=2&pass=hunter2&user=kv"),
+            "redis+unix:///run/redis.sock?db=2&pass=***&user=kv"
+        );
+        assert_eq!(
+            redact_url("unix:///run/redis.sock?pass=hunter2"),
+            "unix:///run/redis.sock?pass=***"
+        );
+        let cfg = StoreConfig {
+            url: "redis://u:hunter2@h".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn debug_shows_every_field_but_no_password() {
+        let cfg = StoreConfig {
+            url: "redis://u:hunter2@a:6379,redis://u:hunter2@b:6379".into(),
+            tls_ca_file: Some("/etc/ca.pem".into()),
+            ..Default::default()
+        };
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://u:***@a:6379,redis://u:***@b:6379"));
+        // Every field a serialized config has (serde sees all of them) is in the output.
+        let fields = serde_json::to_value(&cfg).unwrap();
+        for field in fields.as_object().unwrap().keys() {
+            assert!(
+                shown.contains(&format!("{field}: ")),
+                "{field} missing: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_reads_humane_durations() {
+        let cfg: StoreConfig =
+            serde_json::from_str(r#"{"ttl":"10m","sliding_ttl":false}"#).unwrap();
+        assert_eq!(cfg.ttl, Duration::from_secs(600));
+        assert!(!cfg.sliding_ttl);
+        assert_eq!(cfg.response_timeout, Duration::from_secs(5));
+    }
 }
