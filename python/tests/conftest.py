@@ -18,6 +18,30 @@ import kvshelf
 REPO = Path(__file__).resolve().parents[2]
 
 
+def sigstop(proc: subprocess.Popen, within: float = 10.0) -> None:
+    """SIGSTOPs `proc` and returns once every one of its threads is stopped. The signal
+    only asks: a thread running on another core (a tokio worker spinning before it parks)
+    stops when the kernel next interrupts it, which on a loaded VM can be milliseconds
+    later — time enough to answer one more request."""
+    import signal
+
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + within
+    tasks = Path(f"/proc/{proc.pid}/task")
+    while time.monotonic() < deadline:
+        states = []
+        for t in tasks.iterdir():
+            try:
+                # The state follows the ")" that ends the command name.
+                states.append((t / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, IndexError):
+                continue
+        if states and all(s in ("T", "t") for s in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {proc.pid} did not stop within {within} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ import time
 import pytest
 
 import kvshelf
+from conftest import sigstop
 from test_lmcache_mp import drain_all
 
 GUARD = 60.0  # seconds a test may take before the process dumps its stacks and exits
@@ -160,7 +161,7 @@ def test_async_client_fetch_into_abandoned_never_writes_again(redis, label):
 
         async def main():
             assert await c.put(label, hashes, [b"\xab" * ns.block_bytes]) == ["stored"]
-            side.proc.send_signal(signal.SIGSTOP)
+            sigstop(side.proc)
             try:
                 with pytest.raises(asyncio.TimeoutError):
                     await asyncio.wait_for(c.fetch_into(label, hashes, [mv]), 0.5)

@@ -21,6 +21,7 @@ from lmcache.v1.memory_management import MemoryFormat  # noqa: E402
 from lmcache.v1.platform.event_notifier import consume_fd  # noqa: E402
 
 import kvshelf  # noqa: E402
+from conftest import sigstop  # noqa: E402
 
 LAYERS, HEADS, DIM, CHUNK = 4, 2, 16, 32  # a small model: 16 KiB per full chunk in bf16
 DEADLINE = 20.0  # seconds: a test-level bound, fails instead of hanging
@@ -189,7 +190,7 @@ def test_a_hung_redis_fails_open_within_the_timeout(own_redis, label):
     try:
         ks, objs = keys(2), chunks(2)
         assert store(adapter, ks, objs) >= 0
-        own_redis.proc.send_signal(19)  # SIGSTOP: connected, never answers
+        sigstop(own_redis.proc)  # connected, never answers
         try:
             t0 = time.monotonic()
             assert load(adapter, ks, chunks(2, fill=False)) == [False, False]

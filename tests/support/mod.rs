@@ -627,6 +627,34 @@ impl RedisServer {
             .unwrap()
             .success();
         assert!(ok, "kill -{sig} failed");
+        if sig == "STOP" {
+            // The signal only asks: a thread running on the other core stops when the
+            // kernel next interrupts it (milliseconds on a loaded VM: time enough to answer
+            // one more command). Return once every thread is stopped.
+            let tasks = PathBuf::from(format!("/proc/{}/task", self.pid_cached()));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let states: Vec<String> = std::fs::read_dir(&tasks)
+                    .map(|d| {
+                        d.flatten()
+                            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                            .filter_map(|stat| {
+                                let (_, rest) = stat.rsplit_once(')')?;
+                                rest.split_whitespace().next().map(str::to_owned)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !states.is_empty() && states.iter().all(|s| s == "T" || s == "t") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server did not stop: {states:?}"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     fn pid_cached(&self) -> String {
