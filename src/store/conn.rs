@@ -69,7 +69,7 @@ impl std::fmt::Display for Addr {
 
 /// What every connection of a store says after it connects: its ACL user, password and
 /// database. The same for every node of a topology.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub(crate) struct Login {
     pub(crate) username: Option<String>,
     pub(crate) password: Option<String>,
