@@ -2,11 +2,14 @@
 //! pipelined commands. The connections that carry them live in `store::conn`.
 //!
 //! - [`Parser`]: bytes in, [`Reply`]s out; it never reads a socket and never allocates by a
-//!   length it was sent. Every command says the longest bulk string its reply may carry (a
-//!   block `GET`: the header limit plus the namespace's `block_bytes`; a `SCAN` page: a key;
-//!   everything else: a few bytes) and a longer one is refused from its length prefix
-//!   alone; arrays are capped in depth and in elements. Public so that the fuzz targets
-//!   (`fuzz/`) reach it.
+//!   length it was sent. Every command says, as [`Caps`], what its whole reply may hold:
+//!   the longest bulk string (a block `GET`: the header limit plus the namespace's
+//!   `block_bytes`; a `SCAN` page: a key; everything else: a few bytes), the bytes of all
+//!   its strings together, and its array elements. Each is checked from a length prefix
+//!   or an array header, before anything is allocated, so that no reply holds more than
+//!   its command's budget: not `MAX_ELEMENTS` keys of the longest size (a `SCAN` page of
+//!   1 GiB, an invalidation message of 64 GiB). Public so that the fuzz targets (`fuzz/`)
+//!   reach it.
 //! - `Request` (crate-private): a pipeline of commands whose big arguments (block headers
 //!   and payloads) are kept as their own [`Bytes`], so that a connection writes them
 //!   vectored, never copied into a command buffer.
@@ -30,6 +33,69 @@ pub const MAX_ELEMENTS: usize = 1 << 20;
 /// Deepest nesting of arrays in one reply (`CLUSTER SLOTS` nests three levels).
 pub const MAX_DEPTH: usize = 4;
 
+/// What one reply may hold, set by its command as the command is built and checked by the
+/// [`Parser`] as it goes: a bulk string from its length prefix, the running total of
+/// bytes before a string is kept, elements from each array header. Nothing is allocated
+/// by a length before it passed these checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Longest bulk string.
+    pub bulk: usize,
+    /// Most bytes the whole reply may keep: its bulk strings, statuses and errors
+    /// together (a skipped string is not kept and does not count).
+    pub total: usize,
+    /// Most array elements, counted over all its nested arrays; at most [`MAX_ELEMENTS`].
+    pub elements: usize,
+    /// A bulk string inside an array that is longer than `bulk` is skipped rather than
+    /// refused: its bytes are read and dropped as they arrive (never buffered whole), and it
+    /// stands in the array as [`Reply::Skipped`]. For replies that list names kvshelf did
+    /// not write (a `SCAN` page may hold any key matching its pattern): one foreign key
+    /// must not fail the page. A bulk string that is the whole reply is still refused.
+    pub skip_long: bool,
+}
+
+impl Caps {
+    /// The caps of a command whose reply is not a bulk string (`SET`, `EXISTS`,
+    /// `PEXPIRE`, `PTTL`, `PING`, `AUTH`, `SELECT`…): [`SMALL_BULK`], one line.
+    pub const SMALL: Caps = Caps::bulk(SMALL_BULK);
+
+    /// A reply that is at most one bulk string of `bulk` bytes (or one line, or a few
+    /// small elements).
+    pub const fn bulk(bulk: usize) -> Caps {
+        Caps {
+            bulk,
+            total: if bulk > MAX_LINE { bulk } else { MAX_LINE },
+            elements: 8,
+            skip_long: false,
+        }
+    }
+
+    /// With a budget of `total` bytes for the whole reply.
+    pub const fn total(self, total: usize) -> Caps {
+        Caps { total, ..self }
+    }
+
+    /// With at most `elements` array elements (and never more than [`MAX_ELEMENTS`]).
+    pub const fn elements(self, elements: usize) -> Caps {
+        Caps {
+            elements: if elements < MAX_ELEMENTS {
+                elements
+            } else {
+                MAX_ELEMENTS
+            },
+            ..self
+        }
+    }
+
+    /// With bulk strings longer than `bulk` inside arrays skipped, not refused.
+    pub const fn skip_long(self) -> Caps {
+        Caps {
+            skip_long: true,
+            ..self
+        }
+    }
+}
+
 /// One reply (the RESP2 types the data path's commands answer with).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -46,6 +112,12 @@ pub enum Reply {
     Error(String),
     /// `*n` and its `n` elements (`SCAN`, `ROLE`, pub/sub messages).
     Array(Vec<Reply>),
+    /// An array element that was a bulk string longer than its command's cap, read and
+    /// dropped ([`Caps::skip_long`]): only its length is known.
+    Skipped {
+        /// Its announced length.
+        len: usize,
+    },
     /// Not a wire type, and never made by [`Parser`]: a bulk string that a connection
     /// read in two parts, `head` into memory of its own and the `body_len` bytes after it
     /// straight into its caller's buffer (a stored block: header, then payload).
@@ -84,8 +156,9 @@ impl Reply {
                     item.encode(out);
                 }
             }
-            // Its body is in someone else's buffer: there is nothing to encode it from.
-            Reply::Split { .. } => {}
+            // Its body is in someone else's buffer, or was dropped: there is nothing to
+            // encode it from.
+            Reply::Split { .. } | Reply::Skipped { .. } => {}
         }
     }
 
@@ -125,10 +198,19 @@ pub enum ProtocolError {
     /// A type byte kvshelf's commands are never answered with (RESP3 types).
     #[error("unexpected reply type {0:?}")]
     UnexpectedType(char),
-    /// An array with more elements in all than [`MAX_ELEMENTS`], or nested deeper than
-    /// [`MAX_DEPTH`]. Refused from its header.
+    /// An array with more elements in all than its command allows ([`Caps::elements`]),
+    /// or nested deeper than [`MAX_DEPTH`]. Refused from its header.
     #[error("array reply too large or too deep")]
     ArrayTooLarge,
+    /// A reply whose strings together would pass its command's budget ([`Caps::total`]).
+    /// Refused from the length prefix of the string that would pass it.
+    #[error("reply of at least {len} bytes; this command's reply is at most {max} bytes")]
+    ReplyTooLarge {
+        /// Bytes kept so far plus the announced string.
+        len: u64,
+        /// What the command allows.
+        max: usize,
+    },
     /// An integer or length that does not parse, or a negative length other than -1.
     #[error("bad number in reply: {0:?}")]
     BadNumber(String),
@@ -151,8 +233,8 @@ pub enum ProtocolError {
 /// Feed it by appending what the socket returned to a `BytesMut` and calling
 /// [`parse`](Parser::parse) until it answers `Ok(None)` (more bytes needed). A reply split
 /// anywhere, even inside its length prefix, parses the same. Bulk values are zero-copy
-/// [`Bytes`] slices of the buffer they arrived in. Arrays nest at most [`MAX_DEPTH`] deep
-/// and hold at most [`MAX_ELEMENTS`] elements in all; their announced sizes never size an
+/// [`Bytes`] slices of the buffer they arrived in. Arrays nest at most [`MAX_DEPTH`] deep;
+/// what one reply holds in all is bounded by its [`Caps`]; announced sizes never size an
 /// allocation.
 #[derive(Debug, Default)]
 pub struct Parser {
@@ -161,6 +243,8 @@ pub struct Parser {
     open: Vec<(usize, Vec<Reply>)>,
     /// Elements announced by the arrays of the reply being parsed.
     elements: usize,
+    /// Bytes of strings kept by the reply being parsed (announced lengths).
+    kept: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -169,6 +253,9 @@ enum State {
     Line { scanned: usize },
     /// Inside a bulk string whose header was consumed: `len` bytes and CRLF to come.
     Bulk { len: usize },
+    /// Inside a bulk string being skipped ([`Caps::skip_long`]) of `len` bytes: `left` of
+    /// them, then CRLF, to drop.
+    Skip { len: usize, left: usize },
 }
 
 impl Default for State {
@@ -184,22 +271,37 @@ impl Parser {
     }
 
     /// Takes the next reply off the front of `buf`, or `Ok(None)` when it needs more bytes
-    /// (what it consumed of a partial reply is remembered). `max_bulk` is the longest bulk
-    /// string this reply may hold; a longer one is an error, decided from its length prefix.
+    /// (what it consumed of a partial reply is remembered). `caps` is what this reply may
+    /// hold; more is an error, decided from a length prefix or an array header before
+    /// anything of it is kept. Pass the same caps until the reply is complete.
     pub fn parse(
         &mut self,
         buf: &mut BytesMut,
-        max_bulk: usize,
+        caps: Caps,
     ) -> Result<Option<Reply>, ProtocolError> {
         loop {
-            let Some(value) = self.next_value(buf, max_bulk)? else {
+            let Some(value) = self.next_value(buf, caps)? else {
                 return Ok(None);
             };
             if let Some(done) = self.complete(value) {
                 self.elements = 0;
+                self.kept = 0;
                 return Ok(Some(done));
             }
         }
+    }
+
+    /// Counts `len` more bytes kept by this reply, or refuses them.
+    fn keep(&mut self, len: usize, caps: Caps) -> Result<(), ProtocolError> {
+        let kept = self.kept.saturating_add(len);
+        if kept > caps.total {
+            return Err(ProtocolError::ReplyTooLarge {
+                len: kept as u64,
+                max: caps.total,
+            });
+        }
+        self.kept = kept;
+        Ok(())
     }
 
     /// Adds a finished value to the innermost open array, closing every array it fills;
@@ -222,9 +324,25 @@ impl Parser {
     fn next_value(
         &mut self,
         buf: &mut BytesMut,
-        max_bulk: usize,
+        caps: Caps,
     ) -> Result<Option<Reply>, ProtocolError> {
         loop {
+            if let State::Skip { len, left } = self.state {
+                // Drop what has arrived of the value; its CRLF is checked like a kept one's.
+                let n = left.min(buf.len());
+                bytes::Buf::advance(buf, n);
+                let left = left - n;
+                self.state = State::Skip { len, left };
+                if left > 0 || buf.len() < 2 {
+                    return Ok(None);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(ProtocolError::MissingCrlf);
+                }
+                bytes::Buf::advance(buf, 2);
+                self.state = State::default();
+                return Ok(Some(Reply::Skipped { len }));
+            }
             if let State::Line { scanned } = self.state {
                 let window = &buf[..buf.len().min(MAX_LINE + 2)];
                 // Resume one byte early: a CR may have ended the previous chunk.
@@ -243,6 +361,9 @@ impl Parser {
                 self.state = State::Line { scanned: 0 };
                 let line = buf.split_to(end + 2);
                 let (&kind, body) = line[..end].split_first().ok_or(ProtocolError::EmptyLine)?;
+                if matches!(kind, b'+' | b'-') {
+                    self.keep(body.len(), caps)?;
+                }
                 match kind {
                     b'+' => return Ok(Some(Reply::Status(line.freeze().slice(1..end)))),
                     b'-' => {
@@ -258,7 +379,9 @@ impl Parser {
                         n => {
                             let n = usize::try_from(n).map_err(|_| ProtocolError::ArrayTooLarge)?;
                             self.elements = self.elements.saturating_add(n);
-                            if self.elements > MAX_ELEMENTS || self.open.len() >= MAX_DEPTH {
+                            if self.elements > caps.elements.min(MAX_ELEMENTS)
+                                || self.open.len() >= MAX_DEPTH
+                            {
                                 return Err(ProtocolError::ArrayTooLarge);
                             }
                             // Sized by what arrives, never by what was announced.
@@ -269,13 +392,22 @@ impl Parser {
                     b'$' => match number(body)? {
                         -1 => return Ok(Some(Reply::Nil)),
                         n if n < 0 => return Err(ProtocolError::BadNumber(lossy(body))),
-                        n if n as u64 > max_bulk as u64 => {
-                            return Err(ProtocolError::BulkTooLong {
-                                len: n as u64,
-                                max: max_bulk,
-                            });
+                        n if n as u64 > caps.bulk as u64 => match usize::try_from(n) {
+                            Ok(len) if caps.skip_long && !self.open.is_empty() => {
+                                self.state = State::Skip { len, left: len };
+                                continue;
+                            }
+                            _ => {
+                                return Err(ProtocolError::BulkTooLong {
+                                    len: n as u64,
+                                    max: caps.bulk,
+                                });
+                            }
+                        },
+                        n => {
+                            self.keep(n as usize, caps)?;
+                            self.state = State::Bulk { len: n as usize };
                         }
-                        n => self.state = State::Bulk { len: n as usize },
                     },
                     other => return Err(ProtocolError::UnexpectedType(other as char)),
                 }
@@ -283,7 +415,7 @@ impl Parser {
             let State::Bulk { len } = self.state else {
                 unreachable!("a line either returned or started a bulk string")
             };
-            // `len <= max_bulk`, so `len + 2` cannot overflow.
+            // `len <= caps.bulk`, so `len + 2` cannot overflow.
             if buf.len() < len + 2 {
                 return Ok(None);
             }
@@ -303,7 +435,8 @@ impl Parser {
     pub fn bulk_missing(&self, buffered: usize) -> Option<usize> {
         match self.state {
             State::Bulk { len } => Some((len + 2).saturating_sub(buffered)),
-            State::Line { .. } => None,
+            // A skipped string is read in ordinary chunks and dropped as they come.
+            State::Line { .. } | State::Skip { .. } => None,
         }
     }
 
@@ -322,6 +455,9 @@ impl Parser {
     pub fn skip_bulk(&mut self) {
         debug_assert!(self.bare_bulk().is_some());
         self.state = State::default();
+        // That bulk string was the whole reply: the next one starts a new budget.
+        self.elements = 0;
+        self.kept = 0;
     }
 }
 
@@ -343,8 +479,8 @@ fn number(body: &[u8]) -> Result<i64, ProtocolError> {
 pub(crate) struct Request {
     parts: Vec<Bytes>,
     head: BytesMut,
-    /// Per command: the longest bulk string its reply may be.
-    pub(crate) max_bulk: Vec<usize>,
+    /// Per command: what its reply may hold.
+    pub(crate) caps: Vec<Caps>,
     /// Send `ASKING` before every command (a Redis Cluster `ASK` redirect).
     asking: bool,
 }
@@ -367,16 +503,22 @@ impl Request {
         }
     }
 
-    /// Appends a command whose reply is not a bulk string (at most [`SMALL_BULK`] bytes).
+    /// Appends a command whose reply is not a bulk string ([`Caps::SMALL`]).
     pub(crate) fn cmd(&mut self, args: &[Arg<'_>]) -> &mut Self {
-        self.cmd_bulk(SMALL_BULK, args)
+        self.cmd_caps(Caps::SMALL, args)
     }
 
-    /// Appends a command whose reply may be a bulk string of up to `max_bulk` bytes.
+    /// Appends a command whose reply may be a bulk string of up to `max_bulk` bytes
+    /// ([`Caps::bulk`]).
     pub(crate) fn cmd_bulk(&mut self, max_bulk: usize, args: &[Arg<'_>]) -> &mut Self {
+        self.cmd_caps(Caps::bulk(max_bulk), args)
+    }
+
+    /// Appends a command whose reply may hold what `caps` allows.
+    pub(crate) fn cmd_caps(&mut self, caps: Caps, args: &[Arg<'_>]) -> &mut Self {
         if self.asking {
             self.head.put_slice(b"*1\r\n$6\r\nASKING\r\n");
-            self.max_bulk.push(SMALL_BULK);
+            self.caps.push(Caps::SMALL);
         }
         self.head
             .put_slice(format!("*{}\r\n", args.len()).as_bytes());
@@ -396,13 +538,13 @@ impl Request {
             }
             self.head.put_slice(b"\r\n");
         }
-        self.max_bulk.push(max_bulk);
+        self.caps.push(caps);
         self
     }
 
     /// Commands in the pipeline (= replies to read).
     pub(crate) fn len(&self) -> usize {
-        self.max_bulk.len()
+        self.caps.len()
     }
 
     /// The pipeline's wire form, as slices to write vectored.
@@ -420,6 +562,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Caps of `bulk` per string and nothing else: what the tests of strings use.
+    fn wide(bulk: usize) -> Caps {
+        Caps {
+            bulk,
+            total: usize::MAX,
+            elements: MAX_ELEMENTS,
+            skip_long: false,
+        }
+    }
+
     /// Parses `bytes` fed in chunks of `chunk`, every reply allowed up to `max_bulk`.
     fn parse_all(
         bytes: &[u8],
@@ -431,7 +583,7 @@ mod tests {
         let mut out = Vec::new();
         for c in bytes.chunks(chunk.max(1)) {
             buf.extend_from_slice(c);
-            while let Some(r) = parser.parse(&mut buf, max_bulk)? {
+            while let Some(r) = parser.parse(&mut buf, wide(max_bulk))? {
                 out.push(r);
             }
         }
@@ -439,7 +591,7 @@ mod tests {
     }
 
     fn one(bytes: &[u8]) -> Result<Option<Reply>, ProtocolError> {
-        Parser::new().parse(&mut BytesMut::from(bytes), 1 << 20)
+        Parser::new().parse(&mut BytesMut::from(bytes), wide(1 << 20))
     }
 
     #[test]
@@ -505,7 +657,7 @@ mod tests {
         // Nothing of the value is there: the length prefix is enough to refuse it.
         let huge = format!("${}\r\n", i64::MAX);
         assert_eq!(
-            Parser::new().parse(&mut BytesMut::from(huge.as_bytes()), 1 << 20),
+            Parser::new().parse(&mut BytesMut::from(huge.as_bytes()), wide(1 << 20)),
             Err(ProtocolError::BulkTooLong {
                 len: i64::MAX as u64,
                 max: 1 << 20
@@ -513,12 +665,12 @@ mod tests {
         );
         let mut buf = BytesMut::from(&b"$11\r\n"[..]);
         assert_eq!(
-            Parser::new().parse(&mut buf, 10),
+            Parser::new().parse(&mut buf, wide(10)),
             Err(ProtocolError::BulkTooLong { len: 11, max: 10 })
         );
         let mut buf = BytesMut::from(&b"$10\r\n0123456789\r\n"[..]);
         assert!(matches!(
-            Parser::new().parse(&mut buf, 10),
+            Parser::new().parse(&mut buf, wide(10)),
             Ok(Some(Reply::Bulk(_)))
         ));
     }
@@ -552,14 +704,201 @@ mod tests {
         let mut p = Parser::new();
         let mut buf = BytesMut::from(&b"$100\r\n0123"[..]);
         assert_eq!(p.bulk_missing(buf.len()), None);
-        assert_eq!(p.parse(&mut buf, 100), Ok(None));
+        assert_eq!(p.parse(&mut buf, wide(100)), Ok(None));
         assert_eq!(p.bulk_missing(buf.len()), Some(98));
         buf.extend_from_slice(&[b'x'; 96]);
         buf.extend_from_slice(b"\r\n:1\r\n");
-        assert!(matches!(p.parse(&mut buf, 100), Ok(Some(Reply::Bulk(b))) if b.len() == 100));
+        assert!(matches!(p.parse(&mut buf, wide(100)), Ok(Some(Reply::Bulk(b))) if b.len() == 100));
         assert_eq!(p.bulk_missing(buf.len()), None);
-        assert_eq!(p.parse(&mut buf, 0), Ok(Some(Reply::Int(1))));
+        assert_eq!(p.parse(&mut buf, wide(0)), Ok(Some(Reply::Int(1))));
         assert!(buf.is_empty());
+    }
+
+    /// Issue 18 §2: a reply of many strings, each within its cap, is refused once their
+    /// sum passes the command's budget, from the length prefix that passes it (the value
+    /// is not there yet).
+    #[test]
+    fn a_reply_is_refused_once_its_strings_pass_the_budget() {
+        let caps = Caps::bulk(100).total(500).elements(1000);
+        let mut bytes = b"*10\r\n".to_vec();
+        for _ in 0..5 {
+            Reply::Bulk(vec![b'k'; 100].into()).encode(&mut bytes);
+        }
+        bytes.extend_from_slice(b"$1\r\n");
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(
+            Parser::new().parse(&mut buf, caps),
+            Err(ProtocolError::ReplyTooLarge { len: 501, max: 500 })
+        );
+        // Statuses count too (a line is at most MAX_LINE, but many lines are not).
+        let mut bytes = b"*3\r\n".to_vec();
+        for _ in 0..3 {
+            Reply::Status(vec![b's'; 200].into()).encode(&mut bytes);
+        }
+        assert_eq!(
+            Parser::new().parse(&mut BytesMut::from(&bytes[..]), caps),
+            Err(ProtocolError::ReplyTooLarge { len: 600, max: 500 })
+        );
+        // The budget is per reply: the next one starts from zero.
+        let mut bytes = Vec::new();
+        for _ in 0..3 {
+            Reply::Array(vec![Reply::Bulk(vec![b'k'; 100].into()); 4]).encode(&mut bytes);
+        }
+        assert_eq!(parse_caps(&bytes, 7, caps).unwrap().0.len(), 3);
+    }
+
+    /// Elements are capped per command, from the array header alone.
+    #[test]
+    fn arrays_are_capped_per_command() {
+        assert_eq!(
+            Parser::new().parse(&mut BytesMut::from(&b"*9\r\n"[..]), Caps::SMALL),
+            Err(ProtocolError::ArrayTooLarge)
+        );
+        assert_eq!(
+            Parser::new().parse(
+                &mut BytesMut::from(&b"*2\r\n*3\r\n"[..]),
+                Caps::bulk(8).elements(4)
+            ),
+            Err(ProtocolError::ArrayTooLarge)
+        );
+        // No caps above MAX_ELEMENTS.
+        assert_eq!(Caps::SMALL.elements(usize::MAX).elements, MAX_ELEMENTS);
+    }
+
+    /// A foreign key longer than a `SCAN` page allows is skipped, in any chunking; its
+    /// bytes are dropped as they arrive, counted nowhere, and its CRLF still checked.
+    #[test]
+    fn long_strings_in_arrays_are_skipped_when_the_command_says_so() {
+        let caps = Caps::bulk(10).total(30).elements(100).skip_long();
+        let long = Reply::Bulk(vec![b'x'; 5000].into());
+        let mut bytes = Vec::new();
+        Reply::Array(vec![
+            Reply::Bulk("0".into()),
+            Reply::Array(vec![
+                Reply::Bulk("abc".into()),
+                long.clone(),
+                Reply::Bulk("z".into()),
+            ]),
+        ])
+        .encode(&mut bytes);
+        Reply::Int(7).encode(&mut bytes);
+        for chunk in [1, 2, 3, 100, 6000] {
+            let (got, left) = parse_caps(&bytes, chunk, caps).unwrap();
+            assert_eq!(
+                got,
+                vec![
+                    Reply::Array(vec![
+                        Reply::Bulk("0".into()),
+                        Reply::Array(vec![
+                            Reply::Bulk("abc".into()),
+                            Reply::Skipped { len: 5000 },
+                            Reply::Bulk("z".into()),
+                        ]),
+                    ]),
+                    Reply::Int(7),
+                ],
+                "chunk {chunk}"
+            );
+            assert_eq!(left, 0);
+        }
+        // Its CRLF is checked like a kept string's.
+        let mut bad = b"*1\r\n$12\r\n0123456789abXY".to_vec();
+        bad.extend_from_slice(b"+OK\r\n");
+        for chunk in [1, 5, 100] {
+            assert_eq!(
+                parse_caps(&bad, chunk, caps),
+                Err(ProtocolError::MissingCrlf),
+                "chunk {chunk}"
+            );
+        }
+        // A whole reply that is too long is still refused; so is one without skip_long.
+        let mut whole = Vec::new();
+        long.encode(&mut whole);
+        assert!(matches!(
+            parse_caps(&whole, 100, caps),
+            Err(ProtocolError::BulkTooLong { len: 5000, max: 10 })
+        ));
+        let mut listed = Vec::new();
+        Reply::Array(vec![long]).encode(&mut listed);
+        assert!(matches!(
+            parse_caps(&listed, 100, Caps::bulk(10)),
+            Err(ProtocolError::BulkTooLong { len: 5000, max: 10 })
+        ));
+    }
+
+    /// Parses `bytes` fed in chunks of `chunk`, every reply under `caps`.
+    fn parse_caps(
+        bytes: &[u8],
+        chunk: usize,
+        caps: Caps,
+    ) -> Result<(Vec<Reply>, usize), ProtocolError> {
+        let mut parser = Parser::new();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for c in bytes.chunks(chunk.max(1)) {
+            buf.extend_from_slice(c);
+            while let Some(r) = parser.parse(&mut buf, caps)? {
+                out.push(r);
+            }
+            if let Some(missing) = parser.bulk_missing(buf.len()) {
+                assert!(missing <= caps.bulk + 2, "{missing}");
+            }
+        }
+        Ok((out, buf.len()))
+    }
+
+    /// What parsing `reply` under `caps` must give: the reply with its long strings in
+    /// arrays skipped, or `None` when it holds more than `caps` allow.
+    fn under_caps(reply: &Reply, caps: Caps) -> Option<Reply> {
+        fn walk(
+            r: &Reply,
+            caps: Caps,
+            in_array: bool,
+            kept: &mut usize,
+            elements: &mut usize,
+        ) -> Option<Reply> {
+            Some(match r {
+                Reply::Bulk(b) if b.len() > caps.bulk => {
+                    if caps.skip_long && in_array {
+                        Reply::Skipped { len: b.len() }
+                    } else {
+                        return None;
+                    }
+                }
+                Reply::Bulk(b) | Reply::Status(b) => {
+                    *kept += b.len();
+                    r.clone()
+                }
+                Reply::Error(e) => {
+                    *kept += e.len();
+                    r.clone()
+                }
+                Reply::Array(items) => {
+                    *elements += items.len();
+                    Reply::Array(
+                        items
+                            .iter()
+                            .map(|i| walk(i, caps, true, kept, elements))
+                            .collect::<Option<Vec<_>>>()?,
+                    )
+                }
+                other => other.clone(),
+            })
+        }
+        let (mut kept, mut elements) = (0, 0);
+        let out = walk(reply, caps, false, &mut kept, &mut elements)?;
+        (kept <= caps.total && elements <= caps.elements).then_some(out)
+    }
+
+    fn arb_caps() -> impl Strategy<Value = Caps> {
+        (0usize..400, 0usize..3000, 0usize..40, any::<bool>()).prop_map(
+            |(bulk, total, elements, skip_long)| Caps {
+                bulk,
+                total,
+                elements,
+                skip_long,
+            },
+        )
     }
 
     fn arb_reply() -> impl Strategy<Value = Reply> {
@@ -612,6 +951,44 @@ mod tests {
             let (got, left) = parse_all(&bytes, chunk, 300).unwrap();
             prop_assert_eq!(got, replies);
             prop_assert_eq!(left, 0);
+        }
+
+        /// Issue 18 §2: a reply is accepted exactly when it holds no more than its
+        /// command's caps (each string, all of them together, the array elements), with
+        /// long strings in arrays skipped where the command says so, in any chunking.
+        #[test]
+        fn prop_caps_hold_exactly(replies in proptest::collection::vec(arb_reply(), 1..6), caps in arb_caps(), chunk in 1usize..97) {
+            let mut bytes = Vec::new();
+            for r in &replies {
+                r.encode(&mut bytes);
+            }
+            let mut parser = Parser::new();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut err = None;
+            'feed: for c in bytes.chunks(chunk) {
+                buf.extend_from_slice(c);
+                loop {
+                    match parser.parse(&mut buf, caps) {
+                        Ok(Some(r)) => got.push(r),
+                        Ok(None) => break,
+                        Err(e) => {
+                            err = Some(e);
+                            break 'feed;
+                        }
+                    }
+                }
+            }
+            let want: Vec<Option<Reply>> = replies.iter().map(|r| under_caps(r, caps)).collect();
+            let fits = want.iter().take_while(|w| w.is_some()).count();
+            prop_assert_eq!(got.len(), fits);
+            for (g, w) in got.iter().zip(&want) {
+                prop_assert_eq!(Some(g), w.as_ref());
+            }
+            prop_assert_eq!(err.is_some(), fits < replies.len(), "{:?}", err);
+            if let Some(e) = err {
+                prop_assert!(matches!(e, ProtocolError::BulkTooLong { .. } | ProtocolError::ReplyTooLarge { .. } | ProtocolError::ArrayTooLarge), "{:?}", e);
+            }
         }
 
         /// The parser agrees with redis-rs's on every reply it accepts.

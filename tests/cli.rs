@@ -15,12 +15,17 @@ struct ConfigFile(PathBuf);
 
 impl ConfigFile {
     fn new(ns: &Namespace) -> ConfigFile {
+        Self::on(ns, &redis_url())
+    }
+
+    /// A config file naming the Redis at `url` and `ns`.
+    fn on(ns: &Namespace, url: &str) -> ConfigFile {
         let l = &ns.layout;
         let text = format!(
             "[store]\nurl = \"{}\"\n\n[[namespaces]]\nlabel = \"{}\"\nmodel_id = \"{}\"\n\
              kv_dtype = \"{}\"\nblock_size = {}\nttl = \"6h\"\n\
              layout = {{ num_layers = {}, num_kv_heads = {}, head_dim = {} }}\n",
-            redis_url(),
+            url,
             ns.label,
             ns.model_id,
             ns.kv_dtype,
@@ -157,5 +162,70 @@ async fn purge_reports_what_it_deleted() {
         String::from_utf8_lossy(&out.stdout),
         format!("{}: 3 blocks deleted\n", ns.label)
     );
+    assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 0);
+}
+
+/// Issue 18 §2: a key kvshelf could never have written under a namespace's prefix (longer
+/// than a `SCAN` page's cap, or not UTF-8) is skipped and reported, never the end of
+/// `kvshelf stats` or `kvshelf purge`. On main both failed every time ("reply of 1116
+/// bytes, longer than the command allows"; "not a SCAN page"). On a Redis of its own: the
+/// foreign keys would be in every other test's `stats`.
+#[tokio::test]
+async fn foreign_keys_never_stop_stats_or_purge() {
+    let server = support::RedisServer::start(&[]);
+    let ns = namespace("cli-foreign");
+    let config = ConfigFile::on(&ns, &server.url());
+    let s = support::store_with(kvshelf::StoreConfig {
+        url: server.url(),
+        ..Default::default()
+    });
+    let hashes =
+        PrefixHasher::new(&ns, None).hash_prefix(&(0..3 * ns.block_size).collect::<Vec<_>>());
+    let blocks: Vec<_> = hashes.iter().map(|h| (*h, payload(&ns, 5))).collect();
+    s.put(&ns, &blocks).await.unwrap();
+    let prefix = format!("kvshelf:v1:{}:", ns.label);
+    let long = format!("{prefix}{}", "x".repeat(1100));
+    let mut not_utf8 = prefix.clone().into_bytes();
+    not_utf8.extend_from_slice(&[0xff, 0xfe]);
+    let mut raw = support::raw(&server.url()).await;
+    let _: () = redis::cmd("SET")
+        .arg(&long)
+        .arg("foreign")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&not_utf8)
+        .arg("foreign")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    assert_eq!(s.count(&ns.label).await.unwrap(), 3);
+    let out = kvshelf(&config.0, &["stats"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&ns.label),
+        "{}",
+        text(&out)
+    );
+    let out = kvshelf(&config.0, &["purge", &ns.label]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 blocks would be deleted"));
+    let out = kvshelf(&config.0, &["purge", &ns.label, "--yes"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}: 3 blocks deleted\n", ns.label)
+    );
+    assert!(text(&out).contains("SCAN skipped keys"), "{}", text(&out));
+    // The foreign keys are left alone: kvshelf deletes only what it could have written.
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(&long)
+        .arg(&not_utf8)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(left, 2);
     assert_eq!(s.lookup(&ns, &hashes).await.unwrap(), 0);
 }

@@ -144,3 +144,77 @@ async fn rediss_urls_work_with_a_private_ca() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 18 §2: each login form of docs/api.md §9 logs in as what the URL says, against a
+/// real Redis with ACL users, with passwords holding `/ : @ %` (percent-encoded). On main,
+/// `redis://kv:@host` ran as `default` (no `AUTH`), `redis://np@host` sent `np` as a
+/// password, and a password with `/` or `%` could not be written at all.
+#[tokio::test]
+async fn every_login_form_logs_in_as_its_url_says() {
+    let server = support::RedisServer::start(&[]);
+    let port = server.port;
+    let password = "a/b:c@d%e";
+    for setup in [
+        vec!["ACL", "SETUSER", "kv", "on", ">a/b:c@d%e", "+@all", "~*"],
+        vec!["ACL", "SETUSER", "np", "on", "nopass", "+@all", "~*"],
+        // `default` may only run PING: a store that silently ran as it could not put.
+        vec![
+            "ACL",
+            "SETUSER",
+            "default",
+            "on",
+            ">s3cr/et%",
+            "-@all",
+            "+ping",
+            "+auth",
+            "+select",
+        ],
+    ] {
+        server.cli(&setup).expect("ACL SETUSER");
+    }
+    // `INFO` needs more than `default` may run: it answers only for the right user.
+    async fn works(url: String) -> Result<String, String> {
+        let s = store_with(StoreConfig {
+            url,
+            ..Default::default()
+        });
+        s.info("server").await.map_err(|e| e.to_string())
+    }
+    for url in [
+        format!("redis://kv:a%2Fb%3Ac%40d%25e@127.0.0.1:{port}"),
+        // `:` and `@` may stay unencoded.
+        format!("redis://kv:a%2Fb:c@d%25e@127.0.0.1:{port}"),
+        format!("valkey://kv:a%2Fb:c@d%25e@127.0.0.1:{port}"),
+        format!("redis://np@127.0.0.1:{port}"),
+        format!("redis://np:@127.0.0.1:{port}"),
+    ] {
+        let r = works(url.clone()).await;
+        assert!(r.is_ok(), "{url}: {r:?}");
+    }
+    // `default` authenticates with the password alone, and may not put.
+    let r = works(format!("redis://:s3cr%2Fet%25@127.0.0.1:{port}")).await;
+    let e = r.expect_err("default may not run INFO");
+    assert!(e.contains("NOPERM"), "{e}");
+    // A user whose password is not given does not fall back to `default`: it is refused.
+    for url in [
+        format!("redis://kv:@127.0.0.1:{port}"),
+        format!("redis://kv@127.0.0.1:{port}"),
+    ] {
+        let e = works(url.clone()).await.expect_err(&url);
+        assert!(e.contains("WRONGPASS"), "{url}: {e}");
+    }
+    // A password cut short by an unencoded `/` is refused before any connection, and its
+    // rest never shows.
+    let e = store_with_err(format!("redis://kv:{password}@127.0.0.1:{port}"));
+    assert!(e.contains("percent-encode") && !e.contains("d%e"), "{e}");
+}
+
+fn store_with_err(url: String) -> String {
+    match kvshelf::RedisStore::new(StoreConfig {
+        url,
+        ..Default::default()
+    }) {
+        Ok(_) => panic!("a URL with an unencoded `/` in its password was accepted"),
+        Err(e) => e.to_string(),
+    }
+}

@@ -1,8 +1,10 @@
 //! Fuzzes the data path's RESP reply parser (`kvshelf::resp::Parser`) with arbitrary bytes,
 //! as a Redis (or anything listening on its port) might answer.
 //!
-//! Input: byte 0 picks the read size the bytes arrive in (1–256), byte 1 the longest bulk
-//! string the command allows (0, 64, 255 or 4096 bytes); the rest is the reply stream.
+//! Input: byte 0 picks the read size the bytes arrive in (1–256), byte 1 the command's
+//! caps: the longest bulk string (0, 64, 255 or 4096 bytes), the bytes the whole reply may
+//! keep (64, 1 KiB, 16 KiB or unbounded), its array elements (0, 8, 64 or `MAX_ELEMENTS`)
+//! and whether long bulk strings in arrays are skipped; the rest is the reply stream.
 //!
 //! Properties checked on every input:
 //! - parsing never panics, whatever the bytes and however they are split;
@@ -10,12 +12,13 @@
 //!   replies come out, then the same error (or the same bytes are left waiting);
 //! - each reply is parsed from exactly its own bytes: its type byte, its CRLF (a bulk
 //!   string's too), a bulk string's value between its length line and that CRLF;
-//! - no bulk string is longer than the command allows;
-//! - the replies, encoded again, parse to the same replies.
+//! - no reply holds more than its caps allow: no bulk string over the cap, no more bytes
+//!   kept in all, no more array elements; a skipped string appears only inside an array;
+//! - the replies (those with nothing skipped), encoded again, parse to the same replies.
 #![no_main]
 
 use bytes::BytesMut;
-use kvshelf::resp::{Parser, ProtocolError, Reply};
+use kvshelf::resp::{Caps, MAX_ELEMENTS, Parser, ProtocolError, Reply};
 use libfuzzer_sys::fuzz_target;
 
 /// The bytes a reply was parsed from must be that reply: its type byte first, CRLF last,
@@ -55,21 +58,41 @@ fn check_span(reply: &Reply, span: &[u8]) {
     }
 }
 
-/// No bulk string over the cap and no array deeper than `MAX_DEPTH`, at any depth.
-fn check_caps(reply: &Reply, max_bulk: usize, depth: usize) {
+/// No bulk string over the cap and no array deeper than `MAX_DEPTH`, at any depth; adds
+/// the bytes the reply keeps and its array elements to `kept` and `elements`.
+fn check_caps(reply: &Reply, caps: Caps, depth: usize, kept: &mut usize, elements: &mut usize) {
     match reply {
-        Reply::Bulk(b) => assert!(
-            b.len() <= max_bulk,
-            "a bulk of {} bytes passed a cap of {max_bulk}",
-            b.len()
-        ),
+        Reply::Bulk(b) => {
+            assert!(
+                b.len() <= caps.bulk,
+                "a bulk of {} bytes passed a cap of {}",
+                b.len(),
+                caps.bulk
+            );
+            *kept += b.len();
+        }
+        Reply::Status(s) => *kept += s.len(),
+        // An error's text is decoded lossily (it may grow): not counted here.
+        Reply::Skipped { len } => {
+            assert!(caps.skip_long && depth > 1, "{reply:?} at depth {depth}");
+            assert!(*len > caps.bulk, "{reply:?} skipped under a cap of {}", caps.bulk);
+        }
         Reply::Array(items) => {
             assert!(depth <= kvshelf::resp::MAX_DEPTH, "arrays nested {depth} deep");
+            *elements += items.len();
             for item in items {
-                check_caps(item, max_bulk, depth + 1);
+                check_caps(item, caps, depth + 1, kept, elements);
             }
         }
         _ => {}
+    }
+}
+
+fn has_skipped(reply: &Reply) -> bool {
+    match reply {
+        Reply::Skipped { .. } => true,
+        Reply::Array(items) => items.iter().any(has_skipped),
+        _ => false,
     }
 }
 
@@ -78,7 +101,7 @@ fn check_caps(reply: &Reply, max_bulk: usize, depth: usize) {
 fn parse(
     bytes: &[u8],
     chunk: usize,
-    max_bulk: usize,
+    caps: Caps,
 ) -> (Vec<Reply>, Option<ProtocolError>, usize) {
     let mut parser = Parser::new();
     let mut buf = BytesMut::new();
@@ -88,7 +111,7 @@ fn parse(
         buf.extend_from_slice(c);
         fed += c.len();
         loop {
-            match parser.parse(&mut buf, max_bulk) {
+            match parser.parse(&mut buf, caps) {
                 Ok(Some(r)) => {
                     let end = fed - buf.len();
                     check_span(&r, &bytes[start..end]);
@@ -106,8 +129,9 @@ fn parse(
         // value and its CRLF.
         if let Some(missing) = parser.bulk_missing(buf.len()) {
             assert!(
-                missing <= max_bulk + 2,
-                "{missing} bytes missing of a {max_bulk}-byte bulk"
+                missing <= caps.bulk + 2,
+                "{missing} bytes missing of a {}-byte bulk",
+                caps.bulk
             );
         }
     }
@@ -119,10 +143,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let chunk = *chunk as usize + 1;
-    let max_bulk = [0, 64, 255, 4096][*max as usize % 4];
+    let max = *max as usize;
+    let caps = Caps {
+        bulk: [0, 64, 255, 4096][max % 4],
+        total: [64, 1024, 16384, usize::MAX][(max >> 2) % 4],
+        elements: [0, 8, 64, MAX_ELEMENTS][(max >> 4) % 4],
+        skip_long: max & 0x40 != 0,
+    };
 
-    let (replies, err, left) = parse(bytes, chunk, max_bulk);
-    let whole = parse(bytes, bytes.len().max(1), max_bulk);
+    let (replies, err, left) = parse(bytes, chunk, caps);
+    let whole = parse(bytes, bytes.len().max(1), caps);
     assert_eq!(
         whole.0, replies,
         "replies depend on how the bytes were split"
@@ -136,12 +166,20 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let mut again = Vec::new();
+    let mut whole_replies = Vec::new();
     for r in &replies {
-        check_caps(r, max_bulk, 1);
-        r.encode(&mut again);
+        let (mut kept, mut elements) = (0, 0);
+        check_caps(r, caps, 1, &mut kept, &mut elements);
+        assert!(kept <= caps.total, "{kept} bytes kept under a budget of {}", caps.total);
+        assert!(elements <= caps.elements, "{elements} elements under a cap of {}", caps.elements);
+        // A skipped string's bytes are gone: such a reply cannot be encoded again.
+        if !has_skipped(r) {
+            r.encode(&mut again);
+            whole_replies.push(r.clone());
+        }
     }
-    let (reparsed, err2, left2) = parse(&again, chunk, max_bulk);
+    let (reparsed, err2, left2) = parse(&again, chunk, caps);
     assert_eq!(err2, None, "re-encoded replies do not parse");
     assert_eq!(left2, 0);
-    assert_eq!(reparsed, replies, "re-encoded replies parse differently");
+    assert_eq!(reparsed, whole_replies, "re-encoded replies parse differently");
 });

@@ -15,7 +15,7 @@ use crate::codec::{self, Header};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::hashing::BlockHash;
 use crate::namespace::validate_label;
-use crate::resp::{Arg, Reply, Request};
+use crate::resp::{Arg, Caps, Reply, Request};
 
 /// What a purge did: the blocks it unlinked, and the nodes it could not finish.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,10 +262,11 @@ impl RedisStore {
         Fut: std::future::Future<Output = Result<(), Error>>,
     {
         let mut cursor = "0".to_owned();
+        let mut foreign = 0u64;
         loop {
             let mut req = Request::default();
-            req.cmd_bulk(
-                KEY_REPLY,
+            req.cmd_caps(
+                SCAN_PAGE,
                 &[
                     Arg::Small(b"SCAN"),
                     Arg::Small(cursor.as_bytes()),
@@ -276,11 +277,23 @@ impl RedisStore {
                 ],
             );
             let r = all(self.exec_on(pool, &req).await?)?;
-            let (next, keys) = scan_page(&r[0])?;
+            let (next, items) = scan_page(&r[0])?;
+            let keys: Vec<String> = items.into_iter().flatten().collect();
+            foreign += (r_len(&r[0]) - keys.len()) as u64;
             if !keys.is_empty() {
                 page(keys).await?;
             }
             if next == "0" {
+                if foreign > 0 {
+                    // Not kvshelf's: it never writes such keys. Left alone, and said.
+                    tracing::warn!(
+                        node = %pool.addr(),
+                        pattern,
+                        foreign,
+                        "SCAN skipped keys that cannot be kvshelf blocks (longer than \
+                         {KEY_REPLY} bytes, or not UTF-8); they are neither counted nor deleted"
+                    );
+                }
                 return Ok(());
             }
             cursor = next;
@@ -302,11 +315,35 @@ impl RedisStore {
     }
 }
 
-/// Longest key a `SCAN` or `HSCAN` page may hold.
+/// Longest key a `SCAN` or `HSCAN` page hands over; a longer one is skipped (it cannot be a
+/// kvshelf key: a label is at most 64 bytes, a hash 64 hex digits).
 pub(super) const KEY_REPLY: usize = 1024;
 
-/// A `SCAN`/`HSCAN` page: the next cursor and the elements.
-pub(super) fn scan_page(r: &Reply) -> Result<(String, Vec<String>), Error> {
+/// What one `SCAN`/`HSCAN … COUNT 1000` page may hold. Redis stops a page once it has
+/// about `COUNT` elements (a few more when a bucket holds several keys; a small hash in
+/// listpack encoding answers whole, 128 fields by default): 65,536 elements and 8 MiB
+/// leave room for all of that, where `MAX_ELEMENTS` keys of `KEY_REPLY` bytes would be
+/// 1 GiB. Longer keys are skipped, never a failed page: any key matching the pattern
+/// comes back, whoever wrote it.
+pub(super) const SCAN_PAGE: Caps = Caps::bulk(KEY_REPLY)
+    .total(8 << 20)
+    .elements(1 << 16)
+    .skip_long();
+
+/// How many elements a `SCAN` page listed (skipped ones included).
+fn r_len(r: &Reply) -> usize {
+    match r {
+        Reply::Array(a) => match a.get(1) {
+            Some(Reply::Array(items)) => items.len(),
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+/// A `SCAN`/`HSCAN` page: the next cursor and the elements, `None` for one that was
+/// skipped (longer than [`KEY_REPLY`]) or is not UTF-8: no key kvshelf writes.
+pub(super) fn scan_page(r: &Reply) -> Result<(String, Vec<Option<String>>), Error> {
     let bad = || -> Error {
         BackendError::new(
             BackendErrorKind::Protocol,
@@ -325,7 +362,11 @@ pub(super) fn scan_page(r: &Reply) -> Result<(String, Vec<String>), Error> {
                 cursor,
                 items
                     .iter()
-                    .map(|i| i.text().map(str::to_owned).ok_or_else(bad))
+                    .map(|i| match i {
+                        Reply::Skipped { .. } => Ok(None),
+                        Reply::Bulk(_) => Ok(i.text().map(str::to_owned)),
+                        _ => Err(bad()),
+                    })
                     .collect::<Result<_, _>>()?,
             ))
         }

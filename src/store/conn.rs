@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::codec;
 use crate::error::{BackendError, BackendErrorKind, Error};
-use crate::resp::{Arg, Parser, ProtocolError, Reply, Request};
+use crate::resp::{Arg, Caps, Parser, ProtocolError, Reply, Request};
 
 /// Read size for reply headers and small replies.
 const READ_CHUNK: usize = 16 * 1024;
@@ -69,7 +69,7 @@ impl std::fmt::Display for Addr {
 
 /// What every connection of a store says after it connects: its ACL user, password and
 /// database. The same for every node of a topology.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub(crate) struct Login {
     pub(crate) username: Option<String>,
     pub(crate) password: Option<String>,
@@ -221,7 +221,7 @@ struct Owed {
     /// it can never be brought back in step.
     lost: bool,
     /// The caps of the replies not yet read whole, in order: the front one is being read.
-    replies: VecDeque<usize>,
+    replies: VecDeque<Caps>,
     /// Bytes of the front reply, past what the parser has seen, still to read: the rest of
     /// a bulk string read around the parser (into the caller's memory), with its CRLF.
     raw: usize,
@@ -307,20 +307,20 @@ impl Conn {
         self.owed.lost = true;
         self.write_all(req.slices()).await?;
         self.owed.lost = false;
-        self.owed.replies.extend(req.max_bulk.iter().copied());
-        self.read_replies(&req.max_bulk, sinks).await
+        self.owed.replies.extend(req.caps.iter().copied());
+        self.read_replies(&req.caps, sinks).await
     }
 
-    /// Reads one reply per entry of `max_bulk` (a pipeline sent earlier).
+    /// Reads one reply per entry of `caps` (a pipeline sent earlier).
     pub(crate) async fn read_replies(
         &mut self,
-        max_bulk: &[usize],
+        caps: &[Caps],
         sinks: &mut [Sink<'_>],
     ) -> std::io::Result<Replies> {
-        let mut replies = Vec::with_capacity(max_bulk.len());
-        for (i, &max) in max_bulk.iter().enumerate() {
+        let mut replies = Vec::with_capacity(caps.len());
+        for (i, &caps) in caps.iter().enumerate() {
             let sink = sinks.get_mut(i);
-            match self.read_reply(max, sink).await {
+            match self.read_reply(caps, sink).await {
                 Ok(r) => {
                     self.owed.replies.pop_front();
                     replies.push(r);
@@ -373,8 +373,8 @@ impl Conn {
             }
             self.owed.replies.pop_front();
         }
-        let max_bulk: Vec<usize> = self.owed.replies.iter().copied().collect();
-        let replies = self.read_replies(&max_bulk, &mut []).await?;
+        let caps: Vec<Caps> = self.owed.replies.iter().copied().collect();
+        let replies = self.read_replies(&caps, &mut []).await?;
         if replies.oversized.is_some() {
             return Err(std::io::Error::other("an oversized reply"));
         }
@@ -387,9 +387,9 @@ impl Conn {
         self.write_all(req.slices()).await
     }
 
-    /// The next reply, of at most `max_bulk` bytes per bulk string.
-    pub(crate) async fn next_reply(&mut self, max_bulk: usize) -> std::io::Result<Reply> {
-        match self.read_reply(max_bulk, None).await {
+    /// The next reply, holding at most what `caps` allow.
+    pub(crate) async fn next_reply(&mut self, caps: Caps) -> std::io::Result<Reply> {
+        match self.read_reply(caps, None).await {
             Ok(r) => Ok(r),
             Err(ReadError::Io(e)) => Err(e),
             Err(ReadError::Protocol(e)) => Err(protocol(e)),
@@ -424,11 +424,11 @@ impl Conn {
     /// Feeds the parser until it has the next reply.
     async fn read_reply(
         &mut self,
-        max_bulk: usize,
+        caps: Caps,
         mut sink: Option<&mut Sink<'_>>,
     ) -> Result<Reply, ReadError> {
         loop {
-            if let Some(reply) = self.parser.parse(&mut self.buf, max_bulk)? {
+            if let Some(reply) = self.parser.parse(&mut self.buf, caps)? {
                 return Ok(reply);
             }
             // A block the caller wants in its own memory.
@@ -939,7 +939,7 @@ mod tests {
         Reply::Bulk(Bytes::from_static(b"not a block")).encode(&mut wire);
         let addr = answering(wire).await;
         let mut conn = Conn::open(&addr, &dialer()).await.unwrap();
-        let max = [value.len(); 3];
+        let max = [Caps::bulk(value.len()); 3];
         let mut mine = vec![0u8; payload.len()];
         let mut tiny = [0u8; 4];
         let mut sinks = [Sink::Own, Sink::Into(&mut mine), Sink::Into(&mut tiny)];

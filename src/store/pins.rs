@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::admin::{KEY_REPLY, scan_page};
+use super::admin::{SCAN_PAGE, scan_page};
 use super::keys::{block_key, pins_key};
 use super::route::KeyReplies;
 use super::{RedisStore, int, ttl_millis};
@@ -170,8 +170,8 @@ impl RedisStore {
         loop {
             let r = self
                 .on_key(&pins, |req| {
-                    req.cmd_bulk(
-                        KEY_REPLY,
+                    req.cmd_caps(
+                        SCAN_PAGE,
                         &[
                             Arg::Small(b"HSCAN"),
                             Arg::Small(pins.as_bytes()),
@@ -184,9 +184,9 @@ impl RedisStore {
                 .await?;
             let (next, flat) = scan_page(&r[0])?;
             // HSCAN answers field, value, field, value, …; a field that is not a block hash
-            // is no pin of ours and goes too.
+            // is no pin of ours and goes too (one too long to be read is left alone).
             let (mut stale, mut recorded) = (Vec::new(), Vec::new());
-            for field in flat.iter().step_by(2) {
+            for field in flat.iter().step_by(2).flatten() {
                 match field.parse::<BlockHash>() {
                     Ok(h) => recorded.push((field.clone(), h)),
                     Err(_) => stale.push(field.clone()),

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use super::config::{Endpoints, Target};
 use super::conn::{Addr, Dialer, Login, Pool, all};
 use crate::error::{BackendError, BackendErrorKind, Error};
-use crate::resp::{Arg, Reply, Request};
+use crate::resp::{Arg, Caps, Reply, Request};
 
 /// Slots of a Redis Cluster.
 const SLOTS: usize = 16384;
@@ -286,8 +286,8 @@ impl Sentinel {
     async fn ask(&self, sentinel: &Addr) -> Result<Addr, BackendError> {
         let pool = Pool::new(sentinel.clone(), self.sentinel_dialer.clone());
         let mut req = Request::default();
-        req.cmd_bulk(
-            256,
+        req.cmd_caps(
+            Caps::bulk(256).total(1024),
             &[
                 Arg::Small(b"SENTINEL"),
                 Arg::Small(b"GET-MASTER-ADDR-BY-NAME"),
@@ -326,7 +326,11 @@ impl Sentinel {
 /// Whether a node says it is a primary (`ROLE`).
 async fn is_primary(pool: &Pool) -> Result<bool, BackendError> {
     let mut req = Request::default();
-    req.cmd_bulk(64, &[Arg::Small(b"ROLE")]);
+    // A primary lists its replicas (host, port, offset each): room for 1,000 of them.
+    req.cmd_caps(
+        Caps::bulk(64).total(256 << 10).elements(4096),
+        &[Arg::Small(b"ROLE")],
+    );
     let reply = pool.exec(&req, &mut []).await?.replies.pop();
     Ok(match reply {
         Some(Reply::Array(a)) => a.first().and_then(Reply::text) == Some("master"),

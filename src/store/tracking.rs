@@ -19,15 +19,26 @@ use super::RedisStore;
 use super::conn::Pool;
 use super::keys::KEY_PREFIX;
 use crate::error::{BackendError, BackendErrorKind, Error};
-use crate::resp::{Arg, Reply, Request};
+use crate::resp::{Arg, Caps, Reply, Request};
 
 /// The channel Redis publishes invalidations on.
 const CHANNEL: &str = "__redis__:invalidate";
 
 /// Longest key an invalidation message may name. Block keys are under 200 bytes, but `BCAST`
-/// reports every key under the prefix, whoever wrote it; one longer than this ends the
-/// stream (a protocol error: the follower flushes L1 and tracks again).
+/// reports every key under the prefix, whoever wrote it; one longer than this is skipped
+/// (it is no key L1 holds).
 const MAX_KEY: usize = 64 * 1024;
+
+/// What one message on the tracking connection may hold. Redis sends the keys under the
+/// prefix changed in one event-loop iteration as one message (a purge's pipeline of
+/// `UNLINK`s: a thousand keys): up to `MAX_ELEMENTS` keys, 64 MiB in all. A bigger
+/// message ends the stream (a protocol error): the follower flushes L1 and tracks again,
+/// which is what coherence needs anyway. Without the total, `MAX_ELEMENTS` keys of
+/// `MAX_KEY` bytes would be 64 GiB.
+const MESSAGE: Caps = Caps::bulk(MAX_KEY)
+    .total(64 << 20)
+    .elements(crate::resp::MAX_ELEMENTS)
+    .skip_long();
 
 /// How often a tracker checks whether the primaries changed.
 const EPOCH_EVERY: Duration = Duration::from_millis(500);
@@ -141,12 +152,12 @@ async fn subscribe(pool: &Pool) -> Result<super::conn::Conn, Error> {
         ]);
         super::conn::all(conn.exchange(&req, &mut []).await.map_err(io)?)?;
         let mut sub = Request::default();
-        sub.cmd_bulk(
-            MAX_KEY,
+        sub.cmd_caps(
+            MESSAGE,
             &[Arg::Small(b"SUBSCRIBE"), Arg::Small(CHANNEL.as_bytes())],
         );
         conn.send(&sub).await.map_err(io)?;
-        match conn.next_reply(MAX_KEY).await.map_err(io)? {
+        match conn.next_reply(MESSAGE).await.map_err(io)? {
             Reply::Array(a) if a.first().and_then(Reply::text) == Some("subscribe") => Ok(()),
             Reply::Error(e) => Err(BackendError::from_reply(&e).into()),
             other => Err(Error::from(BackendError::new(
@@ -185,7 +196,7 @@ async fn follow(
         };
         // Reading a reply is cancel-safe: what a dropped read got stays in the
         // connection's buffer and parser.
-        let reply = match tokio::time::timeout_at(until, conn.next_reply(MAX_KEY)).await {
+        let reply = match tokio::time::timeout_at(until, conn.next_reply(MESSAGE)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return format!("tracking connection to {node}: {e}"),
             Err(_) if pinged.is_some() => {
