@@ -23,7 +23,7 @@ use kvshelf::{BlockHash, Dtype, Layout, Namespace, RedisStore, StoreConfig};
 
 /// The server program a fixture runs. Both speak the same protocol, so the store reaches
 /// either with a `redis://` URL, and `redis-cli` administers both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Server {
     /// `redis-server` from PATH (Debian's Redis 7.0 in CI).
     Redis,
@@ -34,9 +34,6 @@ pub enum Server {
 }
 
 impl Server {
-    /// Every server, in the order the tests name them.
-    pub const ALL: [Server; 2] = [Server::Redis, Server::Valkey];
-
     /// `redis` or `valkey`, for names.
     pub fn name(self) -> &'static str {
         match self {
