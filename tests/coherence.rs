@@ -4,6 +4,9 @@
 //! L1 is emptied when Redis is flushed or its invalidation stream is lost, and a block pinned
 //! elsewhere stays pinned while B serves it from L1. Without tracking, B served a deleted
 //! block for up to `l1_max_ttl` (30 s), longer than these tests wait.
+//!
+//! Each test runs on Redis and on Valkey (`…::redis`, `…::valkey`): Valkey's `CLIENT
+//! TRACKING` must report the same changes.
 
 mod support;
 
@@ -14,7 +17,9 @@ use kvshelf::shelf::L1Coherence;
 use kvshelf::store::block_key;
 use kvshelf::{BlockHash, Namespace, PrefixHasher};
 use redis::AsyncCommands;
-use support::{RedisServer, Sidecar, namespace, raw, redis_cli, sidecar_config};
+use support::{
+    RedisServer, Server, Sidecar, namespace, on_every_server, raw, redis_cli, sidecar_config,
+};
 
 const TEST_LIMIT: Duration = Duration::from_secs(20);
 
@@ -70,10 +75,14 @@ async fn until_miss(c: &Client, ns: &Namespace, hs: &[BlockHash]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_block_unlinked_with_redis_cli_leaves_the_other_sidecars_l1() {
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_block_unlinked_with_redis_cli_leaves_the_other_sidecars_l1
+);
+
+async fn a_block_unlinked_with_redis_cli_leaves_the_other_sidecars_l1(server: Server) {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start(&[]);
+    let redis = server.start(&[]);
     let ns = namespace("coh-unlink");
     let (a, b) = two_sidecars(&redis, &ns).await;
     let hs = hashes(&ns, 2);
@@ -88,11 +97,15 @@ async fn a_block_unlinked_with_redis_cli_leaves_the_other_sidecars_l1() {
     .expect("B kept serving a block Redis no longer has");
 }
 
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    reads_that_slide_the_ttl_keep_the_entries
+);
+
 /// Sliding TTLs modify keys too (Redis reports them): a read must not evict what it reads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_that_slide_the_ttl_keep_the_entries() {
+async fn reads_that_slide_the_ttl_keep_the_entries(server: Server) {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start(&[]);
+    let redis = server.start(&[]);
     let ns = namespace("coh-slide");
     let (a, b) = two_sidecars(&redis, &ns).await;
     let hs = hashes(&ns, 2);
@@ -117,10 +130,14 @@ async fn reads_that_slide_the_ttl_keep_the_entries() {
     .expect("timed out");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_purge_through_one_sidecar_empties_the_others_l1() {
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_purge_through_one_sidecar_empties_the_others_l1
+);
+
+async fn a_purge_through_one_sidecar_empties_the_others_l1(server: Server) {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start(&[]);
+    let redis = server.start(&[]);
     let ns = namespace("coh-purge");
     let (a, b) = two_sidecars(&redis, &ns).await;
     let hs = hashes(&ns, 3);
@@ -144,10 +161,14 @@ async fn a_purge_through_one_sidecar_empties_the_others_l1() {
     .expect("B kept serving purged blocks");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_restart_flushes_l1() {
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_redis_restart_flushes_l1
+);
+
+async fn a_redis_restart_flushes_l1(server: Server) {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start(&[]);
+    let redis = server.start(&[]);
     let ns = namespace("coh-restart");
     let (a, b) = two_sidecars(&redis, &ns).await;
     let hs = hashes(&ns, 2);
@@ -156,7 +177,7 @@ async fn a_redis_restart_flushes_l1() {
         fill_b(&a, &b, &ns, &hs).await;
         // A restart without persistence: every block is gone, and no invalidation says so.
         drop(redis);
-        let _restarted = RedisServer::start_on(port, &[]);
+        let _restarted = server.start_on(port, &[]);
         until_miss(&b.client(Protocol::Http, None), &ns, &hs).await;
         while b.shelf.l1_coherence() != L1Coherence::Tracking {
             tokio::time::sleep(Duration::from_millis(10)).await; // reconnecting
@@ -217,13 +238,17 @@ fn evicted_keys(redis: &RedisServer) -> u64 {
         .expect("INFO stats has evicted_keys")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_block_redis_evicts_at_maxmemory_leaves_the_other_sidecars_l1() {
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_block_redis_evicts_at_maxmemory_leaves_the_other_sidecars_l1
+);
+
+async fn a_block_redis_evicts_at_maxmemory_leaves_the_other_sidecars_l1(server: Server) {
     let _serial = SERIAL.lock().await;
     // A few MiB of other keys push the blocks out. allkeys-lru: the filler needs no TTL,
     // and the least recently used keys, the blocks, go first (the EXISTS polls below do not
     // count as use).
-    let redis = RedisServer::start(&["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"]);
+    let redis = server.start(&["--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru"]);
     let ns = namespace("coh-evict");
     let (a, b) = writer_and_follower(&redis, &ns, Duration::from_secs(1)).await;
     let hs = hashes(&ns, 2);
@@ -253,10 +278,14 @@ async fn a_block_redis_evicts_at_maxmemory_leaves_the_other_sidecars_l1() {
     .expect("B kept serving blocks Redis had evicted");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_block_that_expires_in_redis_leaves_the_other_sidecars_l1() {
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_block_that_expires_in_redis_leaves_the_other_sidecars_l1
+);
+
+async fn a_block_that_expires_in_redis_leaves_the_other_sidecars_l1(server: Server) {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start(&[]);
+    let redis = server.start(&[]);
     let ns = namespace("coh-expire");
     // One touch per block per hour: the touch of B's first L1 hit is the only one, so no
     // later hit can slide the TTL that the test shortens.
@@ -282,10 +311,14 @@ async fn a_block_that_expires_in_redis_leaves_the_other_sidecars_l1() {
     .expect("B kept serving a block that expired in Redis");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flushdb_empties_the_other_sidecars_l1() {
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_flushdb_empties_the_other_sidecars_l1
+);
+
+async fn a_flushdb_empties_the_other_sidecars_l1(server: Server) {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start(&[]);
+    let redis = server.start(&[]);
     let ns = namespace("coh-flushdb");
     let (a, b) = writer_and_follower(&redis, &ns, Duration::from_secs(1)).await;
     let hs = hashes(&ns, 2);
@@ -303,12 +336,16 @@ async fn a_flushdb_empties_the_other_sidecars_l1() {
     .expect("B kept serving blocks of a flushed Redis");
 }
 
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_block_pinned_elsewhere_stays_in_l1_and_stays_pinned
+);
+
 /// Pinning is a change Redis reports (`PERSIST`); the block is still there, so B keeps it,
 /// and B's L1 hits slide TTLs with `PEXPIRE … XX`, which leaves a pinned block pinned.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_block_pinned_elsewhere_stays_in_l1_and_stays_pinned() {
+async fn a_block_pinned_elsewhere_stays_in_l1_and_stays_pinned(server: Server) {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start(&[]);
+    let redis = server.start(&[]);
     let ns = namespace("coh-pin");
     // Every L1 hit is touched (at most once per millisecond).
     let (a, b) = writer_and_follower(&redis, &ns, Duration::from_millis(1)).await;

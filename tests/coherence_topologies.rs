@@ -4,6 +4,8 @@
 //! leaves it once the node that owns the block reports it gone; after a failover B's L1 is
 //! flushed (the invalidation stream of the old primary is lost) and B tracks the new
 //! primary.
+//!
+//! Each test runs on Redis and on Valkey (`…::redis`, `…::valkey`).
 
 mod support;
 
@@ -14,7 +16,9 @@ use kvshelf::config::Config;
 use kvshelf::shelf::L1Coherence;
 use kvshelf::store::block_key;
 use kvshelf::{BlockHash, Namespace, PrefixHasher, RedisStore, StoreConfig};
-use support::{RedisCluster, RedisSentinel, Sidecar, namespace, redis_cli};
+use support::{
+    RedisCluster, RedisSentinel, Server, Sidecar, namespace, on_every_server, redis_cli,
+};
 
 const TEST_LIMIT: Duration = Duration::from_secs(60);
 
@@ -73,10 +77,14 @@ async fn until_miss(c: &Client, ns: &Namespace, h: &BlockHash) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_cluster_each_primary_reports_its_blocks_gone() {
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    on_a_cluster_each_primary_reports_its_blocks_gone
+);
+
+async fn on_a_cluster_each_primary_reports_its_blocks_gone(server: Server) {
     let _serial = SERIAL.lock().await;
-    let cluster = RedisCluster::start(3);
+    let cluster = RedisCluster::start_on_server(server, 3, 0);
     let store = StoreConfig {
         url: cluster.url(),
         cluster: true,
@@ -122,10 +130,14 @@ async fn on_a_cluster_each_primary_reports_its_blocks_gone() {
     .expect("B kept serving blocks the cluster no longer has");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn through_a_sentinel_failover_l1_is_flushed_then_follows_the_new_primary() {
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    through_a_sentinel_failover_l1_is_flushed_then_follows_the_new_primary
+);
+
+async fn through_a_sentinel_failover_l1_is_flushed_then_follows_the_new_primary(server: Server) {
     let _serial = SERIAL.lock().await;
-    let mut sentinel = RedisSentinel::start();
+    let mut sentinel = RedisSentinel::start_on_server(server);
     let store = StoreConfig {
         url: sentinel.url(),
         connection_timeout: Duration::from_millis(300),

