@@ -50,8 +50,8 @@ use crate::hashing::{BlockHash, PrefixHasher};
 use crate::l1::L1;
 use crate::memory::MemoryStore;
 use crate::namespace::{Dtype, Layout, Namespace};
+pub use crate::outcome::{PurgeReport, PutResult, SkippedNode};
 use crate::store::RedisStore;
-pub use crate::store::{PurgeReport, PutResult, SkippedNode};
 
 pub use auth::Caller;
 use auth::Tenant;
