@@ -11,7 +11,7 @@
 //! | [`namespace`] | what must match for KV to be reusable: identity, label, dtype, layout |
 //! | [`hashing`] | the namespace root and chained SHA-256 block hashes (`docs/hashing.md`) |
 //! | [`codec`] | the stored block: text header + raw tensor bytes, checksum (`docs/format.md`) |
-//! | [`store`] | Redis: one data path for standalone, Sentinel, Cluster and TLS — key schema, write-once puts with TTL, reads (also into caller memory), lookup, pin, purge, invalidation tracking |
+//! | [`store`] | Redis: one data path for standalone, Sentinel, Cluster and TLS — key schema, write-once puts with TTL, reads (also into caller memory), lookup, pin, purge, invalidation tracking; one file per concern (its own `# Layout`) |
 //! | [`outcome`] | results shared by the store, the sidecar and the client: [`PutResult`], purge reports |
 //! | [`resp`] | RESP2: the socket-free reply parser and the pipelined command builder |
 //! | [`error`] | the one classified error type |
