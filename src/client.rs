@@ -27,8 +27,8 @@ use serde::Deserialize;
 
 use crate::frame::{self, Decoder, EndReason, FetchReader};
 use crate::hashing::BlockHash;
+use crate::outcome::{PurgeReport, PutResult, SkippedNode};
 use crate::proto;
-use crate::store::{PurgeReport, PutResult, SkippedNode};
 
 /// Which protocol to speak.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

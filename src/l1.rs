@@ -60,7 +60,8 @@ impl Lifecycle<Key, Entry> for CountEvictions {
     }
 }
 
-/// How one block of a batch was served.
+/// How one block of a batch was served: L1's one result type (the store's is
+/// [`Read`], the sidecar stream's `FetchItem`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Served {
     /// From L1.

@@ -11,7 +11,8 @@
 //! | [`namespace`] | what must match for KV to be reusable: identity, label, dtype, layout |
 //! | [`hashing`] | the namespace root and chained SHA-256 block hashes (`docs/hashing.md`) |
 //! | [`codec`] | the stored block: text header + raw tensor bytes, checksum (`docs/format.md`) |
-//! | [`store`] | Redis: one data path for standalone, Sentinel, Cluster and TLS — key schema, write-once puts with TTL, reads (also into caller memory), lookup, pin, purge, invalidation tracking |
+//! | [`store`] | Redis: one data path for standalone, Sentinel, Cluster and TLS — key schema, write-once puts with TTL, reads (also into caller memory), lookup, pin, purge, invalidation tracking; one file per concern (its own `# Layout`) |
+//! | [`outcome`] | results shared by the store, the sidecar and the client: [`PutResult`], purge reports |
 //! | [`resp`] | RESP2: the socket-free reply parser and the pipelined command builder |
 //! | [`error`] | the one classified error type |
 //! | [`frame`] | the framed binary stream that carries batches of blocks over HTTP |
@@ -66,6 +67,7 @@ pub mod l1;
 #[cfg(feature = "server")]
 pub mod memory;
 pub mod namespace;
+pub mod outcome;
 pub mod resp;
 #[cfg(feature = "server")]
 pub mod server;
@@ -79,7 +81,8 @@ pub use codec::{Block, CodecError, Header};
 pub use error::{BackendError, BackendErrorKind, Error};
 pub use hashing::{BlockHash, PrefixHasher};
 pub use namespace::{Dtype, HashScheme, Layout, Namespace};
-pub use store::{PutResult, Read, ReadInto, RedisStore, StoreConfig};
+pub use outcome::PutResult;
+pub use store::{Read, ReadInto, RedisStore, StoreConfig};
 
 /// The README's Rust example, compiled as a doctest so it stays true.
 #[doc = include_str!("../README.md")]

@@ -216,7 +216,7 @@ async fn a_silently_cut_tracking_connection_is_noticed() {
                 "the follower never flushed for falling behind"
             );
             for _ in 0..500 {
-                if i % 50 == 0 && i / 50 < hs.len() {
+                if i.is_multiple_of(50) && i / 50 < hs.len() {
                     let key = kvshelf::store::block_key(&ns.label, &hs[i / 50]);
                     let _: u64 = raw.unlink(&key).await.unwrap();
                 }

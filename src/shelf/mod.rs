@@ -50,8 +50,8 @@ use crate::hashing::{BlockHash, PrefixHasher};
 use crate::l1::L1;
 use crate::memory::MemoryStore;
 use crate::namespace::{Dtype, Layout, Namespace};
+pub use crate::outcome::{PurgeReport, PutResult, SkippedNode};
 use crate::store::RedisStore;
-pub use crate::store::{PurgeReport, PutResult, SkippedNode};
 
 pub use auth::Caller;
 use auth::Tenant;
@@ -62,7 +62,9 @@ pub use fetch::{FetchStream, LookupInput, LookupResult};
 use put::{QueuedPut, put_queue_worker};
 pub use status::{NamespaceInfo, Stats};
 
-/// One item of a fetch stream: the frames of `crate::frame`, which both transports carry.
+/// One item of a fetch stream: the frames of `crate::frame`, which both transports carry;
+/// the sidecar stream's one result type (L1's is [`crate::l1::Served`], the store's
+/// [`crate::store::Read`]).
 pub use crate::frame::Frame as FetchItem;
 
 /// The sidecar core. Cheap to clone.

@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::conn::{Pool, all};
 use super::keys::{KEY_PREFIX, block_key, namespace_pattern};
 use super::topology::TEXT_REPLY;
@@ -15,28 +13,8 @@ use crate::codec::{self, Header};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::hashing::BlockHash;
 use crate::namespace::validate_label;
+use crate::outcome::{PurgeReport, SkippedNode};
 use crate::resp::{Arg, Caps, Reply, Request};
-
-/// What a purge did: the blocks it unlinked, and the nodes it could not finish.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PurgeReport {
-    /// Blocks unlinked, on every node together.
-    pub deleted: u64,
-    /// The nodes (Redis Cluster primaries) that failed or did not finish in time: their
-    /// blocks of the namespace stay, or some of them do. Empty when the purge is complete.
-    pub skipped: Vec<SkippedNode>,
-}
-
-/// A node a purge could not finish.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SkippedNode {
-    /// `host:port` of the cluster primary (the redacted URL for a single Redis).
-    pub node: String,
-    /// Blocks it had unlinked before it stopped (included in the report's `deleted`).
-    pub deleted: u64,
-    /// Why it stopped.
-    pub error: String,
-}
 
 impl RedisStore {
     /// Remaining time to live of a block: `Ok(None)` when it is missing, `Some(None)` when

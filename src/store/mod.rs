@@ -37,7 +37,6 @@ mod write;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::admin::{PurgeReport, SkippedNode};
 pub use self::config::{StoreConfig, redact_url};
 use self::conn::all;
 pub use self::keys::{
@@ -49,11 +48,11 @@ pub use self::read::{Hit, Read, ReadInto};
 pub(crate) use self::read::{count_bad, verify};
 use self::topology::Topology;
 pub use self::tracking::{FELL_BEHIND, Invalidation, Tracker};
-pub use self::write::PutResult;
 #[cfg(feature = "server")]
 pub(crate) use self::write::{check_payloads, wrong_size};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::namespace::Namespace;
+pub use crate::outcome::{PurgeReport, PutResult, SkippedNode};
 use crate::resp::{Arg, Reply, Request};
 
 /// A handle to the Redis store. Cheap to clone: clones share the connection pools (one

@@ -1,6 +1,20 @@
 //! Reads: `get`, `read`, `read_into`, `fetch_prefix`, `lookup`, `exists`, and the
 //! verification every read does (checksum, namespace, layout, hash): a bad block is
 //! deleted, counted in `kvshelf_store_corrupt_blocks_total` and reported as a miss.
+//!
+//! # One result type per layer
+//!
+//! A block's answer changes type once per layer it crosses, and each layer has one:
+//! - the store (this file): [`Read`], the block in memory of the library's, or
+//!   [`ReadInto`], its payload in the caller's buffer (two, because the caller chooses
+//!   where the bytes land). `Stored` is what a key held before verification, private here;
+//! - the L1 tier: `l1::Served`, which also says where a block came from (L1, this call's
+//!   load, a concurrent load), for metrics;
+//! - the sidecar's fetch stream: `shelf::FetchItem` (`frame::Frame`): a block, or the end
+//!   of the stream and why, what HTTP and gRPC carry.
+//!
+//! Puts have one result type in every layer, [`PutResult`](crate::outcome::PutResult)
+//! (its documentation says why it has `Queued`, which only the sidecar answers).
 
 use std::time::Duration;
 

@@ -2,7 +2,6 @@
 //! elsewhere) and `delete`.
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use super::keys::block_key;
 use super::route::KeyReplies;
@@ -11,25 +10,8 @@ use crate::codec::Header;
 use crate::error::{BackendError, Error};
 use crate::hashing::BlockHash;
 use crate::namespace::{Namespace, validate_label};
+use crate::outcome::PutResult;
 use crate::resp::{Arg, Reply};
-
-/// What happened to one block of a put: the one put result of the library, the sidecar
-/// and the client (the store answers the first and the last; the sidecar's queue, `Queued`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PutResult {
-    /// Written, with the namespace's TTL.
-    Stored,
-    /// Already on the shelf: the first writer's bytes stay (write-once).
-    AlreadyPresent,
-    /// Accepted into the sidecar's asynchronous queue.
-    Queued,
-    /// Not confirmed stored: the node that owns the block did not answer, the sidecar's
-    /// queue was full, or the backend failed or did not answer in time (counted). A put to
-    /// a backend that was merely slow may still land later, which is harmless: puts are
-    /// write-once and expire.
-    Dropped,
-}
 
 impl RedisStore {
     /// Puts full blocks of `ns`, write-once (`SET … NX PX ttl`), one pipeline per node.

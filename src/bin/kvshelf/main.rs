@@ -1,5 +1,5 @@
 //! `kvshelf`: the operator's command line. Parses flags, sets up logging and calls the
-//! library; all logic lives in `kvshelf::*`, except `kvshelf bench` (`bench.rs`), which
+//! library; all logic lives in `kvshelf::*`, except `kvshelf bench` (`bench/`), which
 //! measures the library, the sidecar and Redis from outside, through the public API only.
 
 /// mimalloc rather than glibc's malloc: blocks are MiB-sized buffers allocated and freed
