@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kvshelf::client::Protocol;
 use kvshelf::frame::EndReason;
-use kvshelf::store::block_key;
+use kvshelf::store::{PinOutcome, PutResult, block_key};
 use kvshelf::{BlockHash, Namespace, PrefixHasher, RedisStore, StoreConfig};
 use redis::AsyncCommands;
 use support::{
@@ -281,6 +281,82 @@ async fn in_a_brownout_timeouts_do_not_make_every_call_reconnect() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(server);
+    })
+    .await
+    .expect("the test finishes in time");
+}
+
+/// Issue 18 §2: a command that ran but whose reply was lost (its connection broke) is
+/// resent on a new connection; the outcome reported is the first sending's, not the
+/// resend's. A put whose `SET NX` ran reports `stored` (the resend alone said "not set").
+#[tokio::test]
+async fn a_put_whose_reply_was_lost_reports_stored() {
+    tokio::time::timeout(WITHIN, async {
+        let server = RedisServer::start(&[]);
+        let proxy = support::Proxy::start(server.port).await;
+        let ns = namespace("lost-put");
+        let s = store_with(StoreConfig {
+            url: proxy.url(),
+            ..Default::default()
+        });
+        let hs = hashes(&ns, 2);
+        s.ping().await.unwrap();
+        proxy.drop_reply_to(b"NX");
+        let blocks = vec![(hs[0], payload(&ns, 1)), (hs[1], payload(&ns, 2))];
+        assert_eq!(
+            s.put(&ns, &blocks).await.unwrap(),
+            vec![PutResult::Stored, PutResult::Stored],
+            "the first sending stored them"
+        );
+        // Someone else's bytes are still told apart: a block already there is not ours.
+        assert_eq!(
+            s.put(&ns, &blocks[..1]).await.unwrap(),
+            vec![PutResult::AlreadyPresent]
+        );
+        proxy.drop_reply_to(b"NX");
+        let other = vec![(hs[0], payload(&ns, 9))];
+        assert_eq!(
+            s.put(&ns, &other).await.unwrap(),
+            vec![PutResult::AlreadyPresent],
+            "another writer's block, resent or not"
+        );
+    })
+    .await
+    .expect("the test finishes in time");
+}
+
+/// A pin whose record (`HSETNX`) ran but whose reply was lost still passes the pin cap:
+/// the resent `HSETNX` answers "already recorded", which used to skip the check and pin
+/// past `max_pinned_bytes`.
+#[tokio::test]
+async fn a_pin_whose_record_reply_was_lost_still_passes_the_cap() {
+    tokio::time::timeout(WITHIN, async {
+        let server = RedisServer::start(&[]);
+        let proxy = support::Proxy::start(server.port).await;
+        let ns = namespace("lost-pin");
+        let s = store_with(StoreConfig {
+            url: proxy.url(),
+            ..Default::default()
+        });
+        let hs = hashes(&ns, 2);
+        let blocks = vec![(hs[0], payload(&ns, 1)), (hs[1], payload(&ns, 2))];
+        s.put(&ns, &blocks).await.unwrap();
+        let cap = ns.block_bytes();
+        assert!(matches!(
+            s.pin_within(&ns, &hs[0], cap).await.unwrap(),
+            PinOutcome::Pinned { .. }
+        ));
+        proxy.drop_reply_to(b"HSETNX");
+        let second = s.pin_within(&ns, &hs[1], cap).await.unwrap();
+        assert!(
+            matches!(second, PinOutcome::OverLimit { .. }),
+            "one block fits the cap: {second:?}"
+        );
+        assert_eq!(
+            s.ttl(&ns.label, &hs[1]).await.unwrap().map(|t| t.is_some()),
+            Some(true)
+        );
+        assert_eq!(s.pinned_bytes(&ns).await.unwrap(), cap);
     })
     .await
     .expect("the test finishes in time");

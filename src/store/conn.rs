@@ -202,6 +202,11 @@ pub(crate) struct Replies {
     /// allows (its announced length): the connection was dropped there, without reading
     /// it, so the replies of the commands after it are unknown.
     pub(crate) oversized: Option<u64>,
+    /// The pipeline was sent more than once: its connection broke and it was resent on a
+    /// new one (`command_retries`). The first sending may have run with its replies lost,
+    /// so a reply that depends on the state before (`SET NX`, `HSETNX`, `UNLINK`'s count)
+    /// may describe the first sending's effect rather than the absence of one.
+    pub(crate) resent: bool,
 }
 
 /// One connection, its read buffer and its parser.
@@ -334,6 +339,7 @@ impl Conn {
                             return Ok(Replies {
                                 replies,
                                 oversized: Some(len),
+                                resent: false,
                             });
                         }
                         ReadError::Protocol(e) => return Err(protocol(e)),
@@ -344,6 +350,7 @@ impl Conn {
         Ok(Replies {
             replies,
             oversized: None,
+            resent: false,
         })
     }
 
@@ -763,7 +770,8 @@ impl Pool {
         let mut retries = 0;
         loop {
             match tokio::time::timeout(timeout, held.conn().exchange(req, sinks)).await {
-                Ok(Ok(replies)) => {
+                Ok(Ok(mut replies)) => {
+                    replies.resent = retries > 0;
                     match replies.oversized {
                         None => held.give_back(),
                         Some(_) => held.close(),

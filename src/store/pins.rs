@@ -88,8 +88,16 @@ impl RedisStore {
             .await?;
         let (new, mut count) = (int(&r[0])? == 1, int(&r[1])? as u64);
         let block_bytes = limit.map_or(0, |(b, _)| b);
+        // A record that was there already is a block pinned before, which costs no new
+        // room — unless the block is not pinned: then the record is this pin's own, written
+        // by a first sending whose reply was lost (a resent HSETNX answers 0), or left by a
+        // pin whose PERSIST failed. Either way this pin must pass the cap.
+        let counts_as_new = new || {
+            let over = limit.is_some_and(|(_, max)| count.saturating_mul(block_bytes) > max);
+            over && !self.is_persistent(&key).await?
+        };
         if let Some((_, max_bytes)) = limit
-            && new
+            && counts_as_new
             && count.saturating_mul(block_bytes) > max_bytes
         {
             // Records of blocks deleted behind kvshelf's back must not hold the room.
@@ -118,6 +126,16 @@ impl RedisStore {
         Ok(PinOutcome::Pinned {
             pinned_bytes: count.saturating_mul(block_bytes),
         })
+    }
+
+    /// Whether `key` exists without an expiry (pinned).
+    async fn is_persistent(&self, key: &str) -> Result<bool, Error> {
+        let r = self
+            .on_key(key, |req| {
+                req.cmd(&[Arg::Small(b"PTTL"), Arg::Small(key.as_bytes())]);
+            })
+            .await?;
+        Ok(int(&r[0])? == -1)
     }
 
     /// Gives a pinned block back the store's TTL. Returns whether the block exists.
@@ -205,7 +223,7 @@ impl RedisStore {
                         .iter()
                         .zip(replies)
                         .filter(|(_, r)| {
-                            matches!(r, KeyReplies::Replies(r) if r.first() == Some(&Reply::Int(0)))
+                            matches!(r, KeyReplies::Replies(r, _) if r.first() == Some(&Reply::Int(0)))
                         })
                         .map(|((f, _), _)| f.clone()),
                 );

@@ -261,7 +261,7 @@ impl RedisStore {
                     })),
                     -2,
                 ),
-                KeyReplies::Replies(r) => {
+                KeyReplies::Replies(r, _) => {
                     let pttl = pttl_of(r.last());
                     let stored = match r.into_iter().next() {
                         Some(Reply::Bulk(v)) => Stored::Value(v),
@@ -320,7 +320,7 @@ impl RedisStore {
             .await?;
         Ok(replies
             .iter()
-            .map(|r| matches!(r, KeyReplies::Replies(r) if r.first() == Some(&Reply::Int(1))))
+            .map(|r| matches!(r, KeyReplies::Replies(r, _) if r.first() == Some(&Reply::Int(1))))
             .collect())
     }
 

@@ -10,11 +10,17 @@ use crate::resp::{Reply, Request};
 
 /// Per key: its replies, or why there are none.
 pub(super) enum KeyReplies {
-    Replies(Vec<Reply>),
+    /// Its replies, and whether they came from a resent pipeline (see `Replies::resent`):
+    /// an operation whose answer depends on the state before judges those with care.
+    Replies(Vec<Reply>, Resent),
     /// Its value was longer than the command allows (the announced length).
     Oversized(u64),
     Failed(BackendError),
 }
+
+/// Whether a key's commands were sent more than once because a connection broke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Resent(pub(super) bool);
 
 impl RedisStore {
     /// Commands on one key (each says the longest bulk reply it may get, as `build` adds
@@ -29,7 +35,7 @@ impl RedisStore {
             .keyed(&keys, false, Vec::new(), |_, _, req| build(req))
             .await?;
         match r.pop() {
-            Some(KeyReplies::Replies(replies)) => {
+            Some(KeyReplies::Replies(replies, _)) => {
                 if let Some(e) = replies.iter().find_map(|r| match r {
                     Reply::Error(e) => Some(e),
                     _ => None,
@@ -150,6 +156,7 @@ impl RedisStore {
                     continue;
                 }
             };
+            let resent = Resent(replies.resent);
             for (&i, answer) in idx.iter().zip(answers(counts, replies, false)) {
                 match answer {
                     Answer::Replies(r) => {
@@ -157,7 +164,7 @@ impl RedisStore {
                             self.topo
                                 .failed(pool, &BackendError::from_reply("READONLY"));
                         }
-                        out[i] = Some(KeyReplies::Replies(r));
+                        out[i] = Some(KeyReplies::Replies(r, resent));
                     }
                     Answer::Redirect(to) => redo.push((i, to)),
                     Answer::Oversized(len) => out[i] = Some(KeyReplies::Oversized(len)),
@@ -214,9 +221,10 @@ impl RedisStore {
                     continue;
                 }
             };
+            let resent = Resent(replies.resent);
             for (&i, answer) in idx.iter().zip(answers(&counts, replies, asking)) {
                 match answer {
-                    Answer::Replies(r) => out[i] = Some(KeyReplies::Replies(r)),
+                    Answer::Replies(r) => out[i] = Some(KeyReplies::Replies(r, resent)),
                     Answer::Redirect(to) => next.push((i, to)),
                     Answer::Oversized(len) => out[i] = Some(KeyReplies::Oversized(len)),
                     Answer::CutOff => {
@@ -416,7 +424,11 @@ mod tests {
     }
 
     fn replies(replies: Vec<Reply>, oversized: Option<u64>) -> Replies {
-        Replies { replies, oversized }
+        Replies {
+            replies,
+            oversized,
+            resent: false,
+        }
     }
 
     fn bulk(s: &str) -> Reply {
@@ -558,9 +570,13 @@ mod tests {
     #[test]
     fn finish_fails_keys_left_over_and_the_call_when_all_failed() {
         let keys = vec!["k0".to_owned(), "k1".to_owned(), "k2".to_owned()];
-        let out = vec![Some(KeyReplies::Replies(vec![Reply::Int(1)])), None, None];
+        let out = vec![
+            Some(KeyReplies::Replies(vec![Reply::Int(1)], Resent(false))),
+            None,
+            None,
+        ];
         let got = finish(&keys, out, vec![(1, Redirect::Again)]).unwrap();
-        assert!(matches!(&got[0], KeyReplies::Replies(r) if r == &[Reply::Int(1)]));
+        assert!(matches!(&got[0], KeyReplies::Replies(r, _) if r == &[Reply::Int(1)]));
         assert!(
             matches!(&got[1], KeyReplies::Failed(e) if e.to_string().contains("k1 redirected too often"))
         );

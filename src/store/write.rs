@@ -13,6 +13,14 @@ use crate::namespace::{Namespace, validate_label};
 use crate::outcome::PutResult;
 use crate::resp::{Arg, Reply};
 
+/// One block's put, before resent `SET NX`es are read back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Put {
+    Done(PutResult),
+    /// "Not set", from a pipeline that was resent: ours, or another writer's?
+    Ambiguous,
+}
+
 impl RedisStore {
     /// Puts full blocks of `ns`, write-once (`SET … NX PX ttl`), one pipeline per node.
     ///
@@ -51,17 +59,61 @@ impl RedisStore {
                 ]);
             })
             .await?;
-        replies
+        let mut results = replies
             .into_iter()
             .map(|r| match r {
-                KeyReplies::Replies(r) => match r.first() {
-                    Some(Reply::Nil) => Ok(PutResult::AlreadyPresent),
+                KeyReplies::Replies(r, resent) => match r.first() {
+                    Some(Reply::Nil) if resent.0 => Ok(Put::Ambiguous),
+                    Some(Reply::Nil) => Ok(Put::Done(PutResult::AlreadyPresent)),
                     Some(Reply::Error(e)) => Err(BackendError::from_reply(e).into()),
-                    _ => Ok(PutResult::Stored),
+                    _ => Ok(Put::Done(PutResult::Stored)),
                 },
-                KeyReplies::Oversized(_) | KeyReplies::Failed(_) => Ok(PutResult::Dropped),
+                KeyReplies::Oversized(_) | KeyReplies::Failed(_) => {
+                    Ok(Put::Done(PutResult::Dropped))
+                }
             })
-            .collect()
+            .collect::<Result<Vec<Put>, Error>>()?;
+        // A `SET NX` resent after its connection broke answers "not set" when its first
+        // sending ran and only the reply was lost. Which it was is read back: the stored
+        // header is ours byte for byte (namespace, hash, shape, checksum) exactly when the
+        // stored block is the one we put.
+        let unsure: Vec<usize> = (0..results.len())
+            .filter(|&i| results[i] == Put::Ambiguous)
+            .collect();
+        if !unsure.is_empty() {
+            let unsure_keys: Vec<String> = unsure.iter().map(|&i| keys[i].clone()).collect();
+            let heads = self
+                .keyed(&unsure_keys, false, Vec::new(), |j, key, req| {
+                    let end = (headers[unsure[j]].len() - 1).to_string();
+                    req.cmd_bulk(
+                        headers[unsure[j]].len(),
+                        &[
+                            Arg::Small(b"GETRANGE"),
+                            Arg::Small(key.as_bytes()),
+                            Arg::Small(b"0"),
+                            Arg::Small(end.as_bytes()),
+                        ],
+                    );
+                })
+                .await?;
+            for (&i, head) in unsure.iter().zip(heads) {
+                results[i] = Put::Done(match head {
+                    KeyReplies::Replies(r, _) => match r.first() {
+                        Some(Reply::Bulk(b)) if b[..] == headers[i][..] => PutResult::Stored,
+                        _ => PutResult::AlreadyPresent,
+                    },
+                    // Stored or not, we cannot tell: not confirmed stored.
+                    KeyReplies::Oversized(_) | KeyReplies::Failed(_) => PutResult::Dropped,
+                });
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|p| match p {
+                Put::Done(r) => r,
+                Put::Ambiguous => unreachable!("every ambiguous put was read back"),
+            })
+            .collect())
     }
 
     /// Slides the TTL of blocks of `ns` that were read from somewhere else (a sidecar's L1)
@@ -84,7 +136,7 @@ impl RedisStore {
             .await?;
         Ok(replies
             .iter()
-            .filter(|r| matches!(r, KeyReplies::Replies(r) if r.first() == Some(&Reply::Int(1))))
+            .filter(|r| matches!(r, KeyReplies::Replies(r, _) if r.first() == Some(&Reply::Int(1))))
             .count() as u64)
     }
 
@@ -111,12 +163,30 @@ impl RedisStore {
             })
             .await?;
         let mut deleted = 0;
+        let mut unsure = 0;
         for r in replies {
             match r {
-                KeyReplies::Replies(r) => deleted += int(&r[0])? as u64,
+                // A resent `UNLINK` answers 0 for a key its first sending deleted (its reply
+                // lost): gone either way, but whether it existed cannot be known. Counted as
+                // not existing, and said in the log.
+                KeyReplies::Replies(r, resent) => {
+                    let n = int(&r[0])? as u64;
+                    if resent.0 && n == 0 {
+                        unsure += 1;
+                    }
+                    deleted += n;
+                }
                 KeyReplies::Failed(e) => return Err(e.into()),
                 KeyReplies::Oversized(_) => {}
             }
+        }
+        if unsure > 0 {
+            tracing::warn!(
+                deleted,
+                unsure,
+                "UNLINK was resent after a connection broke: {unsure} keys are gone but may \
+                 have been deleted by the first sending, so the count may be short by that many"
+            );
         }
         Ok(deleted)
     }

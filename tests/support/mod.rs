@@ -1591,6 +1591,8 @@ pub fn wait_replicas_of(primary: &RedisServer, within: Duration) {
 pub struct Proxy {
     pub port: u16,
     conns: std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<ProxyConn>>>>,
+    /// Set by [`Proxy::drop_reply_to`]: the bytes whose command's reply is to be lost.
+    armed: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -1598,6 +1600,8 @@ struct ProxyConn {
     /// The first 64 KiB its client sent.
     sent: std::sync::Mutex<Vec<u8>>,
     dead: std::sync::atomic::AtomicBool,
+    /// The server's next bytes on this connection are dropped and the connection closed.
+    lose_reply: std::sync::atomic::AtomicBool,
 }
 
 impl Proxy {
@@ -1609,7 +1613,9 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<Arc<ProxyConn>>>> = Arc::default();
+        let armed: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
         let all = conns.clone();
+        let trigger = armed.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -1621,7 +1627,9 @@ impl Proxy {
                 let conn = Arc::new(ProxyConn {
                     sent: Mutex::new(Vec::new()),
                     dead: false.into(),
+                    lose_reply: false.into(),
                 });
+                let trigger = trigger.clone();
                 all.lock().unwrap().push(conn.clone());
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
@@ -1640,6 +1648,14 @@ impl Proxy {
                             let mut sent = up.sent.lock().unwrap();
                             let room = (64 * 1024usize).saturating_sub(sent.len());
                             sent.extend_from_slice(&buf[..n.min(room)]);
+                            let mut armed = trigger.lock().unwrap();
+                            if armed
+                                .as_deref()
+                                .is_some_and(|needle| contains_bytes(&buf[..n], needle))
+                            {
+                                *armed = None;
+                                up.lose_reply.store(true, Ordering::SeqCst);
+                            }
                         }
                         if sw.write_all(&buf[..n]).await.is_err() {
                             return;
@@ -1660,6 +1676,11 @@ impl Proxy {
                         if down.dead.load(Ordering::SeqCst) {
                             break;
                         }
+                        if down.lose_reply.load(Ordering::SeqCst) {
+                            // The command ran; its reply is lost with the connection.
+                            let _ = cw.shutdown().await;
+                            return;
+                        }
                         if cw.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
@@ -1669,7 +1690,19 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, conns, task }
+        Proxy {
+            port,
+            conns,
+            armed,
+            task,
+        }
+    }
+
+    /// The next command a client sends that contains `needle` runs on the server, but its
+    /// reply is lost: the proxy closes that connection instead of forwarding it (as a
+    /// connection that breaks between the command and its reply).
+    pub fn drop_reply_to(&self, needle: &[u8]) {
+        *self.armed.lock().unwrap() = Some(needle.to_vec());
     }
 
     /// Silently cuts every open connection whose client sent bytes for which `sent` is
