@@ -80,11 +80,11 @@ fn describe_metrics() {
     );
     describe_counter!(
         "kvshelf_l1_flushes_total",
-        "Times the whole L1 was emptied, by reason (tracking_started, tracking_lost, flushed_in_redis, invalidations_overflowed)."
+        "Times L1 dropped what it held of a primary's keys (all of them for flushed_in_redis), by reason (tracking_started, tracking_lost, flushed_in_redis, invalidations_overflowed)."
     );
     describe_gauge!(
         "kvshelf_l1_tracking",
-        "1 while L1 follows Redis's invalidations, 0 while that stream is down."
+        "1 while L1 follows the invalidations of every primary, 0 while any primary's stream is down."
     );
     describe_counter!(
         "kvshelf_l1_ttl_touches_total",

@@ -10,7 +10,7 @@
 //! which after a failover name the new primary.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -87,7 +87,6 @@ impl Topology {
                 pools,
                 current: Mutex::new(None),
                 discovering: tokio::sync::Mutex::new(()),
-                epoch: AtomicU64::new(0),
             })),
             Endpoints::Cluster(seeds) => Topology::Cluster(Arc::new(Cluster {
                 seeds: seeds.clone(),
@@ -96,7 +95,6 @@ impl Topology {
                 loading: tokio::sync::Mutex::new(()),
                 refreshing: AtomicBool::new(false),
                 last_refresh: Mutex::new(None),
-                epoch: AtomicU64::new(0),
             })),
         }
     }
@@ -197,13 +195,41 @@ impl Topology {
         }
     }
 
-    /// A number that changes whenever the nodes to track change (a new primary, a new slot
-    /// map): tracking connections are then made again.
-    pub(crate) fn epoch(&self) -> u64 {
+    /// Calls `f` with the address of the primary that holds `key` now (by the current slot
+    /// map, or the sentinels' current primary); `None` when none is known.
+    pub(crate) fn owner_of<R>(&self, key: &[u8], f: impl FnOnce(&Addr) -> R) -> Option<R> {
         match self {
-            Topology::Single(_) => 0,
-            Topology::Sentinel(s) => s.epoch.load(Ordering::Acquire),
-            Topology::Cluster(c) => c.epoch.load(Ordering::Acquire),
+            Topology::Single(pool) => Some(f(pool.addr())),
+            Topology::Sentinel(s) => s
+                .current
+                .lock()
+                .expect("sentinel lock")
+                .as_ref()
+                .map(|p| f(p.addr())),
+            Topology::Cluster(c) => {
+                let map = c.map.read().expect("map lock");
+                let m = map.as_ref()?;
+                let node = m.slots[slot(key) as usize]?;
+                Some(f(&m.nodes[node as usize]))
+            }
+        }
+    }
+
+    /// The primaries to track, as known now (a cluster's slot map is read only the first
+    /// time), failed ones included: their streams are tried again until they answer or are
+    /// no longer primaries.
+    pub(crate) async fn tracked_primaries(&self) -> Result<Vec<Arc<Pool>>, Error> {
+        match self {
+            Topology::Single(pool) => Ok(vec![pool.clone()]),
+            Topology::Sentinel(s) => Ok(vec![s.primary().await?]),
+            Topology::Cluster(c) => {
+                let map = c.map().await?;
+                Ok(map
+                    .primaries
+                    .iter()
+                    .map(|(addr, _)| c.pools.get(addr))
+                    .collect())
+            }
         }
     }
 }
@@ -236,7 +262,6 @@ pub(crate) struct Sentinel {
     current: Mutex<Option<Arc<Pool>>>,
     /// One lookup at a time; the others wait for its answer.
     discovering: tokio::sync::Mutex<()>,
-    epoch: AtomicU64,
 }
 
 impl Sentinel {
@@ -259,7 +284,6 @@ impl Sentinel {
                         Ok(true) => {
                             let mut current = self.current.lock().expect("sentinel lock");
                             if current.as_ref().is_none_or(|c| c.addr() != pool.addr()) {
-                                self.epoch.fetch_add(1, Ordering::AcqRel);
                                 tracing::info!(master = %self.master, primary = %addr, "sentinel: primary found");
                             }
                             *current = Some(pool.clone());
@@ -359,7 +383,6 @@ pub(crate) struct Cluster {
     loading: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
     last_refresh: Mutex<Option<Instant>>,
-    epoch: AtomicU64,
 }
 
 impl Cluster {
@@ -472,7 +495,7 @@ impl Cluster {
                 .is_none_or(|m| m.primaries != map.primaries);
             *current = Some(Arc::new(map));
             if changed {
-                self.epoch.fetch_add(1, Ordering::AcqRel);
+                tracing::info!("redis cluster: the primaries changed");
             }
             return Ok(());
         }
