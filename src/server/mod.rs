@@ -111,6 +111,10 @@ fn describe_metrics() {
         "Warm lookups that did not warm because MAX_WARMING warms were already running."
     );
     describe_counter!(
+        "kvshelf_store_sentinel_lookups_total",
+        "Times the store asked the sentinels for the primary because it knew none (the first call, then after each time it forgot it: READONLY, or a sentinel naming another)."
+    );
+    describe_counter!(
         "kvshelf_store_connection_drains_total",
         "Redis calls given up mid-exchange whose connection was read back into step (kept), could not be (closed) or did not answer in time (timeout)."
     );
