@@ -76,6 +76,9 @@ impl Error {
 pub struct BackendError {
     kind: BackendErrorKind,
     message: String,
+    /// Made by the client itself (its reconnect pacing, its pool being full), not by
+    /// anything the server did or failed to do.
+    client_side: bool,
 }
 
 /// The class of a [`BackendError`].
@@ -103,7 +106,23 @@ impl BackendError {
         BackendError {
             kind,
             message: message.into(),
+            client_side: false,
         }
+    }
+
+    /// An error the client made itself (its reconnect pacing, no pool slot free in time):
+    /// it says nothing about the server, so it never changes the topology.
+    pub(crate) fn client_side(kind: BackendErrorKind, message: impl Into<String>) -> BackendError {
+        BackendError {
+            client_side: true,
+            ..BackendError::new(kind, message)
+        }
+    }
+
+    /// Whether the client made this error itself (its reconnect pacing, no pool slot free
+    /// in time) rather than learning it from the server or the network.
+    pub fn is_client_side(&self) -> bool {
+        self.client_side
     }
 
     /// The error of a server error reply (`-CODE message`), classified by its code.

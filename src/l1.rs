@@ -183,6 +183,11 @@ impl L1 {
         self.cache.clear();
     }
 
+    /// Keeps only the entries for which `keep(label, hash)` is true.
+    pub fn retain(&self, keep: impl Fn(&str, &BlockHash) -> bool) {
+        self.cache.retain(|k, _| keep(&k.0, &k.1));
+    }
+
     /// Drops every entry of a namespace.
     pub fn remove_namespace(&self, label: &str) {
         self.cache.retain(|k, _| &*k.0 != label);

@@ -181,3 +181,90 @@ async fn through_a_sentinel_failover_l1_is_flushed_then_follows_the_new_primary(
     .await
     .expect("B did not follow the failover");
 }
+
+/// Issue 18 §1: one Cluster primary dies (no replica, `cluster-require-full-coverage no`):
+/// the other primaries' streams go on, so their blocks stay in B's L1 and an UNLINK behind
+/// kvshelf's back still reaches it; a block of the dead primary's slots is never served.
+/// Before, `track()` failed for every primary as long as one was down: B's L1 kept
+/// filling without any invalidation and served the unlinked block until `l1_max_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_dead_cluster_primary_costs_l1_only_its_own_slots() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start(3);
+    let store = StoreConfig {
+        url: cluster.url(),
+        cluster: true,
+        connection_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let ns = namespace("cohc-dead-primary");
+    let a = Sidecar::start(config(store.clone(), &ns, false)).await;
+    let b = Sidecar::start(config(store.clone(), &ns, true)).await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        until_tracking(&b).await;
+        let hs = hashes(&ns, 24);
+        fill_b(&a, &b, &ns, &hs).await;
+        let owners: Vec<usize> = hs
+            .iter()
+            .map(|h| cluster.owner(&block_key(&ns.label, h)).unwrap())
+            .collect();
+        let dead = owners[0];
+        let on = |pick: &dyn Fn(usize) -> bool| -> Vec<BlockHash> {
+            (0..hs.len())
+                .filter(|&i| pick(owners[i]))
+                .map(|i| hs[i])
+                .collect()
+        };
+        let of_dead = on(&|o| o == dead);
+        let of_live = on(&|o| o != dead);
+        assert!(
+            of_live.len() >= 2,
+            "blocks on the live primaries: {owners:?}"
+        );
+
+        cluster.stop(dead);
+        cluster.wait_failed(dead);
+        // B follows the two live primaries, not the dead one.
+        while b.shelf.l1_coherence() != L1Coherence::Partial {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let c = b.client(Protocol::Http, None);
+        // Blocks of the live primaries are served from B's L1 (read again if the loss of
+        // the dead primary's stream raced their first read).
+        for _ in 0..2 {
+            let got = c.fetch(&ns.label, &of_live).await.unwrap();
+            assert_eq!(got.blocks.len(), of_live.len());
+        }
+        assert_eq!(
+            from_b_l1(&b, &ns, &of_live).await,
+            of_live.len(),
+            "the live primaries' blocks are in L1"
+        );
+        // An UNLINK on a live primary reaches B's L1.
+        cluster
+            .cli(&["UNLINK", &block_key(&ns.label, &of_live[0])])
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), until_miss(&c, &ns, &of_live[0]))
+            .await
+            .expect("B served a block a live primary had unlinked");
+        assert_eq!(
+            from_b_l1(&b, &ns, &of_live[1..]).await,
+            of_live.len() - 1,
+            "the other blocks stay in L1"
+        );
+        // The dead primary's blocks: never served (not from L1, and Redis cannot).
+        for _ in 0..5 {
+            for h in &of_dead {
+                let got = c.fetch(&ns.label, &[*h]).await.unwrap();
+                assert!(
+                    got.blocks.is_empty(),
+                    "a block of the dead primary was served"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("B did not keep following the live primaries");
+}

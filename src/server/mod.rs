@@ -80,11 +80,11 @@ fn describe_metrics() {
     );
     describe_counter!(
         "kvshelf_l1_flushes_total",
-        "Times the whole L1 was emptied, by reason (tracking_started, tracking_lost, flushed_in_redis, invalidations_overflowed)."
+        "Times L1 dropped what it held of a primary's keys (all of them for flushed_in_redis), by reason (tracking_started, tracking_lost, flushed_in_redis, invalidations_overflowed)."
     );
     describe_gauge!(
         "kvshelf_l1_tracking",
-        "1 while L1 follows Redis's invalidations, 0 while that stream is down."
+        "1 while L1 follows the invalidations of every primary, 0 while any primary's stream is down."
     );
     describe_counter!(
         "kvshelf_l1_ttl_touches_total",
@@ -109,6 +109,10 @@ fn describe_metrics() {
     describe_counter!(
         "kvshelf_warm_skipped_total",
         "Warm lookups that did not warm because MAX_WARMING warms were already running."
+    );
+    describe_counter!(
+        "kvshelf_store_sentinel_lookups_total",
+        "Times the store asked the sentinels for the primary because it knew none (the first call, then after each time it forgot it: READONLY, or a sentinel naming another)."
     );
     describe_counter!(
         "kvshelf_store_connection_drains_total",

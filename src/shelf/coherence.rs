@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -13,7 +12,7 @@ use super::Shelf;
 use crate::hashing::BlockHash;
 use crate::l1::L1;
 use crate::namespace::Namespace;
-use crate::store::{FELL_BEHIND, Invalidation, RedisStore};
+use crate::store::{Coverage, FELL_BEHIND, Invalidation, RedisStore};
 
 /// How this sidecar's L1 stays true to Redis (see [`Shelf::l1_coherence`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,9 +23,12 @@ pub enum L1Coherence {
     /// L1 follows Redis's invalidations: a block deleted, expired or evicted by anyone
     /// leaves L1 as soon as Redis reports it.
     Tracking,
-    /// The invalidation stream is not (yet, or no longer) up: L1 was flushed when it was
-    /// lost, and entries live at most `l1_max_ttl` until it is back.
+    /// No invalidation stream is up (not yet, or no longer): L1 serves nothing and reads
+    /// go to Redis until one is back (L1 dropped what it held when the stream was lost).
     Reconnecting,
+    /// Some primaries' streams are up, others not (a Redis Cluster primary that is down):
+    /// L1 serves the blocks of the tracked primaries' slots only.
+    Partial,
     /// No invalidation stream: the embedded in-process store (nothing else writes to it).
     /// Kept for API stability; a Redis store of any topology is `Tracking` or
     /// `Reconnecting`.
@@ -36,17 +38,30 @@ pub enum L1Coherence {
 impl Shelf {
     /// How L1 stays true to Redis right now.
     pub fn l1_coherence(&self) -> L1Coherence {
-        match (&self.inner.l1, &self.inner.l1_tracking) {
+        match (&self.inner.l1, &self.inner.l1_coverage) {
             (None, _) => L1Coherence::NoL1,
             (Some(_), None) => L1Coherence::TtlOnly,
-            (Some(_), Some(live)) if live.load(Ordering::Acquire) => L1Coherence::Tracking,
-            (Some(_), Some(_)) => L1Coherence::Reconnecting,
+            (Some(_), Some(coverage)) => match coverage.primaries() {
+                (0, _) => L1Coherence::Reconnecting,
+                (covered, known) if covered >= known => L1Coherence::Tracking,
+                _ => L1Coherence::Partial,
+            },
         }
+    }
+
+    /// Whether L1 may serve (and keep) this block: its primary's invalidation stream is
+    /// up. Always, without a Redis store.
+    pub(super) fn l1_covers(&self, label: &str, hash: &BlockHash) -> bool {
+        self.inner
+            .l1_coverage
+            .as_ref()
+            .is_none_or(|c| c.covers(&crate::store::block_key(label, hash)))
     }
 }
 
 /// Invalidation messages (each naming one or more keys) queued for the follower. A follower
-/// this far behind (its `EXISTS` checks stalled) ends the stream and flushes L1, counted as
+/// this far behind (its `EXISTS` checks stalled) ends the streams that cannot deliver and
+/// drops what L1 holds of their primaries' keys, counted as
 /// `kvshelf_l1_flushes_total{reason="invalidations_overflowed"}`: memory stays bounded and
 /// no report is lost silently.
 pub(super) const INVALIDATION_QUEUE: usize = 1024;
@@ -54,88 +69,80 @@ pub(super) const INVALIDATION_QUEUE: usize = 1024;
 /// Keeps L1 coherent with Redis (standalone, Sentinel or Cluster): a tracking connection
 /// per primary ([`RedisStore::track`], BCAST on the block key prefix) reports every block
 /// key that is overwritten, deleted, expired or evicted, by any client, and its L1 entry is
-/// dropped. When tracking starts (again), and when a connection is lost or the primaries
-/// change (failover, resharding), L1 is flushed, as Redis's client-side caching guidance
-/// requires: what changed meanwhile was not reported. Reconnects with a backoff of 100 ms
-/// to 5 s.
+/// dropped. Each primary's stream comes and goes on its own (reconnecting 100 ms to 5 s
+/// apart): L1 serves only blocks whose primary's stream is up ([`Shelf::l1_covers`]), and
+/// drops what it holds of a primary's keys when that stream is lost and again when it is
+/// back, as Redis's client-side caching guidance requires: what changed meanwhile was not
+/// reported. One dead Cluster primary costs L1 only that primary's slots.
 ///
 /// Not covered: a read that was in flight when its key was invalidated can still put the
 /// old value into L1 afterwards (`l1_max_ttl` bounds it).
 pub(super) async fn l1_follower(
     store: RedisStore,
     l1: std::sync::Weak<L1>,
-    live: Arc<AtomicBool>,
+    coverage: Arc<Coverage>,
     mut stopped: tokio::sync::watch::Receiver<()>,
 ) {
-    let flush = |reason: &'static str| {
-        if let Some(l1) = l1.upgrade() {
-            l1.clear();
-            metrics::counter!("kvshelf_l1_flushes_total", "reason" => reason).increment(1);
-        }
+    let count_flush = |reason: &'static str| {
+        metrics::counter!("kvshelf_l1_flushes_total", "reason" => reason).increment(1);
     };
-    let mut backoff = Duration::from_millis(100);
-    let mut warned = false;
+    let (tx, mut pushes) = mpsc::channel(INVALIDATION_QUEUE);
+    let _tracker = store.track(tx, coverage.clone());
+    metrics::gauge!("kvshelf_l1_tracking").set(0.0);
+    let mut batch = Vec::new();
     loop {
-        let (tx, mut pushes) = mpsc::channel(INVALIDATION_QUEUE);
-        let tracked = tokio::select! {
-            t = store.track(tx) => t,
+        let received = tokio::select! {
+            n = pushes.recv_many(&mut batch, 256) => n,
             _ = stopped.changed() => return,
         };
-        match tracked {
-            Ok(mut tracker) => {
-                backoff = Duration::from_millis(100);
-                warned = false;
-                flush("tracking_started");
-                live.store(true, Ordering::Release);
-                metrics::gauge!("kvshelf_l1_tracking").set(1.0);
-                let mut batch = Vec::new();
-                let why = loop {
-                    let received = tokio::select! {
-                        n = pushes.recv_many(&mut batch, 256) => n,
-                        why = tracker.lost() => break why,
-                        _ = stopped.changed() => return,
-                    };
-                    if received == 0 {
-                        break "the invalidation channel closed".to_owned();
-                    }
-                    let mut keys: HashMap<String, Vec<BlockHash>> = HashMap::new();
-                    for event in batch.drain(..) {
-                        match event {
-                            Invalidation::Keys(named) => {
-                                for key in named {
-                                    if let Some((label, hash)) = crate::store::parse_block_key(&key)
-                                    {
-                                        keys.entry(label.to_owned()).or_default().push(hash);
-                                    }
-                                }
-                            }
-                            Invalidation::All => flush("flushed_in_redis"),
+        if received == 0 {
+            return;
+        }
+        let Some(cache) = l1.upgrade() else { return };
+        let mut keys: HashMap<String, Vec<BlockHash>> = HashMap::new();
+        for event in batch.drain(..) {
+            match event {
+                Invalidation::Keys(named) => {
+                    for key in named {
+                        if let Some((label, hash)) = crate::store::parse_block_key(&key) {
+                            keys.entry(label.to_owned()).or_default().push(hash);
                         }
                     }
-                    drop_gone(&store, &l1, keys).await;
-                };
-                drop(tracker);
-                live.store(false, Ordering::Release);
-                metrics::gauge!("kvshelf_l1_tracking").set(0.0);
-                flush(if why == FELL_BEHIND {
-                    "invalidations_overflowed"
-                } else {
-                    "tracking_lost"
-                });
-                tracing::warn!(reason = %why, "L1 invalidation stream lost: L1 flushed; reconnecting");
-            }
-            Err(e) => {
-                if !warned {
-                    tracing::warn!(error = %e, "cannot track invalidations; retrying (L1 entries live at most l1_max_ttl meanwhile)");
-                    warned = true;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped.changed() => return,
+                Invalidation::All => {
+                    cache.clear();
+                    count_flush("flushed_in_redis");
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                Invalidation::Tracking(node) => {
+                    // Nothing of this primary's keys was reported before now.
+                    cache.retain(|label, hash| {
+                        !coverage.owned_by(&crate::store::block_key(label, hash), &node)
+                    });
+                    coverage.cover(&node);
+                    count_flush("tracking_started");
+                    tracing::info!(primary = %node, "L1 follows this primary's invalidations");
+                }
+                Invalidation::Lost { node, why } => {
+                    cache.retain(|label, hash| {
+                        coverage.covers(&crate::store::block_key(label, hash))
+                    });
+                    count_flush(if why == FELL_BEHIND {
+                        "invalidations_overflowed"
+                    } else {
+                        "tracking_lost"
+                    });
+                    tracing::warn!(primary = %node, reason = %why, "L1 invalidation stream lost: L1 dropped this primary's blocks; reconnecting");
+                }
             }
         }
+        drop(cache);
+        let (covered, known) = coverage.primaries();
+        metrics::gauge!("kvshelf_l1_tracking").set(if covered > 0 && covered >= known {
+            1.0
+        } else {
+            0.0
+        });
+        drop_gone(&store, &l1, keys).await;
     }
 }
 

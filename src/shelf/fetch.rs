@@ -86,7 +86,10 @@ impl Shelf {
             }
         };
         let in_l1 = match &self.inner.l1 {
-            Some(l1) => hashes.iter().take_while(|h| l1.contains(label, h)).count(),
+            Some(l1) => hashes
+                .iter()
+                .take_while(|h| l1.contains(label, h) && self.l1_covers(label, h))
+                .count(),
             None => 0,
         };
         let rest = &hashes[in_l1..];
@@ -337,9 +340,9 @@ impl Shelf {
                 .ok()
                 .flatten()
         };
-        match &self.inner.l1 {
-            Some(l1) => l1.get_or_load(&ns.label, hashes, timeout, load).await,
-            None => match load(hashes.to_vec()).await {
+        let direct = |hs: Vec<BlockHash>| async move {
+            let n = hs.len();
+            match load(hs).await {
                 Some(reads) => reads
                     .into_iter()
                     .map(|r| match r {
@@ -348,11 +351,45 @@ impl Shelf {
                         _ => Served::Miss,
                     })
                     .chain(std::iter::repeat(Served::Miss))
-                    .take(hashes.len())
+                    .take(n)
                     .collect(),
-                None => vec![Served::Unavailable; hashes.len()],
-            },
+                None => vec![Served::Unavailable; n],
+            }
+        };
+        let Some(l1) = &self.inner.l1 else {
+            return direct(hashes.to_vec()).await;
+        };
+        // Blocks of a primary whose invalidation stream is down are read from Redis, never
+        // served from (or put into) L1.
+        let covered: Vec<bool> = hashes
+            .iter()
+            .map(|h| self.l1_covers(&ns.label, h))
+            .collect();
+        if covered.iter().all(|c| *c) {
+            return l1.get_or_load(&ns.label, hashes, timeout, load).await;
         }
+        let (through, around): (Vec<_>, Vec<_>) = (0..hashes.len()).partition(|&i| covered[i]);
+        let pick = |at: &[usize]| at.iter().map(|&i| hashes[i]).collect::<Vec<_>>();
+        let (from_l1, from_redis) = tokio::join!(
+            async {
+                match through.is_empty() {
+                    true => Vec::new(),
+                    false => {
+                        l1.get_or_load(&ns.label, &pick(&through), timeout, load)
+                            .await
+                    }
+                }
+            },
+            direct(pick(&around)),
+        );
+        let mut served = vec![Served::Miss; hashes.len()];
+        for (i, s) in through.into_iter().zip(from_l1) {
+            served[i] = s;
+        }
+        for (i, s) in around.into_iter().zip(from_redis) {
+            served[i] = s;
+        }
+        served
     }
 }
 

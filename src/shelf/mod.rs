@@ -92,8 +92,9 @@ struct Inner {
     touch_tx: Option<mpsc::Sender<(Arc<str>, BlockHash)>>,
     /// Dropped with the shelf: tells `l1_follower` to stop.
     _stop_tracking: tokio::sync::watch::Sender<()>,
-    /// Whether L1 follows Redis's invalidations right now (`None`: it does not try to).
-    l1_tracking: Option<Arc<AtomicBool>>,
+    /// Which keys L1 may serve (those whose primary's invalidation stream is up); `None`
+    /// without L1 or with the embedded store.
+    l1_coverage: Option<Arc<crate::store::Coverage>>,
     /// Background warms of lookups (`warm: true`) running at once, at most [`MAX_WARMING`].
     warming: Arc<Semaphore>,
     /// One permit per core: CPU jobs off the async workers ([`Shelf::cpu`]).
@@ -197,14 +198,14 @@ impl Shelf {
         // L1 follows Redis: entries are dropped when Redis reports their keys changed, and
         // all of them when the report stream is lost. Ends when the shelf is dropped.
         let (stop_tracking, stopped) = tokio::sync::watch::channel(());
-        let mut l1_tracking = None;
+        let mut l1_coverage = None;
         if let (Backend::Redis(store), Some(l1)) = (&backend, &l1) {
-            let live = Arc::new(AtomicBool::new(false));
-            l1_tracking = Some(live.clone());
+            let coverage = store.coverage();
+            l1_coverage = Some(coverage.clone());
             tokio::spawn(l1_follower(
                 store.clone(),
                 Arc::downgrade(l1),
-                live,
+                coverage,
                 stopped,
             ));
         }
@@ -230,7 +231,7 @@ impl Shelf {
                 backend_was_ok: AtomicBool::new(true),
                 touch_tx,
                 _stop_tracking: stop_tracking,
-                l1_tracking,
+                l1_coverage,
                 warming: Arc::new(Semaphore::new(MAX_WARMING)),
                 cpu_jobs: Semaphore::new(
                     std::thread::available_parallelism().map_or(2, std::num::NonZero::get),

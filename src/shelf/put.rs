@@ -69,7 +69,9 @@ impl Shelf {
             Ok(None) | Err(_) => vec![PutResult::Dropped; blocks.len()],
         };
         for ((hash, payload), r) in blocks.iter().zip(&results) {
-            if let (PutResult::Stored, Some(l1)) = (r, &self.inner.l1) {
+            if let (PutResult::Stored, Some(l1)) = (r, &self.inner.l1)
+                && self.l1_covers(&ns.label, hash)
+            {
                 // Only our own write: a block already present may hold another writer's bytes.
                 l1.insert(&ns.label, hash, payload.clone(), Some(self.ttl_of(ns)));
             }

@@ -22,7 +22,8 @@ pub struct StoreConfig {
     /// - `redis+sentinel://[user[:password]@]host:port[,host:port…]/<master-name>[/db]`
     ///   (`rediss+sentinel://` for TLS to sentinels and nodes): the primary the sentinels
     ///   name, followed through failovers. The user and password are the data nodes'; the
-    ///   sentinels are asked without them.
+    ///   sentinels are asked with `sentinel_username` and `sentinel_password` (without
+    ///   any, by default).
     ///
     /// Default: `redis://127.0.0.1:6379`.
     pub url: String,
@@ -72,6 +73,13 @@ pub struct StoreConfig {
     /// serialized on one socket. 1: one pipeline per node. Default: 2 (1, 2 and 4
     /// measured within noise of each other on 2 vCPU; BENCHMARKS.md, "batch_connections").
     pub batch_connections: usize,
+    /// The ACL user kvshelf logs in to the sentinels as (`AUTH user password`), for
+    /// sentinels whose ACL has one; needs `sentinel_password`. Only for `redis+sentinel://`
+    /// URLs: the URL's user and password are the data nodes'. Default: none.
+    pub sentinel_username: Option<String>,
+    /// The password of the sentinels (their `requirepass`, or of `sentinel_username`).
+    /// Never logged. Default: none (the sentinels are asked without `AUTH`).
+    pub sentinel_password: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -88,6 +96,8 @@ impl Default for StoreConfig {
             max_connections: 64,
             connect_rate: 10,
             batch_connections: 2,
+            sentinel_username: None,
+            sentinel_password: None,
         }
     }
 }
@@ -115,6 +125,8 @@ impl std::fmt::Debug for StoreConfig {
             max_connections,
             connect_rate,
             batch_connections,
+            sentinel_username,
+            sentinel_password,
         } = self;
         f.debug_struct("StoreConfig")
             .field("url", &self.redacted_url())
@@ -128,6 +140,11 @@ impl std::fmt::Debug for StoreConfig {
             .field("max_connections", max_connections)
             .field("connect_rate", connect_rate)
             .field("batch_connections", batch_connections)
+            .field("sentinel_username", sentinel_username)
+            .field(
+                "sentinel_password",
+                &sentinel_password.as_ref().map(|_| "***"),
+            )
             .finish()
     }
 }
@@ -230,6 +247,8 @@ pub(crate) enum Endpoints {
 pub(crate) struct Target {
     pub(crate) endpoints: Endpoints,
     pub(crate) login: Login,
+    /// How to log in to the sentinels (Sentinel URLs only).
+    pub(crate) sentinel_login: Login,
     pub(crate) tls: bool,
 }
 
@@ -270,6 +289,11 @@ impl StoreConfig {
             return Ok(Target {
                 endpoints: Endpoints::Sentinel { sentinels, master },
                 login,
+                sentinel_login: Login {
+                    username: self.sentinel_username.clone(),
+                    password: self.sentinel_password.clone(),
+                    db: 0,
+                },
                 tls,
             });
         }
@@ -285,6 +309,11 @@ impl StoreConfig {
             login.get_or_insert(this_login);
         }
         let login = login.expect("at least one url");
+        if self.sentinel_username.is_some() || self.sentinel_password.is_some() {
+            return Err(bad(
+                "sentinel_username and sentinel_password are for redis+sentinel:// URLs",
+            ));
+        }
         let endpoints = if self.cluster {
             if login.db != 0 {
                 return Err(bad("a cluster has only database 0"));
@@ -298,6 +327,7 @@ impl StoreConfig {
         Ok(Target {
             endpoints,
             login,
+            sentinel_login: Login::default(),
             tls,
         })
     }
@@ -548,6 +578,28 @@ mod tests {
         );
         assert_eq!(t.login.username.as_deref(), Some("u"));
         assert_eq!(t.login.db, 2);
+        assert_eq!(
+            t.sentinel_login.password, None,
+            "the URL's login is the nodes'"
+        );
+        let t = StoreConfig {
+            url: "redis+sentinel://u:pw@s1/kvshelf".into(),
+            sentinel_username: Some("watcher".into()),
+            sentinel_password: Some("spw".into()),
+            ..Default::default()
+        }
+        .target()
+        .unwrap();
+        assert_eq!(t.sentinel_login.username.as_deref(), Some("watcher"));
+        assert_eq!(t.sentinel_login.password.as_deref(), Some("spw"));
+        assert_eq!(t.login.password.as_deref(), Some("pw"));
+        let cfg = StoreConfig {
+            url: "redis://a".into(),
+            sentinel_password: Some("spw".into()),
+            ..Default::default()
+        };
+        assert!(matches!(cfg.target(), Err(Error::Config(_))));
+        assert!(!format!("{cfg:?}").contains("spw"), "{cfg:?}");
         for bad in [
             ("redis://a:1,redis://b:2", false),
             ("redis://a/1", true),

@@ -606,6 +606,8 @@ pub(crate) struct Pool {
     /// One permit per connection that may exist (idle, in use or being drained).
     slots: Arc<tokio::sync::Semaphore>,
     dials: Pacer,
+    /// Paces the connections dialled outside the pool ([`Pool::dedicated`]).
+    dedicated_dials: Pacer,
 }
 
 impl std::fmt::Debug for Conn {
@@ -707,6 +709,7 @@ impl Pool {
         Pool {
             addr,
             dials: Pacer::new(dialer.connect_rate, u32::try_from(max).unwrap_or(u32::MAX)),
+            dedicated_dials: Pacer::new(dialer.connect_rate, 1),
             slots: Arc::new(tokio::sync::Semaphore::new(max)),
             idle: Arc::new(Mutex::new(Vec::new())),
             drains: Arc::default(),
@@ -738,7 +741,7 @@ impl Pool {
         let free_by = tokio::time::Instant::now() + timeout;
         let slot = tokio::time::timeout_at(free_by, self.slots.clone().acquire_owned())
             .await
-            .map_err(|_| self.timed_out("no connection free in time"))?
+            .map_err(|_| self.client_timeout("no connection free in time"))?
             .expect("the pool's semaphore is never closed");
         let conn = loop {
             let back = self.drains.done.notified();
@@ -757,7 +760,7 @@ impl Pool {
             }
             tokio::time::timeout_at(free_by, back)
                 .await
-                .map_err(|_| self.timed_out("no connection free in time (others draining)"))?;
+                .map_err(|_| self.client_timeout("no connection free in time (others draining)"))?;
         };
         let mut held = Held {
             conn: Some(conn),
@@ -800,9 +803,19 @@ impl Pool {
         }
     }
 
-    /// A connection of its own, outside the pool (a subscription), dialled now.
+    /// A connection of its own, outside the pool (a subscription), dialled now. Paced
+    /// apart from the pool's dials (at most `connect_rate` a second, no burst): tracking
+    /// reconnects never spend the data path's dials.
     pub(crate) async fn dedicated(&self) -> Result<Conn, BackendError> {
-        self.dial().await
+        self.dial_with(&self.dedicated_dials).await
+    }
+
+    /// A wait of the client's own that ran out (a pool slot): not the server's doing.
+    fn client_timeout(&self, what: &str) -> BackendError {
+        BackendError::client_side(
+            BackendErrorKind::Timeout,
+            format!("redis {}: {what}", self.addr),
+        )
     }
 
     fn timed_out(&self, what: &str) -> BackendError {
@@ -818,8 +831,12 @@ impl Pool {
 
     /// Opens a new connection, if the pacer allows one now, within `connection_timeout`.
     async fn dial(&self) -> Result<Conn, BackendError> {
-        if !self.dials.try_take(Instant::now()) {
-            return Err(BackendError::new(
+        self.dial_with(&self.dials).await
+    }
+
+    async fn dial_with(&self, pacer: &Pacer) -> Result<Conn, BackendError> {
+        if !pacer.try_take(Instant::now()) {
+            return Err(BackendError::client_side(
                 BackendErrorKind::Io,
                 format!(
                     "redis {}: reconnect rate limit (connect_rate): no new connection now",

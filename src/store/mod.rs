@@ -47,7 +47,7 @@ pub use self::read::{Hit, Read, ReadInto};
 #[cfg(feature = "server")]
 pub(crate) use self::read::{count_bad, verify};
 use self::topology::Topology;
-pub use self::tracking::{FELL_BEHIND, Invalidation, Tracker};
+pub use self::tracking::{Coverage, FELL_BEHIND, Invalidation, TrackedNode, Tracker};
 #[cfg(feature = "server")]
 pub(crate) use self::write::{check_payloads, wrong_size};
 use crate::error::{BackendError, BackendErrorKind, Error};

@@ -5,9 +5,14 @@
 //! command, and after that only in the background: a `MOVED` reply updates the one slot at
 //! once and asks for a refresh, a node that fails asks for one too, and requests to healthy
 //! nodes never wait for it (at most one refresh runs, at most one per [`REFRESH_EVERY`]).
-//! A Sentinel primary is looked up when none is known, and forgotten when it fails or
-//! turns out to be a replica (`READONLY`, `ROLE`): the next call asks the sentinels again,
-//! which after a failover name the new primary.
+//! A Sentinel primary is looked up when none is known, and forgotten only on evidence
+//! about the server: it says it is a replica (`READONLY`), or a sentinel names another
+//! primary. A call to it that failed on the server's or the network's account (refused,
+//! reset, no answer in time) asks the sentinels in the background (at most one check
+//! running, at most one per [`CHECK_EVERY`]) whether the primary is still the one they
+//! name; an error the client made itself (its reconnect pacing, no pool slot free in
+//! time) changes nothing. The sentinels are asked on pooled connections (one per
+//! sentinel), paced by `connect_rate` like every other pool, with their own login.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::{Endpoints, Target};
-use super::conn::{Addr, Dialer, Login, Pool, all};
+use super::conn::{Addr, Dialer, Pool, all};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::resp::{Arg, Caps, Reply, Request};
 
@@ -26,6 +31,9 @@ const SLOTS: usize = 16384;
 
 /// Least time between two slot-map refreshes.
 const REFRESH_EVERY: Duration = Duration::from_millis(250);
+
+/// Least time between two background checks of a Sentinel primary.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Longest `CLUSTER NODES` or `INFO` reply read (a few hundred bytes per node).
 pub(crate) const TEXT_REPLY: usize = 16 << 20;
@@ -74,20 +82,27 @@ impl Topology {
             Endpoints::Sentinel { sentinels, master } => Topology::Sentinel(Arc::new(Sentinel {
                 sentinels: sentinels.clone(),
                 master: master.clone(),
-                // Sentinels are asked without the data nodes' user and password.
-                sentinel_dialer: Arc::new(Dialer {
-                    login: Login::default(),
-                    tls: dialer.tls.clone(),
-                    connect_timeout: dialer.connect_timeout,
-                    response_timeout: dialer.response_timeout,
-                    command_retries: 0,
-                    max_connections: 1,
-                    connect_rate: 0,
-                }),
+                // Sentinels are asked with their own login (not the data nodes'), on one
+                // kept connection each, dialled again at most `connect_rate` times a
+                // second: lookups in a storm of errors cost the sentinels no connections.
+                sentinels_pools: Pools {
+                    dialer: Arc::new(Dialer {
+                        login: target.sentinel_login.clone(),
+                        tls: dialer.tls.clone(),
+                        connect_timeout: dialer.connect_timeout,
+                        response_timeout: dialer.response_timeout,
+                        command_retries: 1,
+                        max_connections: 1,
+                        connect_rate: dialer.connect_rate,
+                    }),
+                    by_addr: Mutex::new(HashMap::new()),
+                },
                 pools,
                 current: Mutex::new(None),
                 discovering: tokio::sync::Mutex::new(()),
-                epoch: AtomicU64::new(0),
+                discoveries: AtomicU64::new(0),
+                checking: AtomicBool::new(false),
+                last_check: Mutex::new(None),
             })),
             Endpoints::Cluster(seeds) => Topology::Cluster(Arc::new(Cluster {
                 seeds: seeds.clone(),
@@ -96,7 +111,6 @@ impl Topology {
                 loading: tokio::sync::Mutex::new(()),
                 refreshing: AtomicBool::new(false),
                 last_refresh: Mutex::new(None),
-                epoch: AtomicU64::new(0),
             })),
         }
     }
@@ -155,14 +169,20 @@ impl Topology {
         }
     }
 
-    /// A call to `pool`'s node failed with `err`: maybe the topology changed.
+    /// A call to `pool`'s node failed with `err`: maybe the topology changed. Errors the
+    /// client made itself (pacing, pool slots) and commands the server refused say
+    /// nothing about that; `READONLY` says the node is a replica now (a Sentinel primary
+    /// is forgotten at once); anything else (refused, reset, no answer) has the cluster's
+    /// slot map read again or the sentinels asked, in the background.
     pub(crate) fn failed(&self, pool: &Arc<Pool>, err: &BackendError) {
-        if err.kind() == BackendErrorKind::Refused && err.server_code() != Some("READONLY") {
+        let readonly = err.server_code() == Some("READONLY");
+        if err.is_client_side() || (err.kind() == BackendErrorKind::Refused && !readonly) {
             return;
         }
         match self {
             Topology::Single(_) => {}
-            Topology::Sentinel(s) => s.forget(pool),
+            Topology::Sentinel(s) if readonly => s.forget(pool, "it answers READONLY"),
+            Topology::Sentinel(s) => s.schedule_check(pool),
             Topology::Cluster(c) => c.schedule_refresh(),
         }
     }
@@ -197,13 +217,41 @@ impl Topology {
         }
     }
 
-    /// A number that changes whenever the nodes to track change (a new primary, a new slot
-    /// map): tracking connections are then made again.
-    pub(crate) fn epoch(&self) -> u64 {
+    /// Calls `f` with the address of the primary that holds `key` now (by the current slot
+    /// map, or the sentinels' current primary); `None` when none is known.
+    pub(crate) fn owner_of<R>(&self, key: &[u8], f: impl FnOnce(&Addr) -> R) -> Option<R> {
         match self {
-            Topology::Single(_) => 0,
-            Topology::Sentinel(s) => s.epoch.load(Ordering::Acquire),
-            Topology::Cluster(c) => c.epoch.load(Ordering::Acquire),
+            Topology::Single(pool) => Some(f(pool.addr())),
+            Topology::Sentinel(s) => s
+                .current
+                .lock()
+                .expect("sentinel lock")
+                .as_ref()
+                .map(|p| f(p.addr())),
+            Topology::Cluster(c) => {
+                let map = c.map.read().expect("map lock");
+                let m = map.as_ref()?;
+                let node = m.slots[slot(key) as usize]?;
+                Some(f(&m.nodes[node as usize]))
+            }
+        }
+    }
+
+    /// The primaries to track, as known now (a cluster's slot map is read only the first
+    /// time), failed ones included: their streams are tried again until they answer or are
+    /// no longer primaries.
+    pub(crate) async fn tracked_primaries(&self) -> Result<Vec<Arc<Pool>>, Error> {
+        match self {
+            Topology::Single(pool) => Ok(vec![pool.clone()]),
+            Topology::Sentinel(s) => Ok(vec![s.primary().await?]),
+            Topology::Cluster(c) => {
+                let map = c.map().await?;
+                Ok(map
+                    .primaries
+                    .iter()
+                    .map(|(addr, _)| c.pools.get(addr))
+                    .collect())
+            }
         }
     }
 }
@@ -231,12 +279,17 @@ impl Pools {
 pub(crate) struct Sentinel {
     sentinels: Vec<Addr>,
     master: String,
-    sentinel_dialer: Arc<Dialer>,
+    /// One pool (of one connection) per sentinel.
+    sentinels_pools: Pools,
     pools: Pools,
     current: Mutex<Option<Arc<Pool>>>,
     /// One lookup at a time; the others wait for its answer.
     discovering: tokio::sync::Mutex<()>,
-    epoch: AtomicU64,
+    /// Lookups made (the first, and one after each time the primary was forgotten).
+    discoveries: AtomicU64,
+    /// A background check runs; when the last one started.
+    checking: AtomicBool,
+    last_check: Mutex<Option<Instant>>,
 }
 
 impl Sentinel {
@@ -248,6 +301,8 @@ impl Sentinel {
         if let Some(p) = self.current.lock().expect("sentinel lock").clone() {
             return Ok(p);
         }
+        self.discoveries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("kvshelf_store_sentinel_lookups_total").increment(1);
         let mut last = None;
         for sentinel in &self.sentinels {
             match self.ask(sentinel).await {
@@ -259,7 +314,6 @@ impl Sentinel {
                         Ok(true) => {
                             let mut current = self.current.lock().expect("sentinel lock");
                             if current.as_ref().is_none_or(|c| c.addr() != pool.addr()) {
-                                self.epoch.fetch_add(1, Ordering::AcqRel);
                                 tracing::info!(master = %self.master, primary = %addr, "sentinel: primary found");
                             }
                             *current = Some(pool.clone());
@@ -284,7 +338,7 @@ impl Sentinel {
 
     /// `SENTINEL GET-MASTER-ADDR-BY-NAME` of one sentinel.
     async fn ask(&self, sentinel: &Addr) -> Result<Addr, BackendError> {
-        let pool = Pool::new(sentinel.clone(), self.sentinel_dialer.clone());
+        let pool = self.sentinels_pools.get(sentinel);
         let mut req = Request::default();
         req.cmd_caps(
             Caps::bulk(256).total(1024),
@@ -315,10 +369,58 @@ impl Sentinel {
         }
     }
 
-    fn forget(&self, pool: &Arc<Pool>) {
+    fn forget(&self, pool: &Arc<Pool>, why: &str) {
         let mut current = self.current.lock().expect("sentinel lock");
         if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, pool)) {
+            tracing::info!(master = %self.master, primary = %pool.addr(), why, "sentinel: primary forgotten; asking the sentinels again");
             *current = None;
+        }
+    }
+
+    /// Asks the sentinels in the background whether `pool`'s node is still the primary
+    /// they name, and forgets it if one names another; unless a check runs or ran less
+    /// than [`CHECK_EVERY`] ago.
+    fn schedule_check(self: &Arc<Self>, pool: &Arc<Pool>) {
+        if self.checking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let wait = this
+                .last_check
+                .lock()
+                .expect("check lock")
+                .map(|at| (at + CHECK_EVERY).saturating_duration_since(Instant::now()));
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            *this.last_check.lock().expect("check lock") = Some(Instant::now());
+            for sentinel in &this.sentinels {
+                match this.ask(sentinel).await {
+                    Ok(named) if named != *pool.addr() => {
+                        this.forget(&pool, &format!("sentinel {sentinel} names {named}"));
+                        break;
+                    }
+                    Ok(_) => break,
+                    // Ask the next one.
+                    Err(_) => continue,
+                }
+            }
+            this.checking.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl super::RedisStore {
+    /// How many times this store asked the sentinels which node is the primary because
+    /// it knew none (the first call, then once after each time it forgot the primary:
+    /// `READONLY`, or a sentinel naming another). 0 for other topologies. Also counted in
+    /// `kvshelf_store_sentinel_lookups_total`.
+    pub fn sentinel_lookups(&self) -> u64 {
+        match &*self.topo {
+            Topology::Sentinel(s) => s.discoveries.load(Ordering::Relaxed),
+            _ => 0,
         }
     }
 }
@@ -359,7 +461,6 @@ pub(crate) struct Cluster {
     loading: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
     last_refresh: Mutex<Option<Instant>>,
-    epoch: AtomicU64,
 }
 
 impl Cluster {
@@ -472,7 +573,7 @@ impl Cluster {
                 .is_none_or(|m| m.primaries != map.primaries);
             *current = Some(Arc::new(map));
             if changed {
-                self.epoch.fetch_add(1, Ordering::AcqRel);
+                tracing::info!("redis cluster: the primaries changed");
             }
             return Ok(());
         }

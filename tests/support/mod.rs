@@ -165,7 +165,11 @@ pub enum Kind {
     /// A Sentinel (`redis-server <conf> --sentinel`, or `valkey-server …`) whose config
     /// file starts as `conf`.
     /// Sentinel rewrites that file as it learns the topology, so each gets its own.
-    Sentinel { conf: String },
+    Sentinel {
+        conf: String,
+        /// Its `requirepass`, if any.
+        password: Option<String>,
+    },
 }
 
 /// Why a `redis-server` did not start.
@@ -268,7 +272,7 @@ impl RedisServer {
             let _ = std::fs::remove_file(dir.join(file));
         }
         let mut args: Vec<String> = Vec::new();
-        if let Kind::Sentinel { conf } = kind {
+        if let Kind::Sentinel { conf, .. } = kind {
             let path = dir.join("sentinel.conf");
             std::fs::write(&path, conf).unwrap();
             args.extend([path.display().to_string(), "--sentinel".into()]);
@@ -354,7 +358,13 @@ impl RedisServer {
             Kind::TlsOnly { .. } => "rediss",
             _ => "redis",
         };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        let login = match &self.kind {
+            Kind::Sentinel {
+                password: Some(p), ..
+            } => format!("default:{p}@"),
+            _ => String::new(),
+        };
+        format!("{scheme}://{login}127.0.0.1:{}", self.port)
     }
 
     /// The `redis-cli` options this server needs besides `-u` (the CA of a TLS server).
@@ -1384,6 +1394,17 @@ impl RedisSentinel {
 
     /// The same, every process (data nodes and Sentinels) running `server`.
     pub fn start_on_server(server: Server) -> RedisSentinel {
+        Self::start_with(server, None)
+    }
+
+    /// [`Self::start`] with Sentinels that require `password` (`requirepass`, and
+    /// `sentinel sentinel-pass` to talk to each other).
+    pub fn start_with_password(password: Option<&str>) -> RedisSentinel {
+        Self::start_with(Server::Redis, password)
+    }
+
+    /// Every process running `server`; Sentinels that require `password`, if given.
+    pub fn start_with(server: Server, password: Option<&str>) -> RedisSentinel {
         let data_node = |more: &[&str]| {
             let mut args = vec![
                 // Dropping the fixture must not wait (up to 10 s) for a replica.
@@ -1406,7 +1427,7 @@ impl RedisSentinel {
             assert!(Instant::now() < deadline, "the replica never synced");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let conf = format!(
+        let mut conf = format!(
             "sentinel monitor {m} 127.0.0.1 {p} 2\n\
              sentinel down-after-milliseconds {m} 1000\n\
              sentinel failover-timeout {m} 3000\n\
@@ -1414,7 +1435,13 @@ impl RedisSentinel {
             m = Self::MASTER,
             p = primary.port
         );
-        let kind = Kind::Sentinel { conf };
+        if let Some(pw) = password {
+            conf.push_str(&format!("requirepass {pw}\nsentinel sentinel-pass {pw}\n"));
+        }
+        let kind = Kind::Sentinel {
+            conf,
+            password: password.map(str::to_owned),
+        };
         let sentinels: Vec<RedisServer> = (0..3)
             .map(|_| server.start_as(&kind, |[]| Vec::new()).0)
             .collect();
