@@ -242,6 +242,38 @@ pub(crate) enum Endpoints {
     },
 }
 
+/// The first data node a URL names and its login, as Redis's own tools (`redis-cli`,
+/// `redis-benchmark`) take them: read by the same parser as every connection of the store.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeAddress {
+    /// Host name or IP address (an IPv6 address without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// ACL user, if the URL names one.
+    pub username: Option<String>,
+    /// Password, percent-decoded.
+    pub password: Option<String>,
+    /// Database number.
+    pub db: i64,
+    /// Whether the URL asks for TLS.
+    pub tls: bool,
+}
+
+impl std::fmt::Debug for NodeAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeAddress")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("db", &self.db)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
 /// What a URL says: where, who, and whether over TLS.
 #[derive(Debug)]
 pub(crate) struct Target {
@@ -266,6 +298,30 @@ fn scheme(name: &str) -> Option<(bool, bool)> {
 }
 
 impl StoreConfig {
+    /// The first data node of `url` (a standalone Redis, or the first Cluster seed) and its
+    /// login. A Sentinel URL names sentinels, not a data node: an error.
+    pub fn first_node(&self) -> Result<NodeAddress, Error> {
+        let target = self.target()?;
+        let addr = match target.endpoints {
+            Endpoints::Single(addr) => addr,
+            Endpoints::Cluster(mut seeds) => seeds.remove(0),
+            Endpoints::Sentinel { .. } => {
+                return Err(Error::Config(format!(
+                    "redis url {}: a Sentinel URL names the sentinels, not a data node",
+                    self.redacted_url()
+                )));
+            }
+        };
+        Ok(NodeAddress {
+            host: addr.host,
+            port: addr.port,
+            username: target.login.username,
+            password: target.login.password,
+            db: target.login.db,
+            tls: target.tls,
+        })
+    }
+
     /// Parses `url` (and `cluster`).
     pub(crate) fn target(&self) -> Result<Target, Error> {
         let bad = |why: &str| Error::Config(format!("redis url {}: {why}", self.redacted_url()));

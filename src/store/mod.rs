@@ -37,7 +37,7 @@ mod write;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::config::{StoreConfig, redact_url};
+pub use self::config::{NodeAddress, StoreConfig, redact_url};
 use self::conn::all;
 pub use self::keys::{
     KEY_PREFIX, PINS_PREFIX, block_key, namespace_pattern, parse_block_key, pins_key,

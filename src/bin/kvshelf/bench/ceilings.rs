@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::setup::BenchConfig;
-use super::tool_addr::ToolAddr;
+use super::tool_addr::{Tool, ToolAddr};
 use kvshelf::store::RedisStore;
 
 /// A ceiling measured in the same run: what Redis's own client or the wire can carry.
@@ -64,13 +64,13 @@ pub(super) async fn redis_benchmark(
     keys: Option<usize>,
 ) -> anyhow::Result<Vec<Ceiling>> {
     let size = cfg.size.namespace().block_bytes();
-    let addr = ToolAddr::of(&cfg.store.url)?;
+    let addr = ToolAddr::of(&cfg.store)?;
     // As many values as the paths move in a round, at least 50 and at most ~4 GB.
     let requests = (cfg.requests * cfg.batch)
         .min((4_000_000_000 / size) as usize)
         .max(50);
     let mut cmd = tokio::process::Command::new("redis-benchmark");
-    cmd.args(addr.args())
+    cmd.args(addr.args(Tool::Benchmark))
         .args(["-t", "set,get", "--csv"])
         .args(["-d", &size.to_string(), "-n", &requests.to_string()])
         .args([
@@ -122,8 +122,8 @@ pub(super) async fn redis_benchmark(
     // With redis-cli, as redis-benchmark wrote them: same address, same credentials.
     for chunk in doomed.chunks(512) {
         let out = tokio::process::Command::new("redis-cli")
-            .args(addr.args())
-            .args(addr.password.is_some().then_some("--no-auth-warning"))
+            .args(addr.args(Tool::Cli))
+            .args(addr.has_password().then_some("--no-auth-warning"))
             .arg("UNLINK")
             .args(chunk)
             .output()

@@ -14,7 +14,7 @@
 //! | `fixture.rs` | what a run shares: the blocks, the in-process sidecars, one runner per client |
 //! | `measure.rs` | one path for one round (fetches, puts); lookup latency against prefix length |
 //! | `ceilings.rs` | external tools: redis-benchmark GET/SET, loopback TCP; CPU seconds |
-//! | `tool_addr.rs` | the bench's own reading of a Redis URL for redis-benchmark and redis-cli |
+//! | `tool_addr.rs` | the store's reading of the Redis URL (`StoreConfig::first_node`) as redis-benchmark's and redis-cli's flags |
 //! | `stats.rs` | medians over rounds |
 //! | `table.rs` | the report as text tables |
 
