@@ -192,6 +192,54 @@ async fn a_silently_cut_tracking_connection_is_noticed() {
     cfg.store.as_mut().unwrap().response_timeout = Duration::from_millis(500);
     let side = Sidecar::start(cfg).await;
     assert_eq!(side.shelf.l1_coherence(), L1Coherence::Tracking);
+    let hs = hashes(&ns, 1);
+    put(&redis.url(), &ns, &hs).await;
+    tokio::time::timeout(TEST_LIMIT, async {
+        assert_eq!(fetch(&side.shelf, &ns, &hs).await, (1, EndReason::Complete));
+        let cut = proxy.blackhole(|sent| contains_bytes(sent, b"TRACKING"));
+        assert_eq!(cut, 1, "one tracking connection");
+        // Deleted behind the sidecar's back, its invalidation lost in the cut.
+        let mut raw = support::raw(&redis.url()).await;
+        let key = kvshelf::store::block_key(&ns.label, &hs[0]);
+        let _: u64 = raw.unlink(&key).await.unwrap();
+        let started = Instant::now();
+        loop {
+            if fetch(&side.shelf, &ns, &hs).await == (0, EndReason::Miss) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "L1 still serves a block deleted in Redis after a silent cut"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while side.shelf.l1_coherence() != L1Coherence::Tracking {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "tracking never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("hung");
+}
+
+/// A follower that falls behind (its `EXISTS` check stalled on a cut data connection while
+/// thousands of block keys change) does not queue invalidations without bound: the stream
+/// ends, L1 is flushed (`reason="invalidations_overflowed"`) and tracking starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_falls_behind_flushes_instead_of_queueing() {
+    let redis = RedisServer::start(&[]);
+    let proxy = Proxy::start(redis.port).await;
+    let ns = namespace("behind");
+    let mut cfg = sidecar_config(Some(proxy.url()), vec![ns.clone()]);
+    // One data connection (the pacer's burst of two covers it and the tracking dial).
+    let store = cfg.store.as_mut().unwrap();
+    store.max_connections = 2;
+    store.batch_connections = 1;
+    let side = Sidecar::start(cfg).await;
+    assert_eq!(side.shelf.l1_coherence(), L1Coherence::Tracking);
     let hs = hashes(&ns, 40);
     put(&redis.url(), &ns, &hs).await;
     let series = "kvshelf_l1_flushes_total{reason=\"invalidations_overflowed\"}";
