@@ -18,7 +18,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use kvshelf::resp::{Caps, MAX_ELEMENTS, Parser, ProtocolError, Reply};
+use kvshelf::resp::{Caps, MAX_ELEMENTS, Parsed, Parser, ProtocolError, Reply};
 use libfuzzer_sys::fuzz_target;
 
 /// The bytes a reply was parsed from must be that reply: its type byte first, CRLF last,
@@ -111,28 +111,31 @@ fn parse(
         buf.extend_from_slice(c);
         fed += c.len();
         loop {
-            match parser.parse(&mut buf, caps) {
-                Ok(Some(r)) => {
+            match parser.parse_taking(&mut buf, caps, false) {
+                Ok(Parsed::Reply(r)) => {
                     let end = fed - buf.len();
                     check_span(&r, &bytes[start..end]);
                     start = end;
                     out.push(r);
                 }
-                Ok(None) => break,
+                Ok(Parsed::Incomplete { bulk_missing }) => {
+                    // What the connection asks of the socket inside a big value: never
+                    // more than the value and its CRLF.
+                    if let Some(missing) = bulk_missing {
+                        assert!(
+                            missing <= caps.bulk + 2,
+                            "{missing} bytes missing of a {}-byte bulk",
+                            caps.bulk
+                        );
+                    }
+                    break;
+                }
+                Ok(other) => panic!("not taking bulk strings, yet {other:?}"),
                 Err(e) => {
                     let _ = e.to_string();
                     return (out, Some(e), buf.len());
                 }
             }
-        }
-        // What the connection asks of the socket inside a big value: never more than the
-        // value and its CRLF.
-        if let Some(missing) = parser.bulk_missing(buf.len()) {
-            assert!(
-                missing <= caps.bulk + 2,
-                "{missing} bytes missing of a {}-byte bulk",
-                caps.bulk
-            );
         }
     }
     (out, None, buf.len())

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::codec;
 use crate::error::{BackendError, BackendErrorKind, Error};
-use crate::resp::{Arg, Caps, Parser, ProtocolError, Reply, Request};
+use crate::resp::{Arg, Caps, Parsed, Parser, ProtocolError, Reply, Request};
 
 /// Read size for reply headers and small replies.
 const READ_CHUNK: usize = 16 * 1024;
@@ -187,17 +187,51 @@ pub(crate) enum Sink<'a> {
     /// Into a buffer of the connection's, handed out as [`Bytes`].
     Own,
     /// A stored block: its header into memory of the connection's and its payload
-    /// straight into the caller's memory (the reply is then [`Reply::Split`]), when the
+    /// straight into the caller's memory (the reply is then [`Got::Split`]), when the
     /// value is a bulk string whose header says where the payload begins and whose payload
     /// fits. Anything else is read as with `Own`.
     Into(&'a mut [u8]),
+}
+
+/// One reply as a connection read it: parsed, or split around the parser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Got {
+    /// A reply the parser read whole.
+    Reply(Reply),
+    /// A bulk string the connection read itself ([`Parsed::Bulk`]) in two parts: `head`
+    /// into memory of its own and the `body_len` bytes after it straight into its
+    /// caller's buffer ([`Sink::Into`]; a stored block: header, then payload).
+    Split {
+        /// The first bytes of the value (a block's header).
+        head: Bytes,
+        /// Bytes written to the caller's buffer.
+        body_len: usize,
+    },
+}
+
+impl Got {
+    /// The reply, when the parser read it whole.
+    pub(crate) fn reply(&self) -> Option<&Reply> {
+        match self {
+            Got::Reply(r) => Some(r),
+            Got::Split { .. } => None,
+        }
+    }
+
+    /// The reply of a read given no caller buffers, where nothing is split.
+    pub(crate) fn unsplit(self) -> Reply {
+        match self {
+            Got::Reply(r) => r,
+            Got::Split { .. } => unreachable!("a split reply without a caller buffer"),
+        }
+    }
 }
 
 /// The replies to a pipeline, in command order.
 #[derive(Debug)]
 pub(crate) struct Replies {
     /// One per command, up to `oversized`.
-    pub(crate) replies: Vec<Reply>,
+    pub(crate) replies: Vec<Got>,
     /// The reply after the last of `replies` was a bulk string longer than its command
     /// allows (its announced length): the connection was dropped there, without reading
     /// it, so the replies of the commands after it are unknown.
@@ -289,7 +323,7 @@ impl Conn {
         if hello.len() > 0 {
             let replies = conn.exchange(&hello, &mut []).await.map_err(io)?;
             if let Some(msg) = replies.replies.iter().find_map(|r| match r {
-                Reply::Error(m) => Some(m),
+                Got::Reply(Reply::Error(m)) => Some(m),
                 _ => None,
             }) {
                 return Err(BackendError::from_reply(msg));
@@ -397,7 +431,7 @@ impl Conn {
     /// The next reply, holding at most what `caps` allow.
     pub(crate) async fn next_reply(&mut self, caps: Caps) -> std::io::Result<Reply> {
         match self.read_reply(caps, None).await {
-            Ok(r) => Ok(r),
+            Ok(r) => Ok(r.unsplit()),
             Err(ReadError::Io(e)) => Err(e),
             Err(ReadError::Protocol(e)) => Err(protocol(e)),
         }
@@ -433,21 +467,23 @@ impl Conn {
         &mut self,
         caps: Caps,
         mut sink: Option<&mut Sink<'_>>,
-    ) -> Result<Reply, ReadError> {
+    ) -> Result<Got, ReadError> {
         loop {
-            if let Some(reply) = self.parser.parse(&mut self.buf, caps)? {
-                return Ok(reply);
-            }
-            // A block the caller wants in its own memory.
-            if let Some(Sink::Into(out)) = sink.as_deref_mut()
-                && let Some(len) = self.parser.bare_bulk()
-            {
-                self.parser.skip_bulk();
-                // The value and its CRLF are now read around the parser.
-                self.owed.raw = len + 2;
-                return self.read_split(len, out).await;
-            }
-            match self.parser.bulk_missing(self.buf.len()) {
+            // A block the caller wants in its own memory is read around the parser.
+            let take = matches!(sink, Some(Sink::Into(_)));
+            let missing = match self.parser.parse_taking(&mut self.buf, caps, take)? {
+                Parsed::Reply(reply) => return Ok(Got::Reply(reply)),
+                Parsed::Bulk { len } => {
+                    let Some(Sink::Into(out)) = sink.as_deref_mut() else {
+                        unreachable!("a bulk string is taken only for a caller buffer")
+                    };
+                    // The value and its CRLF are now owed outside the parser.
+                    self.owed.raw = len + 2;
+                    return self.read_split(len, out).await;
+                }
+                Parsed::Incomplete { bulk_missing } => bulk_missing,
+            };
+            match missing {
                 // A big value: into a buffer of its own, of exactly its size (the parser
                 // has checked that size against what the command may receive).
                 Some(missing) if missing > READ_CHUNK => {
@@ -490,7 +526,7 @@ impl Conn {
     /// Reads a bulk string of `len` bytes (its header consumed) that is a stored block:
     /// the preamble and header into a buffer of their own, the payload into `out` when it
     /// fits; otherwise the whole value into a buffer of its own. Then its CRLF.
-    async fn read_split(&mut self, len: usize, out: &mut [u8]) -> Result<Reply, ReadError> {
+    async fn read_split(&mut self, len: usize, out: &mut [u8]) -> Result<Got, ReadError> {
         let mut head = BytesMut::new();
         self.take(&mut head, len.min(codec::PREAMBLE_LEN)).await?;
         let split = codec::header_len(&head)
@@ -513,7 +549,7 @@ impl Conn {
                     at += n;
                     self.owed.raw -= n;
                 }
-                Reply::Split {
+                Got::Split {
                     head: head.freeze(),
                     body_len: len - h,
                 }
@@ -521,7 +557,7 @@ impl Conn {
             None => {
                 let rest = len - head.len();
                 self.take(&mut head, rest).await?;
-                Reply::Bulk(head.freeze())
+                Got::Reply(Reply::Bulk(head.freeze()))
             }
         };
         let mut crlf = BytesMut::new();
@@ -898,12 +934,12 @@ pub(crate) fn all(replies: Replies) -> Result<Vec<Reply>, Error> {
         .into());
     }
     if let Some(msg) = replies.replies.iter().find_map(|r| match r {
-        Reply::Error(m) => Some(m),
+        Got::Reply(Reply::Error(m)) => Some(m),
         _ => None,
     }) {
         return Err(BackendError::from_reply(msg).into());
     }
-    Ok(replies.replies)
+    Ok(replies.replies.into_iter().map(Got::unsplit).collect())
 }
 
 #[cfg(test)]
@@ -969,12 +1005,12 @@ mod tests {
         let mut tiny = [0u8; 4];
         let mut sinks = [Sink::Own, Sink::Into(&mut mine), Sink::Into(&mut tiny)];
         let got = conn.read_replies(&max, &mut sinks).await.unwrap();
-        let Reply::Bulk(own) = &got.replies[0] else {
+        let Got::Reply(Reply::Bulk(own)) = &got.replies[0] else {
             panic!("{:?}", got.replies[0])
         };
         assert_eq!(own, &value);
         assert_eq!(own.as_ptr() as usize % ALIGN, 0, "the value starts aligned");
-        let Reply::Split { head, body_len } = &got.replies[1] else {
+        let Got::Split { head, body_len } = &got.replies[1] else {
             panic!("{:?}", got.replies[1])
         };
         assert_eq!(*body_len, payload.len());
@@ -986,7 +1022,7 @@ mod tests {
         // Not a block (no header to split at): read whole, the caller's buffer untouched.
         assert_eq!(
             got.replies[2],
-            Reply::Bulk(Bytes::from_static(b"not a block"))
+            Got::Reply(Reply::Bulk(Bytes::from_static(b"not a block")))
         );
         assert_eq!(tiny, [0; 4]);
     }
@@ -1059,7 +1095,7 @@ mod tests {
         .expect("the drained connection answers again");
         assert_eq!(
             again.replies,
-            vec![Reply::Bulk(Bytes::from_static(b"second"))]
+            vec![Got::Reply(Reply::Bulk(Bytes::from_static(b"second")))]
         );
     }
 
@@ -1106,7 +1142,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             again.replies,
-            vec![Reply::Bulk(Bytes::from_static(b"second"))]
+            vec![Got::Reply(Reply::Bulk(Bytes::from_static(b"second")))]
         );
         assert!(
             mine.iter().all(|&b| b == 0x11),

@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::config::{Endpoints, Target};
-use super::conn::{Addr, Dialer, Pool, all};
+use super::conn::{Addr, Dialer, Got, Pool, all};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::resp::{Arg, Caps, Reply, Request};
 
@@ -348,7 +348,12 @@ impl Sentinel {
                 Arg::Small(self.master.as_bytes()),
             ],
         );
-        let reply = pool.exec(&req, &mut []).await?.replies.pop();
+        let reply = pool
+            .exec(&req, &mut [])
+            .await?
+            .replies
+            .pop()
+            .map(Got::unsplit);
         let unknown = || {
             BackendError::new(
                 BackendErrorKind::Unavailable,
@@ -433,7 +438,12 @@ async fn is_primary(pool: &Pool) -> Result<bool, BackendError> {
         Caps::bulk(64).total(256 << 10).elements(4096),
         &[Arg::Small(b"ROLE")],
     );
-    let reply = pool.exec(&req, &mut []).await?.replies.pop();
+    let reply = pool
+        .exec(&req, &mut [])
+        .await?
+        .replies
+        .pop()
+        .map(Got::unsplit);
     Ok(match reply {
         Some(Reply::Array(a)) => a.first().and_then(Reply::text) == Some("master"),
         Some(Reply::Error(e)) => return Err(BackendError::from_reply(&e)),
