@@ -20,7 +20,9 @@
 //! | `config.rs` | [`StoreConfig`]: URLs (one Redis, Cluster, Sentinel), TLS, timeouts; redaction |
 //! | `keys.rs` | the key schema (`docs/format.md`) |
 //! | `topology.rs` | which node owns a key: standalone, Sentinel, Cluster slot map |
-//! | `conn.rs` | one connection and per-node pools: pipelines, reads into caller memory, cancellation |
+//! | `conn.rs` | one connection: pipelines, reads into caller memory, what a dropped call still owes |
+//! | `conn/dial.rs` | a node's address and login; dialling it over TCP or TLS |
+//! | `conn/pool.rs` | per-node pools: slots, paced reconnects, retries, draining connections whose calls were dropped |
 //! | `tracking.rs` | `CLIENT TRACKING` invalidations for an L1 in front of the store |
 
 mod admin;
