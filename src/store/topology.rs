@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::config::{Endpoints, Target};
 use super::conn::{Addr, Dialer, Got, Pool, all};
+use super::url::{Endpoints, Target};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::resp::{Arg, Caps, Reply, Request};
 
