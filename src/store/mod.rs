@@ -20,13 +20,15 @@
 //! | `config.rs` | [`StoreConfig`]: URL, TLS, timeouts, pool sizes; the dialer they make |
 //! | `url.rs` | the URL forms (one Redis, Cluster, Sentinel): parsing, logins, redaction |
 //! | `keys.rs` | the key schema (`docs/format.md`) |
-//! | `topology.rs` | which node owns a key: standalone, Sentinel, Cluster slot map |
+//! | `topology.rs` | which node owns a key: standalone, Sentinel, Cluster |
+//! | `cluster.rs` | a Cluster's slots: the slot of a key, the slot map from `CLUSTER NODES` and its refreshes |
 //! | `conn.rs` | one connection: pipelines, reads into caller memory, what a dropped call still owes |
 //! | `conn/dial.rs` | a node's address and login; dialling it over TCP or TLS |
 //! | `conn/pool.rs` | per-node pools: slots, paced reconnects, retries, draining connections whose calls were dropped |
 //! | `tracking.rs` | `CLIENT TRACKING` invalidations for an L1 in front of the store |
 
 mod admin;
+mod cluster;
 mod config;
 mod conn;
 mod keys;
