@@ -8,8 +8,10 @@
 //!   its strings together, and its array elements. Each is checked from a length prefix
 //!   or an array header, before anything is allocated, so that no reply holds more than
 //!   its command's budget: not `MAX_ELEMENTS` keys of the longest size (a `SCAN` page of
-//!   1 GiB, an invalidation message of 64 GiB). Public so that the fuzz targets (`fuzz/`)
-//!   reach it.
+//!   1 GiB, an invalidation message of 64 GiB). Asked to ([`Parser::parse_taking`]), it
+//!   hands a reply that is one bulk string over after its header ([`Parsed::Bulk`]), for
+//!   the connection to read straight into its caller's memory. Public so that the fuzz
+//!   targets (`fuzz/`) reach it.
 //! - `Request` (crate-private): a pipeline of commands whose big arguments (block headers
 //!   and payloads) are kept as their own [`Bytes`], so that a connection writes them
 //!   vectored, never copied into a command buffer.
