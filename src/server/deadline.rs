@@ -5,7 +5,7 @@
 //! - **A body that stops arriving** (`body_read_timeout`): tower-http's
 //!   `RequestBodyTimeoutLayer` (in [`super::router`]) makes every request body fail once no
 //!   byte came for that long; the readers ([`super::http`]'s `each_chunk`, [`super::grpc`]'s
-//!   admission middleware) recognise that failure with [`is_stall`] and end the request
+//!   admission middleware) recognise that failure with `is_stall` and end the request
 //!   `request_timeout`, which drops its admission (slot and body room).
 //! - **A response its client does not take** (`response_write_timeout`), in two places,
 //!   because hyper stops polling a response body while the client is not reading, so no
@@ -13,7 +13,7 @@
 //!   - [`Deadlined`], around every accepted socket: a write that makes no progress for that
 //!     long fails, and hyper closes the connection (HTTP/1.1, and HTTP/2 whose client stopped
 //!     reading the socket altogether).
-//!   - [`send_within`], around fetch responses: each item must be taken by the transport
+//!   - `send_within`, around fetch responses: each item must be taken by the transport
 //!     within that long. An HTTP/2 client can keep reading its socket while one stream's
 //!     flow-control window stays shut (its application stopped reading that stream); the
 //!     socket then never stalls. Past the deadline the fetch is dropped (slot and queued

@@ -67,7 +67,7 @@ impl futures_util::Stream for FetchStream {
 impl Shelf {
     /// How many leading blocks are on the shelf: leading L1 entries, then ONE backend
     /// round trip for the rest. With `warm`, the hit blocks are read into L1 in the
-    /// background ([`Shelf::warm`]): the answer does not wait for them.
+    /// background (`Shelf::warm`): the answer does not wait for them.
     pub async fn lookup(
         &self,
         _admission: Admission,
