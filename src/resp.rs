@@ -1048,6 +1048,45 @@ mod tests {
             prop_assert_eq!(left, 0);
         }
 
+        /// A caller that takes every bulk string that is a whole reply, and reads its value
+        /// and CRLF itself from wherever they are (buffered or still to come), gets those
+        /// values, and the parser stays in step for the replies around them, in any
+        /// chunking.
+        #[test]
+        fn prop_taken_bulks_leave_the_parser_in_step(replies in proptest::collection::vec(arb_reply(), 0..12), chunk in 1usize..97) {
+            let mut bytes = Vec::new();
+            for r in &replies {
+                r.encode(&mut bytes);
+            }
+            let mut parser = Parser::new();
+            let mut chunks = bytes.chunks(chunk);
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut taken = 0;
+            loop {
+                match parser.parse_taking(&mut buf, wide(300), true).unwrap() {
+                    Parsed::Reply(r) => got.push(r),
+                    Parsed::Bulk { len } => {
+                        taken += 1;
+                        // The caller's read: the buffer first, then the "socket".
+                        while buf.len() < len + 2 {
+                            buf.extend_from_slice(chunks.next().expect("the value arrives"));
+                        }
+                        let value = buf.split_to(len + 2);
+                        prop_assert_eq!(&value[len..], b"\r\n");
+                        got.push(Reply::Bulk(value.freeze().slice(..len)));
+                    }
+                    Parsed::Incomplete { .. } => match chunks.next() {
+                        Some(c) => buf.extend_from_slice(c),
+                        None => break,
+                    },
+                }
+            }
+            prop_assert_eq!(taken, replies.iter().filter(|r| matches!(r, Reply::Bulk(_))).count());
+            prop_assert_eq!(got, replies);
+            prop_assert!(buf.is_empty());
+        }
+
         /// Issue 18 §2: a reply is accepted exactly when it holds no more than its
         /// command's caps (each string, all of them together, the array elements), with
         /// long strings in arrays skipped where the command says so, in any chunking.
