@@ -8,8 +8,10 @@
 //!   its strings together, and its array elements. Each is checked from a length prefix
 //!   or an array header, before anything is allocated, so that no reply holds more than
 //!   its command's budget: not `MAX_ELEMENTS` keys of the longest size (a `SCAN` page of
-//!   1 GiB, an invalidation message of 64 GiB). Public so that the fuzz targets (`fuzz/`)
-//!   reach it.
+//!   1 GiB, an invalidation message of 64 GiB). Asked to ([`Parser::parse_taking`]), it
+//!   hands a reply that is one bulk string over after its header ([`Parsed::Bulk`]), for
+//!   the connection to read straight into its caller's memory. Public so that the fuzz
+//!   targets (`fuzz/`) reach it.
 //! - `Request` (crate-private): a pipeline of commands whose big arguments (block headers
 //!   and payloads) are kept as their own [`Bytes`], so that a connection writes them
 //!   vectored, never copied into a command buffer.
@@ -118,15 +120,6 @@ pub enum Reply {
         /// Its announced length.
         len: usize,
     },
-    /// Not a wire type, and never made by [`Parser`]: a bulk string that a connection
-    /// read in two parts, `head` into memory of its own and the `body_len` bytes after it
-    /// straight into its caller's buffer (a stored block: header, then payload).
-    Split {
-        /// The first bytes of the value (a block's header).
-        head: Bytes,
-        /// Bytes written to the caller's buffer.
-        body_len: usize,
-    },
 }
 
 impl Reply {
@@ -156,9 +149,8 @@ impl Reply {
                     item.encode(out);
                 }
             }
-            // Its body is in someone else's buffer, or was dropped: there is nothing to
-            // encode it from.
-            Reply::Split { .. } | Reply::Skipped { .. } => {}
+            // Its body was dropped: there is nothing to encode it from.
+            Reply::Skipped { .. } => {}
         }
     }
 
@@ -228,6 +220,31 @@ pub enum ProtocolError {
     MissingCrlf,
 }
 
+/// What [`Parser::parse_taking`] found at the front of its buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Parsed {
+    /// A whole reply.
+    Reply(Reply),
+    /// A bulk string that is the whole reply (not an array element), asked to be taken by
+    /// the caller: its header is consumed and its `len` bytes and CRLF are the caller's to
+    /// read, from the buffer first, then the socket. The parser is already back between
+    /// replies. A connection reads a stored block this way, straight into its caller's
+    /// memory.
+    Bulk {
+        /// The announced length, within the reply's caps.
+        len: usize,
+    },
+    /// More bytes are needed.
+    Incomplete {
+        /// Inside a bulk string being kept: how many more bytes it needs (its value and
+        /// CRLF) past those buffered, so that a connection may read them straight into a
+        /// buffer of exactly its size. `None` between bulk strings, or inside a skipped one
+        /// (read in ordinary chunks and dropped as they come).
+        bulk_missing: Option<usize>,
+    },
+}
+
 /// A socket-free, incremental RESP2 reply parser.
 ///
 /// Feed it by appending what the socket returned to a `BytesMut` and calling
@@ -279,14 +296,46 @@ impl Parser {
         buf: &mut BytesMut,
         caps: Caps,
     ) -> Result<Option<Reply>, ProtocolError> {
+        match self.parse_taking(buf, caps, false)? {
+            Parsed::Reply(reply) => Ok(Some(reply)),
+            Parsed::Incomplete { .. } => Ok(None),
+            Parsed::Bulk { .. } => unreachable!("no bulk string is taken unless asked"),
+        }
+    }
+
+    /// As [`parse`](Parser::parse), saying what is missing when the reply is incomplete;
+    /// with `take_bulk`, a reply that is one bulk string is not read but handed to the
+    /// caller as soon as its header is: [`Parsed::Bulk`]. Pass the same `take_bulk` until
+    /// the reply is complete.
+    pub fn parse_taking(
+        &mut self,
+        buf: &mut BytesMut,
+        caps: Caps,
+        take_bulk: bool,
+    ) -> Result<Parsed, ProtocolError> {
         loop {
-            let Some(value) = self.next_value(buf, caps)? else {
-                return Ok(None);
+            if take_bulk
+                && let State::Bulk { len } = self.state
+                && self.open.is_empty()
+            {
+                // The value and its CRLF are the caller's: the next reply starts afresh.
+                self.state = State::default();
+                self.elements = 0;
+                self.kept = 0;
+                return Ok(Parsed::Bulk { len });
+            }
+            let Some(value) = self.next_value(buf, caps, take_bulk)? else {
+                if take_bulk && matches!(self.state, State::Bulk { .. }) && self.open.is_empty() {
+                    continue;
+                }
+                return Ok(Parsed::Incomplete {
+                    bulk_missing: self.bulk_missing(buf.len()),
+                });
             };
             if let Some(done) = self.complete(value) {
                 self.elements = 0;
                 self.kept = 0;
-                return Ok(Some(done));
+                return Ok(Parsed::Reply(done));
             }
         }
     }
@@ -321,10 +370,12 @@ impl Parser {
 
     /// The next scalar, or an empty or nil array; a non-empty array header opens an array
     /// and asks for its first element.
+    /// With `take_bulk`, stops after the header of a bulk string that is the whole reply.
     fn next_value(
         &mut self,
         buf: &mut BytesMut,
         caps: Caps,
+        take_bulk: bool,
     ) -> Result<Option<Reply>, ProtocolError> {
         loop {
             if let State::Skip { len, left } = self.state {
@@ -407,6 +458,9 @@ impl Parser {
                         n => {
                             self.keep(n as usize, caps)?;
                             self.state = State::Bulk { len: n as usize };
+                            if take_bulk && self.open.is_empty() {
+                                return Ok(None);
+                            }
                         }
                     },
                     other => return Err(ProtocolError::UnexpectedType(other as char)),
@@ -430,34 +484,13 @@ impl Parser {
     }
 
     /// Inside a bulk string whose bytes are not all in a buffer holding `buffered` bytes:
-    /// how many more it needs (its value and CRLF). The connection may read them straight
-    /// into a buffer of exactly the bulk string's size. `None` between bulk strings.
-    pub fn bulk_missing(&self, buffered: usize) -> Option<usize> {
+    /// how many more it needs (its value and CRLF). `None` between bulk strings.
+    fn bulk_missing(&self, buffered: usize) -> Option<usize> {
         match self.state {
             State::Bulk { len } => Some((len + 2).saturating_sub(buffered)),
             // A skipped string is read in ordinary chunks and dropped as they come.
             State::Line { .. } | State::Skip { .. } => None,
         }
-    }
-
-    /// Inside a bulk string that is the whole reply (not an array element), with its
-    /// header consumed and none of its bytes: its length. A connection may then read the
-    /// value straight into memory of its caller's ([`Parser::skip_bulk`] after).
-    pub fn bare_bulk(&self) -> Option<usize> {
-        match self.state {
-            State::Bulk { len } if self.open.is_empty() => Some(len),
-            _ => None,
-        }
-    }
-
-    /// Marks the bare bulk string of [`Parser::bare_bulk`] as read by the caller (its value
-    /// and CRLF went elsewhere): the parser is back between replies.
-    pub fn skip_bulk(&mut self) {
-        debug_assert!(self.bare_bulk().is_some());
-        self.state = State::default();
-        // That bulk string was the whole reply: the next one starts a new budget.
-        self.elements = 0;
-        self.kept = 0;
     }
 }
 
@@ -703,15 +736,71 @@ mod tests {
     fn bulk_missing_counts_what_is_still_to_come() {
         let mut p = Parser::new();
         let mut buf = BytesMut::from(&b"$100\r\n0123"[..]);
-        assert_eq!(p.bulk_missing(buf.len()), None);
-        assert_eq!(p.parse(&mut buf, wide(100)), Ok(None));
-        assert_eq!(p.bulk_missing(buf.len()), Some(98));
+        assert_eq!(
+            p.parse_taking(&mut buf, wide(100), false),
+            Ok(Parsed::Incomplete {
+                bulk_missing: Some(98)
+            })
+        );
         buf.extend_from_slice(&[b'x'; 96]);
-        buf.extend_from_slice(b"\r\n:1\r\n");
-        assert!(matches!(p.parse(&mut buf, wide(100)), Ok(Some(Reply::Bulk(b))) if b.len() == 100));
-        assert_eq!(p.bulk_missing(buf.len()), None);
+        buf.extend_from_slice(b"\r\n:1");
+        assert!(
+            matches!(p.parse_taking(&mut buf, wide(100), false), Ok(Parsed::Reply(Reply::Bulk(b))) if b.len() == 100)
+        );
+        assert_eq!(
+            p.parse_taking(&mut buf, wide(0), false),
+            Ok(Parsed::Incomplete { bulk_missing: None })
+        );
+        buf.extend_from_slice(b"\r\n");
         assert_eq!(p.parse(&mut buf, wide(0)), Ok(Some(Reply::Int(1))));
         assert!(buf.is_empty());
+    }
+
+    /// A bulk string that is the whole reply is handed to a caller that takes it as soon
+    /// as its header is read (buffered or not), leaving its bytes in the buffer and the
+    /// parser between replies; one inside an array, or any other reply, is parsed as usual.
+    #[test]
+    fn a_taken_bulk_is_announced_after_its_header() {
+        let mut p = Parser::new();
+        let mut buf = BytesMut::from(&b"$1"[..]);
+        assert_eq!(
+            p.parse_taking(&mut buf, wide(100), true),
+            Ok(Parsed::Incomplete { bulk_missing: None })
+        );
+        buf.extend_from_slice(b"0\r\n0123");
+        assert_eq!(
+            p.parse_taking(&mut buf, wide(100), true),
+            Ok(Parsed::Bulk { len: 10 })
+        );
+        assert_eq!(&buf[..], b"0123", "the value is the caller's to read");
+        buf.clear();
+        // Whole in the buffer, it is still taken, its bytes untouched.
+        buf.extend_from_slice(b"$3\r\nabc\r\n:7\r\n*1\r\n$2\r\nhi\r\n$-1\r\n");
+        assert_eq!(
+            p.parse_taking(&mut buf, wide(100), true),
+            Ok(Parsed::Bulk { len: 3 })
+        );
+        bytes::Buf::advance(&mut buf, 5);
+        assert_eq!(
+            p.parse_taking(&mut buf, wide(100), true),
+            Ok(Parsed::Reply(Reply::Int(7)))
+        );
+        assert_eq!(
+            p.parse_taking(&mut buf, wide(100), true),
+            Ok(Parsed::Reply(Reply::Array(vec![Reply::Bulk(
+                Bytes::from_static(b"hi")
+            )])))
+        );
+        assert_eq!(
+            p.parse_taking(&mut buf, wide(100), true),
+            Ok(Parsed::Reply(Reply::Nil))
+        );
+        // Its caps still hold.
+        let mut buf = BytesMut::from(&b"$101\r\n"[..]);
+        assert!(matches!(
+            p.parse_taking(&mut buf, wide(100), true),
+            Err(ProtocolError::BulkTooLong { len: 101, .. })
+        ));
     }
 
     /// Issue 18 §2: a reply of many strings, each within its cap, is refused once their
@@ -837,11 +926,17 @@ mod tests {
         let mut out = Vec::new();
         for c in bytes.chunks(chunk.max(1)) {
             buf.extend_from_slice(c);
-            while let Some(r) = parser.parse(&mut buf, caps)? {
-                out.push(r);
-            }
-            if let Some(missing) = parser.bulk_missing(buf.len()) {
-                assert!(missing <= caps.bulk + 2, "{missing}");
+            loop {
+                match parser.parse_taking(&mut buf, caps, false)? {
+                    Parsed::Reply(r) => out.push(r),
+                    Parsed::Incomplete { bulk_missing } => {
+                        if let Some(missing) = bulk_missing {
+                            assert!(missing <= caps.bulk + 2, "{missing}");
+                        }
+                        break;
+                    }
+                    Parsed::Bulk { .. } => unreachable!("not taking"),
+                }
             }
         }
         Ok((out, buf.len()))
@@ -951,6 +1046,45 @@ mod tests {
             let (got, left) = parse_all(&bytes, chunk, 300).unwrap();
             prop_assert_eq!(got, replies);
             prop_assert_eq!(left, 0);
+        }
+
+        /// A caller that takes every bulk string that is a whole reply, and reads its value
+        /// and CRLF itself from wherever they are (buffered or still to come), gets those
+        /// values, and the parser stays in step for the replies around them, in any
+        /// chunking.
+        #[test]
+        fn prop_taken_bulks_leave_the_parser_in_step(replies in proptest::collection::vec(arb_reply(), 0..12), chunk in 1usize..97) {
+            let mut bytes = Vec::new();
+            for r in &replies {
+                r.encode(&mut bytes);
+            }
+            let mut parser = Parser::new();
+            let mut chunks = bytes.chunks(chunk);
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut taken = 0;
+            loop {
+                match parser.parse_taking(&mut buf, wide(300), true).unwrap() {
+                    Parsed::Reply(r) => got.push(r),
+                    Parsed::Bulk { len } => {
+                        taken += 1;
+                        // The caller's read: the buffer first, then the "socket".
+                        while buf.len() < len + 2 {
+                            buf.extend_from_slice(chunks.next().expect("the value arrives"));
+                        }
+                        let value = buf.split_to(len + 2);
+                        prop_assert_eq!(&value[len..], b"\r\n");
+                        got.push(Reply::Bulk(value.freeze().slice(..len)));
+                    }
+                    Parsed::Incomplete { .. } => match chunks.next() {
+                        Some(c) => buf.extend_from_slice(c),
+                        None => break,
+                    },
+                }
+            }
+            prop_assert_eq!(taken, replies.iter().filter(|r| matches!(r, Reply::Bulk(_))).count());
+            prop_assert_eq!(got, replies);
+            prop_assert!(buf.is_empty());
         }
 
         /// Issue 18 §2: a reply is accepted exactly when it holds no more than its

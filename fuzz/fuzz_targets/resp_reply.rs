@@ -14,11 +14,13 @@
 //!   string's too), a bulk string's value between its length line and that CRLF;
 //! - no reply holds more than its caps allow: no bulk string over the cap, no more bytes
 //!   kept in all, no more array elements; a skipped string appears only inside an array;
-//! - the replies (those with nothing skipped), encoded again, parse to the same replies.
+//! - the replies (those with nothing skipped), encoded again, parse to the same replies;
+//! - a caller that takes every whole-reply bulk string and reads it itself (as a
+//!   connection reads a block into its caller's memory) gets the same replies and error.
 #![no_main]
 
-use bytes::BytesMut;
-use kvshelf::resp::{Caps, MAX_ELEMENTS, Parser, ProtocolError, Reply};
+use bytes::{Bytes, BytesMut};
+use kvshelf::resp::{Caps, MAX_ELEMENTS, Parsed, Parser, ProtocolError, Reply};
 use libfuzzer_sys::fuzz_target;
 
 /// The bytes a reply was parsed from must be that reply: its type byte first, CRLF last,
@@ -75,10 +77,17 @@ fn check_caps(reply: &Reply, caps: Caps, depth: usize, kept: &mut usize, element
         // An error's text is decoded lossily (it may grow): not counted here.
         Reply::Skipped { len } => {
             assert!(caps.skip_long && depth > 1, "{reply:?} at depth {depth}");
-            assert!(*len > caps.bulk, "{reply:?} skipped under a cap of {}", caps.bulk);
+            assert!(
+                *len > caps.bulk,
+                "{reply:?} skipped under a cap of {}",
+                caps.bulk
+            );
         }
         Reply::Array(items) => {
-            assert!(depth <= kvshelf::resp::MAX_DEPTH, "arrays nested {depth} deep");
+            assert!(
+                depth <= kvshelf::resp::MAX_DEPTH,
+                "arrays nested {depth} deep"
+            );
             *elements += items.len();
             for item in items {
                 check_caps(item, caps, depth + 1, kept, elements);
@@ -97,42 +106,76 @@ fn has_skipped(reply: &Reply) -> bool {
 }
 
 /// Parses `bytes` delivered `chunk` bytes at a time: the replies, then the error that
-/// stopped it, if any, and how many bytes were left waiting for more.
+/// stopped it, if any, and how many bytes were left waiting for more. With `take`, a bulk
+/// string that is a whole reply is read the way a connection reads a block into its
+/// caller's memory: the parser hands it over after its header ([`Parsed::Bulk`]) and its
+/// value and CRLF are read here, from the buffer and then from the chunks still to come.
 fn parse(
     bytes: &[u8],
     chunk: usize,
     caps: Caps,
+    take: bool,
 ) -> (Vec<Reply>, Option<ProtocolError>, usize) {
     let mut parser = Parser::new();
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let (mut fed, mut start) = (0, 0);
-    for c in bytes.chunks(chunk) {
-        buf.extend_from_slice(c);
-        fed += c.len();
-        loop {
-            match parser.parse(&mut buf, caps) {
-                Ok(Some(r)) => {
-                    let end = fed - buf.len();
-                    check_span(&r, &bytes[start..end]);
-                    start = end;
-                    out.push(r);
+    let mut chunks = bytes.chunks(chunk);
+    loop {
+        match parser.parse_taking(&mut buf, caps, take) {
+            Ok(Parsed::Reply(r)) => {
+                let end = fed - buf.len();
+                check_span(&r, &bytes[start..end]);
+                start = end;
+                out.push(r);
+            }
+            Ok(Parsed::Bulk { len }) => {
+                assert!(take, "a bulk string taken unasked");
+                assert!(
+                    len <= caps.bulk,
+                    "a {len}-byte bulk over a cap of {}",
+                    caps.bulk
+                );
+                while buf.len() < len + 2 {
+                    let Some(c) = chunks.next() else {
+                        return (out, None, buf.len());
+                    };
+                    buf.extend_from_slice(c);
+                    fed += c.len();
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = e.to_string();
-                    return (out, Some(e), buf.len());
+                let value = buf.split_to(len + 2);
+                if &value[len..] != b"\r\n" {
+                    return (out, Some(ProtocolError::MissingCrlf), buf.len());
+                }
+                let r = Reply::Bulk(Bytes::copy_from_slice(&value[..len]));
+                let end = fed - buf.len();
+                check_span(&r, &bytes[start..end]);
+                start = end;
+                out.push(r);
+            }
+            Ok(Parsed::Incomplete { bulk_missing }) => {
+                // What the connection asks of the socket inside a big value: never more
+                // than the value and its CRLF.
+                if let Some(missing) = bulk_missing {
+                    assert!(
+                        missing <= caps.bulk + 2,
+                        "{missing} bytes missing of a {}-byte bulk",
+                        caps.bulk
+                    );
+                }
+                match chunks.next() {
+                    Some(c) => {
+                        buf.extend_from_slice(c);
+                        fed += c.len();
+                    }
+                    None => break,
                 }
             }
-        }
-        // What the connection asks of the socket inside a big value: never more than the
-        // value and its CRLF.
-        if let Some(missing) = parser.bulk_missing(buf.len()) {
-            assert!(
-                missing <= caps.bulk + 2,
-                "{missing} bytes missing of a {}-byte bulk",
-                caps.bulk
-            );
+            Ok(other) => panic!("an event this target does not know: {other:?}"),
+            Err(e) => {
+                let _ = e.to_string();
+                return (out, Some(e), buf.len());
+            }
         }
     }
     (out, None, buf.len())
@@ -151,8 +194,8 @@ fuzz_target!(|data: &[u8]| {
         skip_long: max & 0x40 != 0,
     };
 
-    let (replies, err, left) = parse(bytes, chunk, caps);
-    let whole = parse(bytes, bytes.len().max(1), caps);
+    let (replies, err, left) = parse(bytes, chunk, caps, false);
+    let whole = parse(bytes, bytes.len().max(1), caps, false);
     assert_eq!(
         whole.0, replies,
         "replies depend on how the bytes were split"
@@ -164,22 +207,38 @@ fuzz_target!(|data: &[u8]| {
     if err.is_none() {
         assert_eq!(whole.2, left);
     }
+    // A connection that reads whole-reply bulk strings itself sees the same replies and
+    // the same error.
+    let taken = parse(bytes, chunk, caps, true);
+    assert_eq!(taken.0, replies, "taking bulk strings changes the replies");
+    assert_eq!(taken.1, err, "taking bulk strings changes the error");
 
     let mut again = Vec::new();
     let mut whole_replies = Vec::new();
     for r in &replies {
         let (mut kept, mut elements) = (0, 0);
         check_caps(r, caps, 1, &mut kept, &mut elements);
-        assert!(kept <= caps.total, "{kept} bytes kept under a budget of {}", caps.total);
-        assert!(elements <= caps.elements, "{elements} elements under a cap of {}", caps.elements);
+        assert!(
+            kept <= caps.total,
+            "{kept} bytes kept under a budget of {}",
+            caps.total
+        );
+        assert!(
+            elements <= caps.elements,
+            "{elements} elements under a cap of {}",
+            caps.elements
+        );
         // A skipped string's bytes are gone: such a reply cannot be encoded again.
         if !has_skipped(r) {
             r.encode(&mut again);
             whole_replies.push(r.clone());
         }
     }
-    let (reparsed, err2, left2) = parse(&again, chunk, caps);
+    let (reparsed, err2, left2) = parse(&again, chunk, caps, false);
     assert_eq!(err2, None, "re-encoded replies do not parse");
     assert_eq!(left2, 0);
-    assert_eq!(reparsed, whole_replies, "re-encoded replies parse differently");
+    assert_eq!(
+        reparsed, whole_replies,
+        "re-encoded replies parse differently"
+    );
 });

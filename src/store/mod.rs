@@ -17,13 +17,18 @@
 //! | `pins.rs` | `pin`, `pin_within` (capped), `unpin`, `pinned_bytes`, `prune_pins` |
 //! | `admin.rs` | operators' commands: `purge`, `count`, `count_by_namespace`, `info`, `inspect`, `ttl`; `SCAN` |
 //! | `route.rs` | `keyed`: the one way commands on keys reach Redis (group per node, send, follow redirects) |
-//! | `config.rs` | [`StoreConfig`]: URLs (one Redis, Cluster, Sentinel), TLS, timeouts; redaction |
+//! | `config.rs` | [`StoreConfig`]: URL, TLS, timeouts, pool sizes; the dialer they make |
+//! | `url.rs` | the URL forms (one Redis, Cluster, Sentinel): parsing, logins, redaction |
 //! | `keys.rs` | the key schema (`docs/format.md`) |
-//! | `topology.rs` | which node owns a key: standalone, Sentinel, Cluster slot map |
-//! | `conn.rs` | one connection and per-node pools: pipelines, reads into caller memory, cancellation |
+//! | `topology.rs` | which node owns a key: standalone, Sentinel, Cluster |
+//! | `cluster.rs` | a Cluster's slots: the slot of a key, the slot map from `CLUSTER NODES` and its refreshes |
+//! | `conn.rs` | one connection: pipelines, reads into caller memory, what a dropped call still owes |
+//! | `conn/dial.rs` | a node's address and login; dialling it over TCP or TLS |
+//! | `conn/pool.rs` | per-node pools: slots, paced reconnects, retries, draining connections whose calls were dropped |
 //! | `tracking.rs` | `CLIENT TRACKING` invalidations for an L1 in front of the store |
 
 mod admin;
+mod cluster;
 mod config;
 mod conn;
 mod keys;
@@ -32,12 +37,13 @@ mod read;
 mod route;
 mod topology;
 mod tracking;
+mod url;
 mod write;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::config::{NodeAddress, StoreConfig, redact_url};
+pub use self::config::StoreConfig;
 use self::conn::all;
 pub use self::keys::{
     KEY_PREFIX, PINS_PREFIX, block_key, namespace_pattern, parse_block_key, pins_key,
@@ -48,6 +54,7 @@ pub use self::read::{Hit, Read, ReadInto};
 pub(crate) use self::read::{count_bad, verify};
 use self::topology::Topology;
 pub use self::tracking::{Coverage, FELL_BEHIND, Invalidation, TrackedNode, Tracker};
+pub use self::url::{NodeAddress, redact_url};
 #[cfg(feature = "server")]
 pub(crate) use self::write::{check_payloads, wrong_size};
 use crate::error::{BackendError, BackendErrorKind, Error};

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::admin::{SCAN_PAGE, scan_page};
+use super::conn::Got;
 use super::keys::{block_key, pins_key};
 use super::route::KeyReplies;
 use super::{RedisStore, int, ttl_millis};
@@ -223,7 +224,7 @@ impl RedisStore {
                         .iter()
                         .zip(replies)
                         .filter(|(_, r)| {
-                            matches!(r, KeyReplies::Replies(r, _) if r.first() == Some(&Reply::Int(0)))
+                            matches!(r, KeyReplies::Replies(r, _) if r.first().and_then(Got::reply) == Some(&Reply::Int(0)))
                         })
                         .map(|((f, _), _)| f.clone()),
                 );

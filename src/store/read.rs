@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::conn::Got;
 use super::keys::block_key;
 use super::route::KeyReplies;
 use super::{RedisStore, ttl_millis, ttl_of_pttl};
@@ -262,12 +263,14 @@ impl RedisStore {
                     -2,
                 ),
                 KeyReplies::Replies(r, _) => {
-                    let pttl = pttl_of(r.last());
+                    let pttl = pttl_of(r.last().and_then(Got::reply));
                     let stored = match r.into_iter().next() {
-                        Some(Reply::Bulk(v)) => Stored::Value(v),
-                        Some(Reply::Split { head, body_len }) => Stored::Split(head, body_len),
-                        Some(Reply::Error(e)) if is_wrong_type(&e) => Stored::Bad(Bad::WrongType),
-                        Some(Reply::Error(_)) => Stored::Unavailable,
+                        Some(Got::Reply(Reply::Bulk(v))) => Stored::Value(v),
+                        Some(Got::Split { head, body_len }) => Stored::Split(head, body_len),
+                        Some(Got::Reply(Reply::Error(e))) if is_wrong_type(&e) => {
+                            Stored::Bad(Bad::WrongType)
+                        }
+                        Some(Got::Reply(Reply::Error(_))) => Stored::Unavailable,
                         _ => Stored::Missing,
                     };
                     (stored, pttl)
@@ -320,7 +323,7 @@ impl RedisStore {
             .await?;
         Ok(replies
             .iter()
-            .map(|r| matches!(r, KeyReplies::Replies(r, _) if r.first() == Some(&Reply::Int(1))))
+            .map(|r| matches!(r, KeyReplies::Replies(r, _) if r.first().and_then(Got::reply) == Some(&Reply::Int(1))))
             .collect())
     }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::RedisStore;
-use super::conn::{Addr, Pool, Replies, Sink};
+use super::conn::{Addr, Got, Pool, Replies, Sink};
 use crate::error::{BackendError, BackendErrorKind, Error};
 use crate::resp::{Reply, Request};
 
@@ -12,7 +12,7 @@ use crate::resp::{Reply, Request};
 pub(super) enum KeyReplies {
     /// Its replies, and whether they came from a resent pipeline (see `Replies::resent`):
     /// an operation whose answer depends on the state before judges those with care.
-    Replies(Vec<Reply>, Resent),
+    Replies(Vec<Got>, Resent),
     /// Its value was longer than the command allows (the announced length).
     Oversized(u64),
     Failed(BackendError),
@@ -37,12 +37,13 @@ impl RedisStore {
         match r.pop() {
             Some(KeyReplies::Replies(replies, _)) => {
                 if let Some(e) = replies.iter().find_map(|r| match r {
-                    Reply::Error(e) => Some(e),
+                    Got::Reply(Reply::Error(e)) => Some(e),
                     _ => None,
                 }) {
                     return Err(BackendError::from_reply(e).into());
                 }
-                Ok(replies)
+                // No caller buffers were given: nothing is split.
+                Ok(replies.into_iter().map(Got::unsplit).collect())
             }
             Some(KeyReplies::Failed(e)) => Err(e.into()),
             Some(KeyReplies::Oversized(len)) => Err(BackendError::new(
@@ -298,7 +299,7 @@ fn group_by_target<P>(
 #[derive(Debug, PartialEq)]
 enum Answer {
     /// Its replies, none of them a redirect (without the `ASKING` replies).
-    Replies(Vec<Reply>),
+    Replies(Vec<Got>),
     /// Its commands must go elsewhere.
     Redirect(Redirect),
     /// Its value was longer than its command allows (the announced length): the
@@ -330,7 +331,7 @@ fn answers(counts: &[usize], replies: Replies, asking: bool) -> Vec<Answer> {
                 };
             }
             at += n;
-            let r: Vec<Reply> = it.by_ref().take(n).skip(per - 1).step_by(per).collect();
+            let r: Vec<Got> = it.by_ref().take(n).skip(per - 1).step_by(per).collect();
             match redirect(&r) {
                 Some(to) => Answer::Redirect(to),
                 None => Answer::Replies(r),
@@ -382,9 +383,11 @@ enum Redirect {
 }
 
 /// The redirect in a key's replies, if any.
-fn redirect(replies: &[Reply]) -> Option<Redirect> {
+fn redirect(replies: &[Got]) -> Option<Redirect> {
     replies.iter().find_map(|r| {
-        let Reply::Error(e) = r else { return None };
+        let Got::Reply(Reply::Error(e)) = r else {
+            return None;
+        };
         let mut words = e.split(' ');
         let kind = words.next()?;
         let slot: u16 = words.next()?.parse().ok()?;
@@ -405,8 +408,8 @@ fn redirect(replies: &[Reply]) -> Option<Redirect> {
     })
 }
 
-fn is_readonly(r: &Reply) -> bool {
-    matches!(r, Reply::Error(e) if e.starts_with("READONLY"))
+fn is_readonly(r: &Got) -> bool {
+    matches!(r, Got::Reply(Reply::Error(e)) if e.starts_with("READONLY"))
 }
 
 #[cfg(test)]
@@ -423,9 +426,13 @@ mod tests {
         }
     }
 
+    fn whole(replies: Vec<Reply>) -> Vec<Got> {
+        replies.into_iter().map(Got::Reply).collect()
+    }
+
     fn replies(replies: Vec<Reply>, oversized: Option<u64>) -> Replies {
         Replies {
-            replies,
+            replies: whole(replies),
             oversized,
             resent: false,
         }
@@ -482,8 +489,8 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Answer::Replies(vec![bulk("v"), Reply::Int(1)]),
-                Answer::Replies(vec![Reply::Nil])
+                Answer::Replies(whole(vec![bulk("v"), Reply::Int(1)])),
+                Answer::Replies(whole(vec![Reply::Nil]))
             ]
         );
     }
@@ -507,9 +514,9 @@ mod tests {
             vec![
                 Answer::Redirect(Redirect::Moved(3999, addr("127.0.0.1", 7001))),
                 Answer::Redirect(Redirect::Ask(addr("::1", 7002))),
-                Answer::Replies(vec![Reply::Error(
+                Answer::Replies(whole(vec![Reply::Error(
                     "WRONGTYPE Operation against a key".into()
-                )]),
+                )])),
             ]
         );
     }
@@ -525,7 +532,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                Answer::Replies(vec![bulk("a"), Reply::Int(5)]),
+                Answer::Replies(whole(vec![bulk("a"), Reply::Int(5)])),
                 Answer::Oversized(1 << 30),
                 Answer::CutOff
             ]
@@ -534,7 +541,7 @@ mod tests {
         let got = answers(&[1, 1], replies(vec![Reply::Int(1)], None), false);
         assert_eq!(
             got,
-            vec![Answer::Replies(vec![Reply::Int(1)]), Answer::CutOff]
+            vec![Answer::Replies(whole(vec![Reply::Int(1)])), Answer::CutOff]
         );
     }
 
@@ -546,7 +553,10 @@ mod tests {
             replies(vec![ok.clone(), bulk("v"), ok, Reply::Int(1)], None),
             true,
         );
-        assert_eq!(got, vec![Answer::Replies(vec![bulk("v"), Reply::Int(1)])]);
+        assert_eq!(
+            got,
+            vec![Answer::Replies(whole(vec![bulk("v"), Reply::Int(1)]))]
+        );
     }
 
     #[test]
@@ -571,12 +581,15 @@ mod tests {
     fn finish_fails_keys_left_over_and_the_call_when_all_failed() {
         let keys = vec!["k0".to_owned(), "k1".to_owned(), "k2".to_owned()];
         let out = vec![
-            Some(KeyReplies::Replies(vec![Reply::Int(1)], Resent(false))),
+            Some(KeyReplies::Replies(
+                whole(vec![Reply::Int(1)]),
+                Resent(false),
+            )),
             None,
             None,
         ];
         let got = finish(&keys, out, vec![(1, Redirect::Again)]).unwrap();
-        assert!(matches!(&got[0], KeyReplies::Replies(r, _) if r == &[Reply::Int(1)]));
+        assert!(matches!(&got[0], KeyReplies::Replies(r, _) if r == &[Got::Reply(Reply::Int(1))]));
         assert!(
             matches!(&got[1], KeyReplies::Failed(e) if e.to_string().contains("k1 redirected too often"))
         );

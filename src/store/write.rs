@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 
+use super::conn::Got;
 use super::keys::block_key;
 use super::route::KeyReplies;
 use super::{RedisStore, int, ttl_millis};
@@ -62,7 +63,7 @@ impl RedisStore {
         let mut results = replies
             .into_iter()
             .map(|r| match r {
-                KeyReplies::Replies(r, resent) => match r.first() {
+                KeyReplies::Replies(r, resent) => match r.first().and_then(Got::reply) {
                     Some(Reply::Nil) if resent.0 => Ok(Put::Ambiguous),
                     Some(Reply::Nil) => Ok(Put::Done(PutResult::AlreadyPresent)),
                     Some(Reply::Error(e)) => Err(BackendError::from_reply(e).into()),
@@ -98,7 +99,7 @@ impl RedisStore {
                 .await?;
             for (&i, head) in unsure.iter().zip(heads) {
                 results[i] = Put::Done(match head {
-                    KeyReplies::Replies(r, _) => match r.first() {
+                    KeyReplies::Replies(r, _) => match r.first().and_then(Got::reply) {
                         Some(Reply::Bulk(b)) if b[..] == headers[i][..] => PutResult::Stored,
                         _ => PutResult::AlreadyPresent,
                     },
@@ -136,7 +137,7 @@ impl RedisStore {
             .await?;
         Ok(replies
             .iter()
-            .filter(|r| matches!(r, KeyReplies::Replies(r, _) if r.first() == Some(&Reply::Int(1))))
+            .filter(|r| matches!(r, KeyReplies::Replies(r, _) if r.first().and_then(Got::reply) == Some(&Reply::Int(1))))
             .count() as u64)
     }
 
@@ -170,7 +171,7 @@ impl RedisStore {
                 // lost): gone either way, but whether it existed cannot be known. Counted as
                 // not existing, and said in the log.
                 KeyReplies::Replies(r, resent) => {
-                    let n = int(&r[0])? as u64;
+                    let n = int(r[0].reply().expect("no caller buffer, no split"))? as u64;
                     if resent.0 && n == 0 {
                         unsure += 1;
                     }
