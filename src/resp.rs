@@ -426,6 +426,10 @@ impl Parser {
                     b'*' => match number(body)? {
                         -1 => return Ok(Some(Reply::Nil)),
                         n if n < 0 => return Err(ProtocolError::BadNumber(lossy(body))),
+                        // An empty array nests like any other: refused past MAX_DEPTH.
+                        0 if self.open.len() >= MAX_DEPTH => {
+                            return Err(ProtocolError::ArrayTooLarge);
+                        }
                         0 => return Ok(Some(Reply::Array(Vec::new()))),
                         n => {
                             let n = usize::try_from(n).map_err(|_| ProtocolError::ArrayTooLarge)?;
@@ -625,6 +629,25 @@ mod tests {
 
     fn one(bytes: &[u8]) -> Result<Option<Reply>, ProtocolError> {
         Parser::new().parse(&mut BytesMut::from(bytes), wide(1 << 20))
+    }
+
+    /// Found by the fuzzer: an empty array four arrays deep got past the depth cap.
+    #[test]
+    fn arrays_nest_at_most_max_depth_deep_empty_ones_too() {
+        let nested = |depth: usize, inner: &[u8]| {
+            let mut v = b"*1\r\n".repeat(depth);
+            v.extend_from_slice(inner);
+            v
+        };
+        assert!(one(&nested(MAX_DEPTH - 1, b"*0\r\n")).unwrap().is_some());
+        assert_eq!(
+            one(&nested(MAX_DEPTH, b"*0\r\n")),
+            Err(ProtocolError::ArrayTooLarge)
+        );
+        assert_eq!(
+            one(&nested(MAX_DEPTH, b"*1\r\n:1\r\n")),
+            Err(ProtocolError::ArrayTooLarge)
+        );
     }
 
     #[test]

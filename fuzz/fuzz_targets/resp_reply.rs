@@ -105,6 +105,16 @@ fn has_skipped(reply: &Reply) -> bool {
     }
 }
 
+/// Whether `reply` holds an error whose text was decoded lossily (it had bytes that are not
+/// UTF-8, now U+FFFD).
+fn has_lossy_error(reply: &Reply) -> bool {
+    match reply {
+        Reply::Error(text) => text.contains('\u{FFFD}'),
+        Reply::Array(items) => items.iter().any(has_lossy_error),
+        _ => false,
+    }
+}
+
 /// Parses `bytes` delivered `chunk` bytes at a time: the replies, then the error that
 /// stopped it, if any, and how many bytes were left waiting for more. With `take`, a bulk
 /// string that is a whole reply is read the way a connection reads a block into its
@@ -228,8 +238,10 @@ fuzz_target!(|data: &[u8]| {
             "{elements} elements under a cap of {}",
             caps.elements
         );
-        // A skipped string's bytes are gone: such a reply cannot be encoded again.
-        if !has_skipped(r) {
+        // A skipped string's bytes are gone: such a reply cannot be encoded again. Nor can
+        // one holding an error whose text was not UTF-8: decoded lossily, it grows, and may
+        // no longer fit the caps it arrived under.
+        if !has_skipped(r) && !has_lossy_error(r) {
             r.encode(&mut again);
             whole_replies.push(r.clone());
         }
