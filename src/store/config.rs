@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::conn::{Dialer, Tls};
-use super::url::{Target, redact_url};
+use super::redact::redact_url;
+use super::url::Target;
 use crate::error::Error;
 
 /// How to reach Redis and how long blocks live there.

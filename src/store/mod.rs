@@ -18,7 +18,8 @@
 //! | `admin.rs` | operators' commands: `purge`, `count`, `count_by_namespace`, `info`, `inspect`, `ttl`; `SCAN` |
 //! | `route.rs` | `keyed`: the one way commands on keys reach Redis (group per node, send, follow redirects) |
 //! | `config.rs` | [`StoreConfig`]: URL, TLS, timeouts, pool sizes; the dialer they make |
-//! | `url.rs` | the URL forms (one Redis, Cluster, Sentinel): parsing, logins, redaction |
+//! | `url.rs` | the URL forms (one Redis, Cluster, Sentinel): parsing, logins |
+//! | `redact.rs` | URLs as logs and errors show them: every login hidden |
 //! | `keys.rs` | the key schema (`docs/format.md`) |
 //! | `topology.rs` | which node owns a key: standalone, Sentinel, Cluster |
 //! | `cluster.rs` | a Cluster's slots: the slot of a key, the slot map from `CLUSTER NODES` and its refreshes |
@@ -34,6 +35,7 @@ mod conn;
 mod keys;
 mod pins;
 mod read;
+mod redact;
 mod route;
 mod topology;
 mod tracking;
@@ -52,9 +54,10 @@ pub use self::pins::PinOutcome;
 pub use self::read::{Hit, Read, ReadInto};
 #[cfg(feature = "server")]
 pub(crate) use self::read::{count_bad, verify};
+pub use self::redact::redact_url;
 use self::topology::Topology;
 pub use self::tracking::{Coverage, FELL_BEHIND, Invalidation, TrackedNode, Tracker};
-pub use self::url::{NodeAddress, redact_url};
+pub use self::url::NodeAddress;
 #[cfg(feature = "server")]
 pub(crate) use self::write::{check_payloads, wrong_size};
 use crate::error::{BackendError, BackendErrorKind, Error};
