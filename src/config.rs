@@ -250,11 +250,11 @@ impl Config {
             ns.validate()?;
             // The sidecar hashes tokens with kvshelf's scheme and checks payloads against a
             // layout; chunks under an engine's own hashes go through the library or the
-            // Python package (docs/lmcache.md), not through the sidecar.
+            // Python package (docs/lmcache.md, docs/vllm.md), not through the sidecar.
             if !ns.hash_scheme.is_kvshelf() {
                 return Err(Error::InvalidNamespace(format!(
                     "namespace {:?}: hash_scheme {} is served by the library and the Python \
-                     package (docs/lmcache.md), not by the sidecar",
+                     package (docs/lmcache.md, docs/vllm.md), not by the sidecar",
                     ns.label, ns.hash_scheme
                 )));
             }

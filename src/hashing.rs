@@ -237,6 +237,117 @@ pub fn lmcache_key_hash(key: &str) -> Result<BlockHash, Error> {
     Ok(BlockHash(Sha256::digest(&m).into()))
 }
 
+/// Tag that opens the message of a vLLM instance's identity (16 bytes, with the final NUL).
+pub const VLLM_IDENTITY_TAG: &[u8; 16] = b"kvshelf.vllm.id\0";
+
+/// Tag that opens the message hashing a vLLM offload key (16 bytes, with the final NUL).
+pub const VLLM_TAG: &[u8; 16] = b"kvshelf.vllm.v1\0";
+
+/// What must match for two vLLM instances to share offloaded KV (`docs/hashing.md` §9):
+/// the fields of vLLM's offloading configuration that decide what a chunk's bytes are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VllmIdentity {
+    /// The served model (`--model`, vLLM's `model_config.model`).
+    pub model: String,
+    /// The KV cache dtype as vLLM names it, without a `torch.` prefix (`bfloat16`).
+    pub kv_dtype: String,
+    /// Tokens per vLLM block hash.
+    pub tokens_per_hash: u32,
+    /// vLLM blocks coalesced into one offloaded chunk.
+    pub blocks_per_chunk: u32,
+    /// Bytes of one chunk in the CPU tier (all of the instance's workers' KV for it).
+    pub chunk_bytes: u64,
+    /// Tensor parallel size.
+    pub tp_size: u32,
+    /// Pipeline parallel size.
+    pub pp_size: u32,
+    /// Prefill context parallel size.
+    pub pcp_size: u32,
+    /// Decode context parallel size.
+    pub dcp_size: u32,
+    /// The rank whose chunks these are (vLLM's offloading `rank`; 0 on the scheduler).
+    pub rank: u32,
+    /// Anything else that changes a chunk's bytes (the KV cache groups and their layers,
+    /// a canonical layout), as the caller serialises it; empty when none.
+    pub extra: String,
+}
+
+impl VllmIdentity {
+    /// `SHA256("kvshelf.vllm.id\0" || field(...) × 11)`, in the order of `docs/hashing.md`
+    /// §9. Refuses an empty model or dtype and zero sizes.
+    pub fn digest(&self) -> Result<[u8; 32], Error> {
+        if self.model.is_empty() || self.kv_dtype.is_empty() {
+            return Err(Error::InvalidInput(
+                "a vLLM identity needs its model and kv_dtype".into(),
+            ));
+        }
+        let sizes = [
+            self.tokens_per_hash,
+            self.blocks_per_chunk,
+            self.tp_size,
+            self.pp_size,
+            self.pcp_size,
+            self.dcp_size,
+        ];
+        if sizes.contains(&0) || self.chunk_bytes == 0 {
+            return Err(Error::InvalidInput(
+                "a vLLM identity's sizes (tokens_per_hash, blocks_per_chunk, chunk_bytes, \
+                 tp/pp/pcp/dcp) are at least 1"
+                    .into(),
+            ));
+        }
+        let mut m = Vec::with_capacity(256 + self.model.len() + self.extra.len());
+        m.extend_from_slice(VLLM_IDENTITY_TAG);
+        field(&mut m, "model", self.model.as_bytes());
+        field(&mut m, "kv_dtype", self.kv_dtype.as_bytes());
+        field(
+            &mut m,
+            "tokens_per_hash",
+            &self.tokens_per_hash.to_le_bytes(),
+        );
+        field(
+            &mut m,
+            "blocks_per_chunk",
+            &self.blocks_per_chunk.to_le_bytes(),
+        );
+        field(&mut m, "chunk_bytes", &self.chunk_bytes.to_le_bytes());
+        field(&mut m, "tp_size", &self.tp_size.to_le_bytes());
+        field(&mut m, "pp_size", &self.pp_size.to_le_bytes());
+        field(&mut m, "pcp_size", &self.pcp_size.to_le_bytes());
+        field(&mut m, "dcp_size", &self.dcp_size.to_le_bytes());
+        field(&mut m, "rank", &self.rank.to_le_bytes());
+        field(&mut m, "extra", self.extra.as_bytes());
+        Ok(Sha256::digest(&m).into())
+    }
+}
+
+/// Shortest and longest vLLM offload key accepted: a block hash of at least one byte and
+/// vLLM's 4-byte group index, at most [`MAX_FOREIGN_KEY_LEN`] bytes in all.
+const VLLM_KEY_LEN: std::ops::RangeInclusive<usize> = 5..=MAX_FOREIGN_KEY_LEN;
+
+/// The block hash under which kvshelf stores the vLLM chunk whose offload key is `key`, for
+/// the instance whose [`VllmIdentity::digest`] is `identity` (`docs/hashing.md` §9):
+/// `SHA256("kvshelf.vllm.v1\0" || identity || bytes(key))`.
+///
+/// vLLM's offload key is its block hash followed by the KV cache group index (4 bytes, big
+/// endian); it says which tokens, not whose KV: the identity adds the model, dtype, block
+/// geometry, parallelism and rank, so instances that differ in any of them never share a
+/// chunk, and instances that agree on all of them do.
+pub fn vllm_key_hash(identity: &[u8; 32], key: &[u8]) -> Result<BlockHash, Error> {
+    if !VLLM_KEY_LEN.contains(&key.len()) {
+        return Err(Error::InvalidInput(format!(
+            "a vLLM offload key is 5 to {MAX_FOREIGN_KEY_LEN} bytes (block hash and 4-byte \
+             group index), got {}",
+            key.len()
+        )));
+    }
+    let mut m = Vec::with_capacity(VLLM_TAG.len() + 32 + 4 + key.len());
+    m.extend_from_slice(VLLM_TAG);
+    m.extend_from_slice(identity);
+    put_bytes(&mut m, key);
+    Ok(BlockHash(Sha256::digest(&m).into()))
+}
+
 fn put_bytes(m: &mut Vec<u8>, b: &[u8]) {
     m.extend_from_slice(&len_u32(b.len()).to_le_bytes());
     m.extend_from_slice(b);
@@ -343,6 +454,126 @@ mod tests {
         ] {
             assert!(
                 matches!(lmcache_key_hash(bad), Err(Error::InvalidInput(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// The identity of the golden value of `docs/hashing.md` §9.
+    fn qwen3_identity() -> VllmIdentity {
+        VllmIdentity {
+            model: "Qwen/Qwen3-8B".into(),
+            kv_dtype: "bfloat16".into(),
+            tokens_per_hash: 16,
+            blocks_per_chunk: 1,
+            chunk_bytes: 2_359_296,
+            tp_size: 1,
+            pp_size: 1,
+            pcp_size: 1,
+            dcp_size: 1,
+            rank: 0,
+            extra: String::new(),
+        }
+    }
+
+    /// Pinned here and in `docs/hashing.md` §9 (and from Python by `python/tests`).
+    #[test]
+    fn vllm_keys_hash_as_documented() {
+        let id = qwen3_identity();
+        let root = id.digest().unwrap();
+        assert_eq!(
+            BlockHash(root).to_hex(),
+            "86869979874a406e845ef079205a22f7bd2680c52cc3deb4d4bcca84103c8247"
+        );
+        let key: Vec<u8> = (0u8..32).chain([0, 0, 0, 0]).collect();
+        assert_eq!(
+            vllm_key_hash(&root, &key).unwrap().to_hex(),
+            "e3d29e2ca62d7a9ad29af0184612c2373107c6f81d9a92b02f8daecc52adfb64"
+        );
+        // Every identity field is in the hash: instances that differ never share a chunk.
+        let variants = [
+            VllmIdentity {
+                model: "Qwen/Qwen3-4B".into(),
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                kv_dtype: "float8_e4m3fn".into(),
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                tokens_per_hash: 32,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                blocks_per_chunk: 2,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                chunk_bytes: 1_179_648,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                tp_size: 2,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                pp_size: 2,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                pcp_size: 2,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                dcp_size: 2,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                rank: 1,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                extra: "groups".into(),
+                ..qwen3_identity()
+            },
+        ];
+        let mut seen = std::collections::HashSet::from([vllm_key_hash(&root, &key).unwrap()]);
+        for v in &variants {
+            assert!(
+                seen.insert(vllm_key_hash(&v.digest().unwrap(), &key).unwrap()),
+                "{v:?}"
+            );
+        }
+        // The group index is part of the key.
+        let mut group1 = key.clone();
+        group1[35] = 1;
+        assert!(seen.insert(vllm_key_hash(&root, &group1).unwrap()));
+        for bad in [
+            &[][..],
+            &[1, 2, 3, 4][..],
+            &[0; MAX_FOREIGN_KEY_LEN + 1][..],
+        ] {
+            assert!(matches!(
+                vllm_key_hash(&root, bad),
+                Err(Error::InvalidInput(_))
+            ));
+        }
+        for bad in [
+            VllmIdentity {
+                model: String::new(),
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                tp_size: 0,
+                ..qwen3_identity()
+            },
+            VllmIdentity {
+                chunk_bytes: 0,
+                ..qwen3_identity()
+            },
+        ] {
+            assert!(
+                matches!(bad.digest(), Err(Error::InvalidInput(_))),
                 "{bad:?}"
             );
         }

@@ -9,11 +9,11 @@
 //!
 //! | item | job |
 //! |---|---|
-//! | [`Namespace`], [`PrefixHasher`], [`lmcache_key_hash`], [`block_key`] | the hashing contract |
+//! | [`Namespace`], [`PrefixHasher`], [`lmcache_key_hash`], [`vllm_identity`], [`vllm_key_hash`], [`block_key`] | the hashing contract |
 //! | [`Store`] | the library's `RedisStore`, synchronous, GIL released |
 //! | [`call::Pending`] | a `Store` call over caller memory run on the runtime: cancellable, and finished before its buffers go back (the async forms) |
 //! | [`client::Client`] | the sidecar's API (HTTP or gRPC) through the Rust client, GIL released |
-//! | [`plugin::Engine`] | submit/complete over an eventfd: LMCache's `native_plugin` protocol |
+//! | [`plugin::Engine`] | submit/complete over an eventfd: LMCache's `native_plugin` protocol, and vLLM's secondary tier (`kvshelf.vllm`) |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -393,6 +393,58 @@ fn lmcache_key_hash<'py>(py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyBy
     Ok(PyBytes::new(py, &h.0))
 }
 
+/// The identity digest of a vLLM instance (`docs/hashing.md` §9), 32 bytes: what must
+/// match for two instances to share offloaded chunks.
+#[pyfunction]
+#[pyo3(signature = (*, model, kv_dtype, tokens_per_hash, blocks_per_chunk, chunk_bytes,
+                    tp_size=1, pp_size=1, pcp_size=1, dcp_size=1, rank=0, extra=String::new()))]
+#[allow(clippy::too_many_arguments)]
+fn vllm_identity<'py>(
+    py: Python<'py>,
+    model: String,
+    kv_dtype: String,
+    tokens_per_hash: u32,
+    blocks_per_chunk: u32,
+    chunk_bytes: u64,
+    tp_size: u32,
+    pp_size: u32,
+    pcp_size: u32,
+    dcp_size: u32,
+    rank: u32,
+    extra: String,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let id = kvshelf::hashing::VllmIdentity {
+        model,
+        kv_dtype,
+        tokens_per_hash,
+        blocks_per_chunk,
+        chunk_bytes,
+        tp_size,
+        pp_size,
+        pcp_size,
+        dcp_size,
+        rank,
+        extra,
+    };
+    Ok(PyBytes::new(py, &id.digest().map_err(to_py)?))
+}
+
+/// The block hash under which kvshelf stores the vLLM chunk whose offload key is `key`
+/// (block hash and 4-byte group index), for the instance whose `vllm_identity` is
+/// `identity` (`docs/hashing.md` §9), 32 bytes.
+#[pyfunction]
+fn vllm_key_hash<'py>(
+    py: Python<'py>,
+    identity: &[u8],
+    key: &[u8],
+) -> PyResult<Bound<'py, PyBytes>> {
+    let identity: &[u8; 32] = identity
+        .try_into()
+        .map_err(|_| PyValueError::new_err("a vLLM identity is 32 bytes"))?;
+    let h = kvshelf::hashing::vllm_key_hash(identity, key).map_err(to_py)?;
+    Ok(PyBytes::new(py, &h.0))
+}
+
 /// The Redis key of a block: `kvshelf:v1:<label>:<64 hex digits>`.
 #[pyfunction]
 fn block_key(label: &str, hash: &Bound<'_, PyAny>) -> PyResult<String> {
@@ -697,6 +749,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<plugin::Engine>()?;
     m.add_function(wrap_pyfunction!(lmcache_key_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(vllm_identity, m)?)?;
+    m.add_function(wrap_pyfunction!(vllm_key_hash, m)?)?;
     m.add_function(wrap_pyfunction!(block_key, m)?)?;
     m.add("KvshelfError", m.py().get_type::<KvshelfError>())?;
     Ok(())

@@ -3,7 +3,9 @@
 //! LMCache hands a batch of keys and buffers to `submit_batch_*`, which must return a
 //! future id at once; later it polls an eventfd and calls `drain_completions` for
 //! `(future_id, ok, error, per-key bools)`. Here a submit parses the keys (LMCache's own,
-//! hashed with the `lmcache` scheme), takes the buffers, and spawns the Redis work on the
+//! hashed with the `lmcache` scheme; in any other namespace, kvshelf block hashes the
+//! caller computed, as `kvshelf.vllm` does with `vllm_key_hash`), takes the buffers, and
+//! spawns the Redis work on the
 //! shared tokio runtime: no GIL and no Python on the data path. A finished batch pushes its
 //! completion and writes the eventfd.
 //!
@@ -37,7 +39,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::Arc;
 
-use crate::{Namespace, RawBuf, byte_buffer, runtime, store_config, to_py};
+use crate::{Namespace, RawBuf, byte_buffer, hash_of, runtime, store_config, to_py};
 
 /// One finished batch, as LMCache's `drain_completions` returns it.
 type Completion = (u64, bool, String, Option<Vec<bool>>);
@@ -137,6 +139,7 @@ enum Op {
     Set,
     Exists,
     Delete,
+    Touch,
 }
 
 #[pymethods]
@@ -204,6 +207,13 @@ impl Engine {
         self.submit(Op::Delete, keys, None)
     }
 
+    /// Slides the TTL of each key's chunk (`PEXPIRE … XX`, one round trip per node), as a
+    /// read would with `sliding_ttl`; pinned chunks stay pinned. `ok` when Redis answered;
+    /// the per-key bools are all `True` then (the store counts, it does not say which).
+    fn submit_touch(&self, keys: &Bound<'_, PyAny>) -> u64 {
+        self.submit(Op::Touch, keys, None)
+    }
+
     /// Every completion since the last call; releases their buffers.
     fn drain(&self) -> Vec<Completion> {
         if let Some(f) = self.shared.efd.lock().expect("not poisoned").as_mut() {
@@ -269,16 +279,22 @@ impl Engine {
 
     fn submit(&self, op: Op, keys: &Bound<'_, PyAny>, bufs: Option<&Bound<'_, PyAny>>) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let keys: Vec<String> = match keys.extract() {
+        let lmcache = self.shared.ns.hash_scheme == kvshelf::HashScheme::Lmcache;
+        let keys: Vec<Bound<'_, PyAny>> = match keys.extract() {
             Ok(k) => k,
             Err(e) => {
-                self.shared
-                    .complete((id, false, format!("keys must be a list of str: {e}"), None));
+                let want = if lmcache { "str" } else { "block hashes" };
+                self.shared.complete((
+                    id,
+                    false,
+                    format!("keys must be a list of {want}: {e}"),
+                    None,
+                ));
                 return id;
             }
         };
         let n = keys.len();
-        let answers = matches!(op, Op::Exists | Op::Delete);
+        let answers = matches!(op, Op::Exists | Op::Delete | Op::Touch);
         let mut outcome = Outcome::new(n);
         if self.tasks.lock().expect("not poisoned").closed {
             return self.refuse_closed(id, outcome, n, answers);
@@ -308,7 +324,14 @@ impl Engine {
         let mut items = Vec::with_capacity(n);
         let mut held = Vec::with_capacity(n);
         for (i, key) in keys.iter().enumerate() {
-            let hash = match kvshelf::hashing::lmcache_key_hash(key) {
+            let hash = if lmcache {
+                key.extract::<String>()
+                    .map_err(|e| e.to_string())
+                    .and_then(|k| kvshelf::hashing::lmcache_key_hash(&k).map_err(|e| e.to_string()))
+            } else {
+                hash_of(key).map_err(|e| e.to_string())
+            };
+            let hash = match hash {
                 Ok(h) => h,
                 Err(e) => {
                     outcome.errors.push(format!("key {i}: {e}"));
@@ -388,6 +411,17 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
                     }
                 }
                 Err(e) => out.errors.push(format!("exists: {e}")),
+            }
+        }
+        Op::Touch => {
+            let hashes: Vec<BlockHash> = items.iter().map(|it| it.hash).collect();
+            match store.touch(ns, &hashes).await {
+                Ok(_) => {
+                    for it in items {
+                        out.bools[it.index] = true;
+                    }
+                }
+                Err(e) => out.errors.push(format!("touch: {e}")),
             }
         }
         Op::Delete => {
