@@ -2,7 +2,8 @@
 
 The Rust library in this process: the hashing contract (``docs/hashing.md``), the Redis
 store (``Store``: reads land in your buffers with the GIL released), a client of the
-sidecar (``Client``, HTTP or gRPC) and the LMCache storage plugin (``kvshelf.lmcache``).
+sidecar (``Client``, HTTP or gRPC), the LMCache storage plugin (``kvshelf.lmcache``) and
+vLLM's secondary offloading tier (``kvshelf.vllm``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ._native import (
     Store,
     block_key,
     lmcache_key_hash,
+    vllm_identity,
+    vllm_key_hash,
 )
 from ._pending import finish
 
@@ -34,6 +37,8 @@ __all__ = [
     "Store",
     "block_key",
     "lmcache_key_hash",
+    "vllm_identity",
+    "vllm_key_hash",
 ]
 
 

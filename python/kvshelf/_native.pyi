@@ -20,7 +20,7 @@ class Namespace:
     Keyword arguments are the sidecar configuration's namespace fields; the layout fields
     (``num_layers``, ``num_kv_heads``, ``head_dim``, ``tp_size``, ``tp_rank``, ``order``)
     may be given flat or nested under ``layout``. ``ttl`` in seconds or as ``"1h"``;
-    ``hash_scheme`` is ``"kvshelf-v1"`` (default) or ``"lmcache"``. Raises ``ValueError``
+    ``hash_scheme`` is ``"kvshelf-v1"`` (default), ``"lmcache"`` or ``"vllm"``. Raises ``ValueError``
     on an invalid namespace."""
 
     def __init__(self, **fields: Any) -> None: ...
@@ -52,6 +52,25 @@ class PrefixHasher:
 
 def lmcache_key_hash(key: str) -> bytes:
     """The block hash kvshelf stores an LMCache chunk under (``docs/hashing.md`` §8)."""
+
+def vllm_identity(
+    *,
+    model: str,
+    kv_dtype: str,
+    tokens_per_hash: int,
+    blocks_per_chunk: int,
+    chunk_bytes: int,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    pcp_size: int = 1,
+    dcp_size: int = 1,
+    rank: int = 0,
+    extra: str = "",
+) -> bytes:
+    """The 32-byte identity of a vLLM instance (``docs/hashing.md`` §9)."""
+
+def vllm_key_hash(identity: bytes, key: bytes) -> bytes:
+    """The block hash kvshelf stores a vLLM chunk under (``docs/hashing.md`` §9)."""
 
 def block_key(label: str, hash: Hash) -> str:
     """``kvshelf:v1:<label>:<64 hex digits>``: the Redis key of a block."""
@@ -188,7 +207,9 @@ class Client:
     def unpin(self, namespace: str, hash: Hash) -> bool: ...
 
 class Engine:
-    """The Rust half of ``kvshelf.lmcache.KvshelfNativeConnector``; use that class."""
+    """The Rust half of ``kvshelf.lmcache.KvshelfNativeConnector`` and of
+    ``kvshelf.vllm.KvshelfTier``; use those classes. Keys are LMCache's strings in an
+    ``lmcache`` namespace, block hashes in any other."""
 
     def __init__(
         self,
@@ -203,6 +224,7 @@ class Engine:
     def submit_set(self, keys: Sequence[str], bufs: Sequence[Buffer]) -> int: ...
     def submit_exists(self, keys: Sequence[str]) -> int: ...
     def submit_delete(self, keys: Sequence[str]) -> int: ...
+    def submit_touch(self, keys: Sequence[Hash]) -> int: ...
     def drain(self) -> list[tuple[int, bool, str, Optional[list[bool]]]]: ...
     def in_flight(self) -> int: ...
     def close(self) -> None:

@@ -62,3 +62,34 @@ def test_invalid_namespace_is_a_value_error():
     with pytest.raises(ValueError, match="dtype"):
         kvshelf.Namespace(label="a", model_id="m", kv_dtype="int4",
                           num_layers=1, num_kv_heads=1, head_dim=1)
+
+
+def test_vllm_key_hash_matches_the_document():
+    """docs/hashing.md §9: the golden identity and key hash, and the standard-library
+    recipe of that section."""
+    def u32(x): return struct.pack("<I", x)
+    def bts(b): return u32(len(b)) + b
+    def field(name, v): return bts(name.encode()) + bts(v)
+
+    fields = dict(model="Qwen/Qwen3-8B", kv_dtype="bfloat16", tokens_per_hash=16,
+                  blocks_per_chunk=1, chunk_bytes=2359296)
+    ident = kvshelf.vllm_identity(**fields)
+    assert ident.hex() == "86869979874a406e845ef079205a22f7bd2680c52cc3deb4d4bcca84103c8247"
+    m = (b"kvshelf.vllm.id\0" + field("model", b"Qwen/Qwen3-8B") + field("kv_dtype", b"bfloat16")
+         + field("tokens_per_hash", u32(16)) + field("blocks_per_chunk", u32(1))
+         + field("chunk_bytes", struct.pack("<Q", 2359296)) + field("tp_size", u32(1))
+         + field("pp_size", u32(1)) + field("pcp_size", u32(1)) + field("dcp_size", u32(1))
+         + field("rank", u32(0)) + field("extra", b""))
+    assert hashlib.sha256(m).digest() == ident
+    key = bytes(range(32)) + (0).to_bytes(4, "big")
+    golden = "e3d29e2ca62d7a9ad29af0184612c2373107c6f81d9a92b02f8daecc52adfb64"
+    assert kvshelf.vllm_key_hash(ident, key).hex() == golden
+    assert hashlib.sha256(b"kvshelf.vllm.v1\0" + ident + bts(key)).hexdigest() == golden
+    # Any identity field changes every key.
+    for change in (dict(rank=1), dict(tp_size=2), dict(kv_dtype="float16"), dict(extra="g")):
+        other = kvshelf.vllm_identity(**{**fields, **change})
+        assert kvshelf.vllm_key_hash(other, key).hex() != golden
+    with pytest.raises(ValueError):
+        kvshelf.vllm_key_hash(ident, b"abcd")
+    with pytest.raises(ValueError):
+        kvshelf.vllm_key_hash(b"short", key)
