@@ -573,4 +573,6 @@ class KvshelfTier(SecondaryTierManager):
             return
         self._closed = True
         self._backend.close()
+        # No job holds a chunk any more: let vLLM unmap the CPU tier.
+        self._flat.release()
 
