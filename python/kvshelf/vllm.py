@@ -153,8 +153,15 @@ class _RedisBackend:
     def touch(self, hashes: list[bytes]) -> Optional[int]:
         return self._engine.submit_touch(hashes)
 
-    def drain(self) -> list[tuple[int, bool, str, Optional[list[bool]]]]:
-        return self._engine.drain()
+    def drain(self) -> list[tuple[int, bool, str, list[bool], bool]]:
+        """``(id, ok, error, per-key bools, answered)``; ``answered``: Redis answered for
+        every key, so a key that failed is absent (or was corrupt), not unreachable. The
+        engine lists each backend error after ``"; "`` in the error text; a batch whose
+        only failures are misses has none."""
+        return [
+            (bid, ok, err, bools if bools is not None else [], ok or "; " not in err)
+            for bid, ok, err, bools in self._engine.drain()
+        ]
 
     def close(self) -> None:
         self._engine.close()
@@ -197,7 +204,7 @@ class _SidecarBackend:
         # The sidecar slides TTLs on its own reads and L1 hits; nothing to send.
         return None
 
-    def drain(self) -> list[tuple[int, bool, str, Optional[list[bool]]]]:
+    def drain(self) -> list[tuple[int, bool, str, list[bool], bool]]:
         with self._lock:
             finished = [
                 (jid, kind, h, n)
@@ -209,23 +216,26 @@ class _SidecarBackend:
         return [self._result(jid, kind, h, n) for jid, kind, h, n in finished]
 
     @staticmethod
-    def _result(jid: int, kind: str, h: Any, n: int) -> tuple[int, bool, str, list[bool]]:
+    def _result(jid: int, kind: str, h: Any, n: int) -> tuple[int, bool, str, list[bool], bool]:
         try:
             if kind == "exists":
                 answer = h.result()
-                hit = answer["hit_blocks"] if answer.get("backend_ok", True) else 0
+                ok = bool(answer.get("backend_ok", True))
+                hit = answer["hit_blocks"] if ok else 0
                 # The sidecar answers a leading run: keys past the first miss are
                 # reported absent (vLLM's prefix lookup stops there anyway).
-                return (jid, bool(answer.get("backend_ok", True)), "", [i < hit for i in range(n)])
+                return (jid, ok, "", [i < hit for i in range(n)], ok)
             if kind == "get":
                 loaded, reason = h.wait()
                 bools = [i < loaded for i in range(n)]
-                return (jid, loaded == n, "" if loaded == n else reason, bools)
+                answered = reason in ("complete", "miss")
+                return (jid, loaded == n, "" if loaded == n else reason, bools, answered)
             outcomes = h.wait()
             bools = [o in ("stored", "already_present", "queued") for o in outcomes]
-            return (jid, all(bools), "" if all(bools) else ",".join(outcomes), bools)
+            ok = all(bools)
+            return (jid, ok, "" if ok else ",".join(outcomes), bools, ok)
         except Exception as e:  # noqa: BLE001 - fail open: a failed job, never a raise
-            return (jid, False, str(e), [False] * n)
+            return (jid, False, str(e), [False] * n, False)
 
     def close(self) -> None:
         with self._lock:
@@ -336,6 +346,10 @@ class KvshelfTier(SecondaryTierManager):
         else:
             raise ValueError(f"kvshelf tier: backend must be 'redis' or 'sidecar', not {backend!r}")
         self.backend = backend
+        logger.info(
+            "kvshelf tier: backend %s, namespace %s, chunk %d bytes, identity %s",
+            backend, namespace, chunk, self.identity.hex(),
+        )
         self._events: Optional[list[OffloadingEvent]] = None
         if enable_kv_events:
             if offloading_spec.kv_events_config.enable_kv_cache_events:
@@ -457,11 +471,11 @@ class KvshelfTier(SecondaryTierManager):
     def _collect(self) -> None:
         """Turns the backend's completions into job results, verdicts and events. By the
         time a completion is here, the backend has let go of its chunks."""
-        for bid, ok, err, bools in self._backend.drain():
+        for bid, ok, err, bools, answered in self._backend.drain():
             job = self._jobs.pop(bid, None)
             if job is None:
                 continue
-            bools = bools if bools is not None else [False] * len(job.keys)
+            bools = bools or [False] * len(job.keys)
             if job.kind == "lookup":
                 if not ok:
                     logger.debug("kvshelf tier: lookup failed (a miss): %s", err)
@@ -499,9 +513,10 @@ class KvshelfTier(SecondaryTierManager):
             failed = [k for k, b in zip(job.keys, bools) if not b]
             if failed:
                 self._forget(failed)
-                if self._events is not None and ok is False and not err.startswith("timed out"):
-                    # Redis answered and the chunks were not there (expired, evicted,
-                    # found corrupt and deleted): the shelf no longer holds them.
+                if self._events is not None and answered:
+                    # The backend answered for every key and these were not there
+                    # (expired, evicted, found corrupt and deleted): the shelf no longer
+                    # holds them. Unreachable keys say nothing about the shelf.
                     self._events.append(
                         OffloadingEvent(
                             keys=failed, medium=self.medium, removed=True, locality=self.locality

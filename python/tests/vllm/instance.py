@@ -75,6 +75,14 @@ def kv_of(block_hash: bytes, n: int) -> bytes:
 class Instance:
     """One vLLM instance: its scheduler, its connector, its "GPU" blocks."""
 
+    @staticmethod
+    def chunk_bytes_of() -> int:
+        """Bytes of one CPU-tier chunk of this model: one block of both layers, rounded up
+        to the page."""
+        spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=16,
+                                 dtype=torch.bfloat16)
+        return (spec.page_size_bytes * len(LAYERS) + 4095) // 4096 * 4096
+
     def __init__(self, model: Path, tier: dict[str, Any], gpu_blocks: int = 64,
                  cpu_chunks: int = 32, events: bool = False) -> None:
         spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=16,

@@ -133,17 +133,20 @@ def test_touch_slides_the_ttl(redis, label):
 
 
 def test_redis_down_is_a_miss_and_a_failed_job(own_redis, label):
-    h = Harness(own_redis.url, label, timeout=1.0)
+    h = Harness(own_redis.url, label, timeout=1.0, enable_kv_events=True)
     try:
         keys = keys_of(2)
         h.fill(0, 4)
         assert h.store(keys[:1], [0]).success
+        assert [e.removed for e in h.tier.take_events()] == [False]
         own_redis.stop()
         assert h.lookup(keys) == [MISS, MISS]
         r = h.store(keys[1:], [0])
         assert (r.success, r.transfer_bytes) == (False, 0)
         r = h.load(keys[:1], [1])
         assert (r.success, r.successful_keys) == (False, None)
+        # An unreachable shelf says nothing about what it holds: no BlockRemoved.
+        assert list(h.tier.take_events()) == []
         own_redis.start()
         assert h.lookup(keys[:1], req="after") == [MISS]  # a restarted Redis is empty
         assert h.store(keys[1:], [0]).success
