@@ -235,3 +235,26 @@ def test_unsupported_vllm_is_a_clear_error_at_startup():
                          timeout=120)
     assert out.returncode != 0
     assert "kvshelf.vllm supports vLLM 0.33.x; this is vLLM 0.31.0" in out.stderr
+
+
+def test_a_key_whose_store_is_in_flight_is_retry_not_miss(own_redis, label):
+    """While its own store runs, a key is neither on the shelf nor absent: RETRY. Once the
+    store has failed (Redis hung past the timeout), the key is looked up like any other."""
+    h = Harness(own_redis.url, label, timeout=1.0)
+    try:
+        keys = keys_of(1)
+        h.fill(0, 8)
+        sigstop(own_redis.proc)
+        try:
+            j = h.job(keys, [0], False)
+            h.tier.submit_store(j)
+            ctx = h.job([], [], False).req_context
+            assert h.tier.lookup(keys[0], ctx) is LookupResult.RETRY
+            assert h.finish(j.job_id, within=5.0).success is False
+            assert h.lookup(keys, req="after") == [MISS]
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert h.store(keys, [0]).success
+        assert h.lookup(keys, req="stored") == [HIT]
+    finally:
+        h.close()
