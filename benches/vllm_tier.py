@@ -6,9 +6,9 @@ the same run.
 The tier is built from vLLM's real ``TieringOffloadingSpec``; the CPU tier's memory is a
 torch CPU tensor viewed as vLLM views it. A round stores ``--chunks`` chunks through the
 tier (one ``submit_store`` job, polled with ``get_finished_jobs`` as vLLM polls it), loads
-them back (one ``submit_load``), then does the same with the library (one ``put``, one
-``get_into`` over the same chunks' memory, into a foreign-hash namespace of the same
-shape). Rounds alternate tier and library; the table shows medians in GB/s and the
+them back (one ``submit_load``) and checks the bytes, then does the same with the library
+(one ``put``, one ``get_into`` over the same chunks' memory, in the tier's own namespace).
+A job is 8 chunks of 2 MiB, or ``--mib`` / 64 chunks of 32 MiB (default 4). Rounds alternate tier and library; the table shows medians in GB/s and the
 tier/library ratio (target: >= 0.9). Then ``--lookups`` lookups of 256 keys each: the tier's
 batched per-step lookup (256 ``lookup`` calls, the step's end, the answers), and the
 library's ``Store.exists`` of the same 256 keys; p50 and p99 in ms (target: one round
@@ -183,11 +183,12 @@ def main() -> None:
     ap.add_argument("--redis", help="a Redis to use (FLUSHALLed!); default: start one")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--lookups", type=int, default=200)
-    ap.add_argument("--mib", type=int, default=256, help="MiB moved per path and round")
+    ap.add_argument("--mib", type=int, default=256,
+                    help="MiB of 32 MiB chunks per round, stored and loaded (a job is half)")
     args = ap.parse_args()
     proc, url = (None, args.redis) if args.redis else start_redis()
     try:
-        print(f"vLLM tier vs library, {args.rounds} rounds, {args.mib} MiB per path and round; "
+        print(f"vLLM tier vs library, {args.rounds} interleaved rounds, medians; "
               f"load average {os.getloadavg()[0]:.2f}")
         print("| chunk | chunks/job | tier store | library put | ratio | tier load | "
               "library get_into | ratio |")
