@@ -31,11 +31,13 @@ from vllm import SamplingParams
 from vllm.config import (
     CacheConfig,
     DeviceConfig,
+    KVEventsConfig,
     KVTransferConfig,
     ModelConfig,
     SchedulerConfig,
     VllmConfig,
 )
+from vllm.distributed.kv_events import EventPublisher
 from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import (
     OffloadingConnectorMetadata,
     OffloadingWorkerMetadata,
@@ -49,6 +51,21 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
 BLOCK = 16  # tokens per block (and per offloaded chunk)
+
+
+class Recorder(EventPublisher):
+    """An event publisher (vLLM's interface) that keeps every batch the scheduler
+    publishes, where vLLM's ZMQ publisher would send it to a router."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.published: list[Any] = []
+
+    def publish(self, events: Any) -> None:
+        self.published.append(events)
+
+    def shutdown(self) -> None:
+        return
 LAYERS = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
 EOS = 0
 
@@ -109,7 +126,6 @@ class Instance:
             device_config=DeviceConfig("cpu"),
         )
         if events:
-            from vllm.config import KVEventsConfig
             config.kv_events_config = KVEventsConfig(enable_kv_cache_events=True,
                                                      publisher="null")
         config.cache_config.num_gpu_blocks = gpu_blocks
@@ -122,6 +138,9 @@ class Instance:
             structured_output_manager=StructuredOutputManager(config), block_size=BLOCK,
             log_stats=True,
         )
+        self.events = Recorder()
+        if events:
+            self.scheduler.kv_event_publisher = self.events
         connector = self.scheduler.connector
         self.manager = connector.connector_scheduler.manager
         self.tier = self.manager.secondary_tiers[0]
@@ -230,6 +249,7 @@ class Instance:
         }
 
     def shutdown(self) -> None:
+        self.cpu.release()  # this "worker"'s view; the tier releases its own
         self.scheduler.shutdown()
 
 

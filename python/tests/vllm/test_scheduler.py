@@ -122,3 +122,22 @@ def test_redis_stopped_or_sigstopped_mid_run_never_stops_the_scheduler(model, ow
     finally:
         a.shutdown()
         b.shutdown()
+
+
+def test_blocks_stored_on_the_shelf_are_published_as_storage_events(model, redis, label):
+    """vLLM's own KV event path (the scheduler's publisher): every block the tier stored is
+    a ``BlockStored`` with ``medium="STORAGE"``, the same block hashes vLLM publishes for
+    the GPU, so a router sees what the shelf holds."""
+    a = Instance(model, tier(redis.url, label, enable_kv_events=True), events=True)
+    try:
+        got = a.serve(prompt(21))
+        assert (got["loaded_blocks"], got["computed_blocks"]) == (0, 5)
+        by_medium: dict[str, list] = {}
+        for batch in a.events.published:
+            for e in batch.events:
+                if type(e).__name__ == "BlockStored":
+                    by_medium.setdefault(e.medium, []).extend(e.block_hashes)
+        assert len(by_medium["STORAGE"]) == 5
+        assert sorted(by_medium["STORAGE"]) == sorted(by_medium["GPU"])
+    finally:
+        a.shutdown()
