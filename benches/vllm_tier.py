@@ -4,12 +4,13 @@ harness against the library's own ``Store.put`` / ``Store.get_into`` on the same
 the same run.
 
 The tier is built from vLLM's real ``TieringOffloadingSpec``; the CPU tier's memory is a
-torch CPU tensor viewed as vLLM views it. A round stores ``--chunks`` chunks through the
+torch CPU tensor viewed as vLLM views it. A round stores a job of chunks through the
 tier (one ``submit_store`` job, polled with ``get_finished_jobs`` as vLLM polls it), loads
 them back (one ``submit_load``) and checks the bytes, then does the same with the library
 (one ``put``, one ``get_into`` over the same chunks' memory, in the tier's own namespace).
-A job is 8 chunks of 2 MiB, or ``--mib`` / 64 chunks of 32 MiB (default 4). Rounds alternate tier and library; the table shows medians in GB/s and the
-tier/library ratio (target: >= 0.9). Then ``--lookups`` lookups of 256 keys each: the tier's
+A job is 8 chunks of 2 MiB, or ``--mib`` / 64 chunks of 32 MiB (default 4). Rounds
+alternate tier and library; the table shows medians in GB/s and the tier/library ratio
+(target: >= 0.9). Then ``--lookups`` lookups of 256 keys each: the tier's
 batched per-step lookup (256 ``lookup`` calls, the step's end, the answers), and the
 library's ``Store.exists`` of the same 256 keys; p50 and p99 in ms (target: one round
 trip, p99 <= 1 ms on a quiet machine).
