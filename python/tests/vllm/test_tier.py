@@ -258,3 +258,23 @@ def test_a_key_whose_store_is_in_flight_is_retry_not_miss(own_redis, label):
         assert h.lookup(keys, req="stored") == [HIT]
     finally:
         h.close()
+
+
+def test_drain_jobs_waits_for_every_transfer_and_keeps_the_results(h):
+    """vLLM's reset_cache drains the tier before it frees CPU-tier slots: when drain_jobs
+    returns, nothing is in flight, and every job's result is still reported."""
+    keys = keys_of(4)
+    for i in range(4):
+        h.fill(i, 40 + i)
+    stores = [h.job(keys[:2], [0, 1], False), h.job(keys[2:], [2, 3], False)]
+    for j in stores:
+        h.tier.submit_store(j)
+    h.tier.drain_jobs()
+    assert h.tier.has_pending_work()  # finished, with results still to report
+    load = h.job(keys, [4, 5, 6, 7], True)
+    h.tier.submit_load(load)
+    h.tier.drain_jobs()
+    got = {r.job_id: r.success for r in h.tier.get_finished_jobs()}
+    assert got == {stores[0].job_id: True, stores[1].job_id: True, load.job_id: True}
+    assert [h.chunk(c) for c in (4, 5, 6, 7)] == [h.chunk(c) for c in (0, 1, 2, 3)]
+    assert not h.tier.has_pending_work()
