@@ -68,3 +68,35 @@ def test_scheduler_instances_share_blocks_through_the_sidecar(redis, label, tmp_
         a.shutdown()
         b.shutdown()
         s.stop()
+
+
+def test_sigstopped_sidecar_fails_the_load_in_time_and_never_writes_the_chunk_after(
+        redis, label):
+    import signal
+    import time
+
+    from conftest import sigstop
+
+    s = Sidecar(redis.url, label)
+    h = Harness(s.url, label, backend="sidecar", timeout=1.0)
+    try:
+        keys = keys_of(1)
+        h.fill(0, 31)
+        assert h.store(keys, [0]).success
+        h.kv[1].fill_(0x22)
+        sigstop(s.proc)
+        try:
+            r = h.load(keys, [1], within=5.0)
+            assert r.success is False
+            h.kv[1].fill_(0x11)  # vLLM reuses the chunk at once
+        finally:
+            s.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            assert h.chunk(1) == b"\x11" * CHUNK, "the chunk was written after the job ended"
+            h.tier.get_finished_jobs()
+            time.sleep(0.05)
+        assert h.lookup(keys, req="resumed") == [HIT]
+    finally:
+        h.close()
+        s.stop()
