@@ -228,9 +228,12 @@ def test_unsupported_vllm_is_a_clear_error_at_startup():
     for bad in ("0.32.1", "0.34.0", "1.0.0"):
         with pytest.raises(RuntimeError, match=f"supports vLLM 0.33.x; this is vLLM {bad},"):
             check_vllm_version(bad)
-    # Loading the module (what vLLM's tier factory does) under another version fails there.
+    # vLLM's own tier factory, loading the tier by module path under another version,
+    # fails there (vLLM does this while it builds its offloading spec, before serving).
     code = ("import vllm; vllm.__version__ = '0.31.0'\n"
-            "import kvshelf.vllm\n")
+            "from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory\n"
+            "SecondaryTierFactory.get_tier_class(\n"
+            "    {'type': 'KvshelfTier', 'module_path': 'kvshelf.vllm'})\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
