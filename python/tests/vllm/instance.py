@@ -152,6 +152,8 @@ class Instance:
         self.gpu: dict[int, bytes] = {}
         self.loaded_blocks = 0
         self.computed_blocks = 0
+        self.connector_stats: list[Any] = []
+        self.config = config
         self.steps = 0
         self._next_req = 0
 
@@ -217,7 +219,13 @@ class Instance:
                 kv_connector_worker_meta=done if done.completed_jobs else None,
             ),
         )
-        self.scheduler.update_from_output(out, mro)
+        outputs = self.scheduler.update_from_output(out, mro)
+        # What the engine core sends its frontend: the connector's stats of the step,
+        # which the frontend's Prometheus logger observes.
+        for eco in outputs.values():
+            stats = eco.scheduler_stats
+            if stats is not None and stats.kv_connector_stats:
+                self.connector_stats.append(stats.kv_connector_stats)
         return mro
 
     # -- requests ------------------------------------------------------------------------

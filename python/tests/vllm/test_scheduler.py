@@ -141,3 +141,37 @@ def test_blocks_stored_on_the_shelf_are_published_as_storage_events(model, redis
         assert sorted(by_medium["STORAGE"]) == sorted(by_medium["GPU"])
     finally:
         a.shutdown()
+
+
+def test_tier_metrics_reach_vllms_prometheus_metrics(model, redis, label):
+    """vLLM's stats path: the scheduler puts the connector's stats (the tier's counters
+    among them) into the engine core's outputs; vLLM's own ``OffloadPromMetrics``, as
+    the frontend builds it from the tier's metric definitions, turns them into series."""
+    import functools
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import (
+        OffloadingConnector,
+    )
+
+    a = Instance(model, tier(redis.url, label))
+    b = Instance(model, tier(redis.url, label))
+    try:
+        a.serve(prompt(31, blocks=3))
+        got = b.serve(prompt(31, blocks=3))
+        assert got["loaded_blocks"] == 3
+        registry = CollectorRegistry()
+        types = {t: functools.partial(t, registry=registry) for t in (Counter, Gauge, Histogram)}
+        prom = OffloadingConnector.build_prom_metrics(b.config, types, ["engine"], {0: ["0"]})
+        for stats in a.connector_stats + b.connector_stats:
+            prom.observe(stats if isinstance(stats, dict) else stats.data, 0)
+        text = generate_latest(registry).decode()
+        for series in ('kvshelf:tier_jobs_total{engine="0",op="store",result="ok"} 1.0',
+                       'kvshelf:tier_jobs_total{engine="0",op="load",result="ok"} 1.0',
+                       f'kvshelf:tier_bytes_total{{engine="0",op="load"}} {3 * a.chunk_bytes}.0',
+                       'kvshelf:tier_lookup_keys_total{engine="0",result="hit"} 3.0',
+                       'kvshelf:tier_lookup_keys_total{engine="0",result="miss"} 3.0'):
+            assert series in text, text
+    finally:
+        a.shutdown()
+        b.shutdown()
