@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Collection, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -209,7 +209,7 @@ class _SidecarBackend:
             finished = [
                 (jid, kind, h, n)
                 for jid, (kind, h, n) in self._running.items()
-                if (h.done() if isinstance(h, Future) else h.done())
+                if h.done()
             ]
             for jid, *_ in finished:
                 del self._running[jid]
