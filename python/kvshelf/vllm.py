@@ -167,6 +167,22 @@ class _RedisBackend:
         self._engine.close()
 
 
+class _Failed:
+    """A call that could not start: done at once, its ``wait`` raises why."""
+
+    def __init__(self, error: Exception) -> None:
+        self._error = error
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> Any:
+        raise self._error
+
+    def cancel(self) -> None:
+        return None
+
+
 class _SidecarBackend:
     """Through a node's kvshelf sidecar (``kvshelf.Client``, HTTP or gRPC), so that vLLM
     instances on one node share its L1. Reads are ``start_fetch_into`` (the sidecar's
@@ -191,10 +207,17 @@ class _SidecarBackend:
         return jid
 
     def get(self, hashes: list[bytes], bufs: list[memoryview]) -> int:
-        return self._add("get", self._client.start_fetch_into(self._ns, hashes, bufs), len(hashes))
+        return self._start("get", self._client.start_fetch_into, hashes, bufs)
 
     def put(self, hashes: list[bytes], bufs: list[memoryview]) -> int:
-        return self._add("put", self._client.start_put(self._ns, hashes, bufs), len(hashes))
+        return self._start("put", self._client.start_put, hashes, bufs)
+
+    def _start(self, kind: str, start: Any, hashes: list[bytes], bufs: list[memoryview]) -> int:
+        try:
+            handle = start(self._ns, hashes, bufs)
+        except Exception as e:  # noqa: BLE001 - fail open: a failed job, never a raise
+            handle = _Failed(e)
+        return self._add(kind, handle, len(hashes))
 
     def exists(self, hashes: list[bytes]) -> int:
         call = self._pool.submit(self._client.lookup, self._ns, block_hashes=hashes)
