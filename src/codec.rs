@@ -16,7 +16,7 @@
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_64;
+use twox_hash::XxHash3_64;
 
 use crate::hashing::BlockHash;
 use crate::namespace::{Dtype, HashScheme, Namespace};
@@ -292,7 +292,41 @@ impl CodecError {
 
 /// `xxh3-64:` and 16 lower-case hex digits.
 pub fn checksum(payload: &[u8]) -> String {
-    format!("xxh3-64:{:016x}", xxh3_64(payload))
+    checksum_text(XxHash3_64::oneshot(payload))
+}
+
+/// A payload's checksum as a header writes it.
+fn checksum_text(xxh3: u64) -> String {
+    format!("xxh3-64:{xxh3:016x}")
+}
+
+/// The payload checksum computed piece by piece, as the payload arrives: a connection
+/// reading a block into its caller's buffer feeds each read to it, so the checksum is done
+/// when the last byte has landed (in cache, not read again from memory afterwards) and is
+/// the same value [`checksum`] gives for the whole payload.
+pub struct PayloadDigest(XxHash3_64);
+
+impl PayloadDigest {
+    /// A digest of no bytes yet.
+    pub fn new() -> Self {
+        PayloadDigest(XxHash3_64::with_seed(0))
+    }
+
+    /// Adds the next bytes of the payload.
+    pub fn update(&mut self, bytes: &[u8]) {
+        std::hash::Hasher::write(&mut self.0, bytes);
+    }
+
+    /// The XXH3-64 of every byte added so far.
+    pub fn finish(&self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
+    }
+}
+
+impl Default for PayloadDigest {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Header and payload in one buffer, ready to be stored.
@@ -374,6 +408,34 @@ impl Header {
     /// Checks the payload that followed this header (of `head_len` bytes) in a stored
     /// value: its length and checksum.
     pub fn check_payload(&self, head_len: usize, payload: &[u8]) -> Result<(), CodecError> {
+        self.check_payload_len(head_len, payload.len())?;
+        self.check_digest(XxHash3_64::oneshot(payload))
+    }
+
+    /// [`check_payload`](Self::check_payload) of a payload of `len` bytes whose XXH3-64 was
+    /// computed as it arrived ([`PayloadDigest`]).
+    pub fn check_payload_digest(
+        &self,
+        head_len: usize,
+        len: usize,
+        xxh3: u64,
+    ) -> Result<(), CodecError> {
+        self.check_payload_len(head_len, len)?;
+        self.check_digest(xxh3)
+    }
+
+    fn check_digest(&self, xxh3: u64) -> Result<(), CodecError> {
+        let actual = checksum_text(xxh3);
+        if actual != self.checksum {
+            return Err(CodecError::ChecksumMismatch {
+                expected: self.checksum.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_payload_len(&self, head_len: usize, len: usize) -> Result<(), CodecError> {
         if self.payload_len > MAX_PAYLOAD_LEN {
             return Err(CodecError::Oversized {
                 what: "payload",
@@ -381,7 +443,7 @@ impl Header {
                 max: MAX_PAYLOAD_LEN,
             });
         }
-        let got = payload.len() as u64;
+        let got = len as u64;
         let value_len = head_len as u64 + got;
         if got < self.payload_len {
             return Err(CodecError::Truncated {
@@ -394,13 +456,6 @@ impl Header {
                 what: "value",
                 len: value_len,
                 max: head_len as u64 + self.payload_len,
-            });
-        }
-        let actual = checksum(payload);
-        if actual != self.checksum {
-            return Err(CodecError::ChecksumMismatch {
-                expected: self.checksum.clone(),
-                actual,
             });
         }
         Ok(())
@@ -644,7 +699,34 @@ mod tests {
             })
     }
 
+    /// XXH3-64 (seed 0) reference values (the xxHash project's sanity vectors, also what
+    /// `xxhsum -H3` prints), so a change of implementation cannot change stored checksums.
+    #[test]
+    fn checksums_are_xxh3_64_with_seed_0() {
+        assert_eq!(checksum(b""), "xxh3-64:2d06800538d394c2");
+        assert_eq!(checksum(b"a"), "xxh3-64:e6c632b61e964e1f");
+        assert_eq!(checksum(b"abc"), "xxh3-64:78af5f94892f3950");
+    }
+
     proptest! {
+        /// A payload fed to [`PayloadDigest`] in any pieces has the checksum of the whole,
+        /// across the sizes where XXH3 changes method (16, 128, 240 bytes, a stripe of 1 KiB).
+        #[test]
+        fn prop_digest_in_pieces_is_the_checksum(
+            payload in prop::collection::vec(any::<u8>(), 0..5000),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(payload.len() + 1)).collect();
+            at.sort_unstable();
+            let mut d = PayloadDigest::new();
+            let mut from = 0;
+            for to in at.into_iter().chain([payload.len()]) {
+                d.update(&payload[from..to]);
+                from = to;
+            }
+            prop_assert_eq!(checksum_text(d.finish()), checksum(&payload));
+        }
+
         #[test]
         fn prop_round_trip((header, payload) in arb_header()) {
             let value = encode(&header, &payload);

@@ -66,6 +66,10 @@ pub(crate) enum Got {
         head: Bytes,
         /// Bytes written to the caller's buffer.
         body_len: usize,
+        /// The XXH3-64 of those bytes, computed read by read as they landed
+        /// ([`codec::PayloadDigest`]): the checksum costs no second pass over the buffer
+        /// and is done when the last byte is in.
+        xxh3: u64,
     },
 }
 
@@ -372,8 +376,10 @@ impl Conn {
                 let rest = h - head.len();
                 self.take(&mut head, rest).await?;
                 let body = &mut out[..len - h];
+                let mut digest = codec::PayloadDigest::new();
                 let mut at = self.buf.len().min(body.len());
                 body[..at].copy_from_slice(&self.buf[..at]);
+                digest.update(&body[..at]);
                 self.buf.advance(at);
                 self.owed.raw -= at;
                 while at < body.len() {
@@ -381,12 +387,14 @@ impl Conn {
                     if n == 0 {
                         return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
                     }
+                    digest.update(&body[at..at + n]);
                     at += n;
                     self.owed.raw -= n;
                 }
                 Got::Split {
                     head: head.freeze(),
                     body_len: len - h,
+                    xxh3: digest.finish(),
                 }
             }
             None => {
@@ -531,10 +539,20 @@ mod tests {
         };
         assert_eq!(own, &value);
         assert_eq!(own.as_ptr() as usize % ALIGN, 0, "the value starts aligned");
-        let Got::Split { head, body_len } = &got.replies[1] else {
+        let Got::Split {
+            head,
+            body_len,
+            xxh3,
+        } = &got.replies[1]
+        else {
             panic!("{:?}", got.replies[1])
         };
         assert_eq!(*body_len, payload.len());
+        assert_eq!(
+            format!("xxh3-64:{xxh3:016x}"),
+            codec::checksum(&payload),
+            "the digest computed as the payload landed is its checksum"
+        );
         assert_eq!(&head[..], &value[..value.len() - payload.len()]);
         assert_eq!(
             mine, payload,

@@ -182,8 +182,8 @@ impl RedisStore {
                     }
                     Err(e) => Err(Bad::Codec(e)),
                 },
-                Stored::Split(head, len) => {
-                    verify_split(ns, hash, &head, &buf[..len]).map_err(Bad::Codec)
+                Stored::Split(head, len, xxh3) => {
+                    verify_split(ns, hash, &head, len, xxh3).map_err(Bad::Codec)
                 }
             };
             out.push(match checked {
@@ -266,7 +266,11 @@ impl RedisStore {
                     let pttl = pttl_of(r.last().and_then(Got::reply));
                     let stored = match r.into_iter().next() {
                         Some(Got::Reply(Reply::Bulk(v))) => Stored::Value(v),
-                        Some(Got::Split { head, body_len }) => Stored::Split(head, body_len),
+                        Some(Got::Split {
+                            head,
+                            body_len,
+                            xxh3,
+                        }) => Stored::Split(head, body_len, xxh3),
                         Some(Got::Reply(Reply::Error(e))) if is_wrong_type(&e) => {
                             Stored::Bad(Bad::WrongType)
                         }
@@ -368,9 +372,9 @@ pub(super) enum Stored {
     Unavailable,
     /// A string, to verify.
     Value(Bytes),
-    /// A block whose header is here and whose payload (this many bytes) was read into the
-    /// caller's buffer, to verify there.
-    Split(Bytes, usize),
+    /// A block whose header is here and whose payload (this many bytes, of this XXH3-64)
+    /// was read into the caller's buffer, to verify against the header.
+    Split(Bytes, usize, u64),
     /// Something that cannot be a block of the namespace.
     Bad(Bad),
 }
@@ -420,16 +424,17 @@ pub(crate) fn verify(
     Ok(block)
 }
 
-/// Checks a block read in two parts: its header (`head`) and its payload, in the
-/// caller's buffer.
+/// Checks a block read in two parts: its header (`head`) and its payload of `len` bytes,
+/// in the caller's buffer, whose XXH3-64 the connection computed as it landed.
 pub(super) fn verify_split(
     ns: &Namespace,
     hash: &BlockHash,
     head: &[u8],
-    payload: &[u8],
+    len: usize,
+    xxh3: u64,
 ) -> Result<(Header, usize), codec::CodecError> {
     let (header, at) = codec::decode_header(head)?;
     header.check(ns, hash)?;
-    header.check_payload(at, payload)?;
-    Ok((header, payload.len()))
+    header.check_payload_digest(at, len, xxh3)?;
+    Ok((header, len))
 }
