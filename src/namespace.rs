@@ -141,7 +141,7 @@ impl From<Dtype> for String {
 ///
 /// `kvshelf-v1`: kvshelf computes the block hashes (`docs/hashing.md`) over full blocks of
 /// `block_size` tokens, and every payload is exactly one block of the namespace's shape.
-/// A foreign scheme (`lmcache`): the engine owns chunking and hashing; kvshelf derives the
+/// A foreign scheme (`lmcache`, `sglang`): the engine owns chunking and hashing; kvshelf derives the
 /// key hash from the engine's own key (`docs/hashing.md`, "Foreign hashes") and stores its
 /// chunks as opaque bytes of any length up to one full chunk of the namespace's layout
 /// (`docs/format.md`, "Foreign-hash chunks").
@@ -155,6 +155,10 @@ pub enum HashScheme {
     /// LMCache's chunk keys (`model@kv_rank@group@chunk_hash[@salt]`).
     #[serde(rename = "lmcache")]
     Lmcache,
+    /// SGLang HiCache page keys, with the instance's storage identity
+    /// (`docs/hashing.md` §9, `docs/sglang.md`).
+    #[serde(rename = "sglang")]
+    Sglang,
 }
 
 impl HashScheme {
@@ -163,6 +167,7 @@ impl HashScheme {
         match self {
             HashScheme::KvshelfV1 => "kvshelf-v1",
             HashScheme::Lmcache => "lmcache",
+            HashScheme::Sglang => "sglang",
         }
     }
 
@@ -542,6 +547,15 @@ pub(crate) mod tests {
         assert!(lm.accepts_payload_len(full));
         assert!(!lm.accepts_payload_len(0));
         assert!(!lm.accepts_payload_len(full + 1));
+        let sg = Namespace {
+            hash_scheme: HashScheme::Sglang,
+            ..lm
+        };
+        let json = serde_json::to_value(&sg).unwrap();
+        assert_eq!(json["hash_scheme"], "sglang");
+        assert_eq!(serde_json::from_value::<Namespace>(json).unwrap(), sg);
+        assert!(sg.accepts_payload_len(full - 2));
+        assert!(!sg.accepts_payload_len(full + 1));
     }
 
     #[test]

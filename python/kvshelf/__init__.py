@@ -20,6 +20,7 @@ from ._native import (
     Store,
     block_key,
     lmcache_key_hash,
+    sglang_key_hash,
 )
 from ._pending import finish
 
@@ -34,6 +35,7 @@ __all__ = [
     "Store",
     "block_key",
     "lmcache_key_hash",
+    "sglang_key_hash",
 ]
 
 

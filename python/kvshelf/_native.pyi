@@ -20,7 +20,7 @@ class Namespace:
     Keyword arguments are the sidecar configuration's namespace fields; the layout fields
     (``num_layers``, ``num_kv_heads``, ``head_dim``, ``tp_size``, ``tp_rank``, ``order``)
     may be given flat or nested under ``layout``. ``ttl`` in seconds or as ``"1h"``;
-    ``hash_scheme`` is ``"kvshelf-v1"`` (default) or ``"lmcache"``. Raises ``ValueError``
+    ``hash_scheme`` is ``"kvshelf-v1"`` (default), ``"lmcache"`` or ``"sglang"``. Raises ``ValueError``
     on an invalid namespace."""
 
     def __init__(self, **fields: Any) -> None: ...
@@ -52,6 +52,10 @@ class PrefixHasher:
 
 def lmcache_key_hash(key: str) -> bytes:
     """The block hash kvshelf stores an LMCache chunk under (``docs/hashing.md`` §8)."""
+
+def sglang_key_hash(identity: str, key: str, part: int = 0) -> bytes:
+    """The block hash kvshelf stores part ``part`` of an SGLang HiCache page under, for an
+    instance's storage identity (``docs/hashing.md`` §9)."""
 
 def block_key(label: str, hash: Hash) -> str:
     """``kvshelf:v1:<label>:<64 hex digits>``: the Redis key of a block."""

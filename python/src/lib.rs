@@ -9,7 +9,7 @@
 //!
 //! | item | job |
 //! |---|---|
-//! | [`Namespace`], [`PrefixHasher`], [`lmcache_key_hash`], [`block_key`] | the hashing contract |
+//! | [`Namespace`], [`PrefixHasher`], [`lmcache_key_hash`], [`sglang_key_hash`], [`block_key`] | the hashing contract |
 //! | [`Store`] | the library's `RedisStore`, synchronous, GIL released |
 //! | [`call::Pending`] | a `Store` call over caller memory run on the runtime: cancellable, and finished before its buffers go back (the async forms) |
 //! | [`client::Client`] | the sidecar's API (HTTP or gRPC) through the Rust client, GIL released |
@@ -393,6 +393,20 @@ fn lmcache_key_hash<'py>(py: Python<'py>, key: &str) -> PyResult<Bound<'py, PyBy
     Ok(PyBytes::new(py, &h.0))
 }
 
+/// The block hash under which kvshelf stores part `part` of the SGLang HiCache page `key`
+/// of the instance whose storage identity is `identity` (`docs/hashing.md` §9), 32 bytes.
+#[pyfunction]
+#[pyo3(signature = (identity, key, part=0))]
+fn sglang_key_hash<'py>(
+    py: Python<'py>,
+    identity: &str,
+    key: &str,
+    part: u32,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let h = kvshelf::hashing::sglang_key_hash(identity, key, part).map_err(to_py)?;
+    Ok(PyBytes::new(py, &h.0))
+}
+
 /// The Redis key of a block: `kvshelf:v1:<label>:<64 hex digits>`.
 #[pyfunction]
 fn block_key(label: &str, hash: &Bound<'_, PyAny>) -> PyResult<String> {
@@ -697,6 +711,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<plugin::Engine>()?;
     m.add_function(wrap_pyfunction!(lmcache_key_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(sglang_key_hash, m)?)?;
     m.add_function(wrap_pyfunction!(block_key, m)?)?;
     m.add("KvshelfError", m.py().get_type::<KvshelfError>())?;
     Ok(())
