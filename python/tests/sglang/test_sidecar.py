@@ -1,0 +1,130 @@
+"""The sidecar backend (``"backend": "sidecar"``): the same pages through the node's
+kvshelf sidecar (the binary built from this repository, in front of a real Redis), with
+SGLang's real host pools. Through the sidecar a page is one value, its regions joined, in a
+kvshelf-v1 namespace whose block is exactly one page (docs/sglang.md)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from sglang_env import (guard, DIM, HEADS, LAYERS, PAGE, extra_config, fill_random,  # noqa: F401
+                        make_backend, make_pool, page_keys, pages)
+
+TIMEOUT = 0.5
+SLACK = 1.5
+
+
+class Sidecar:
+    """`kvshelf serve` with one namespace whose block is one joined page of the tests'
+    page_first MHA pool: K then V, each [token, layer, head, dim] (order `ktlhd`)."""
+
+    def __init__(self, redis_url: str, label: str) -> None:
+        exe = os.environ.get("KVSHELF_BIN") or str(REPO / "target" / "debug" / "kvshelf")
+        if not Path(exe).exists():
+            pytest.fail(f"no kvshelf binary at {exe}: `cargo build --bin kvshelf` (python/ci.sh does)")
+        self.dir = Path(tempfile.mkdtemp(prefix="kvshelf-sglang-sidecar-"))
+        config = self.dir / "kvshelf.toml"
+        config.write_text(f"""
+[store]
+url = "{redis_url}"
+
+[[namespaces]]
+label = "{label}"
+model_id = "kvshelf/test-llama"
+kv_dtype = "bfloat16"
+block_size = {PAGE}
+layout = {{ num_layers = {LAYERS}, num_kv_heads = {HEADS}, head_dim = {DIM}, order = "ktlhd" }}
+""")
+        self.log = self.dir / "server.log"
+        self.proc = subprocess.Popen(
+            [exe, "--config", str(config), "serve", "--listen", "127.0.0.1:0"],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        self.url = None
+        while time.monotonic() < deadline and self.url is None:
+            m = re.search(r"serving HTTP and gRPC.*addr=(\S+)",
+                          re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text()))
+            if m:
+                self.url = f"http://{m.group(1)}"
+            elif self.proc.poll() is not None:
+                break
+            else:
+                time.sleep(0.05)  # the process is starting: nothing to wait on but its log
+        if self.url is None:
+            self.stop()
+            raise RuntimeError(f"kvshelf serve did not start:\n{self.log.read_text()}")
+        with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as r:
+            assert r.status == 200
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=15)
+
+
+@pytest.fixture()
+def sidecar(redis, label):
+    s = Sidecar(redis.url, label)
+    yield s
+    s.stop()
+
+
+def sidecar_config(url: str, label: str) -> dict:
+    extra = extra_config("unused", label, backend="sidecar", sidecar_url=url, timeout=TIMEOUT)
+    extra.pop("url")
+    return extra
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_pages_round_trip_through_the_sidecar(sidecar, label, protocol):
+    src, dst = make_pool(), make_pool()
+    extra = dict(sidecar_config(sidecar.url, label), protocol=protocol)
+    w, r = make_backend(src, extra), make_backend(dst, dict(extra))
+    keys = page_keys(5, seed=40)
+    at = src.alloc(5 * PAGE)
+    fill_random(src, at, seed=40)
+    assert r.batch_exists(keys) == 0
+    assert w.batch_set_v1(keys[:3], at[:3 * PAGE]) == [True] * 3
+    assert r.batch_exists(keys) == 3
+    into = dst.alloc(5 * PAGE)
+    assert r.batch_get_v1(keys, into) == [True, True, True, False, False]
+    assert pages(dst, into)[:3] == pages(src, at)[:3]
+    assert w.batch_set_v1(keys, at) == [True] * 5
+    assert r.batch_get_v1(keys, into) == [True] * 5
+    assert pages(dst, into) == pages(src, at)
+
+
+def test_a_stopped_sidecar_gives_false_within_the_deadline(redis, label):
+    s = Sidecar(redis.url, label)
+    src, dst = make_pool(), make_pool()
+    w, r = make_backend(src, sidecar_config(s.url, label)), make_backend(dst, sidecar_config(s.url, label))
+    keys = page_keys(3, seed=41)
+    at = src.alloc(3 * PAGE)
+    fill_random(src, at, seed=41)
+    assert w.batch_set_v1(keys, at) == [True] * 3
+    s.stop()
+    into = dst.alloc(3 * PAGE)
+    results = []
+
+    def calls():
+        for f, args in ((r.batch_exists, (keys,)), (r.batch_get_v1, (keys, into)),
+                        (w.batch_set_v1, (keys, at))):
+            t0 = time.monotonic()
+            results.append((f(*args), time.monotonic() - t0))
+
+    t = threading.Thread(target=calls)
+    t.start()
+    t.join(3 * (TIMEOUT + SLACK) + 5)
+    assert not t.is_alive()
+    assert [o for o, _ in results] == [0, [False] * 3, [False] * 3]
+    assert all(took < TIMEOUT + SLACK for _, took in results), results
