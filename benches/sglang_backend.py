@@ -3,12 +3,14 @@
 ``batch_set_v1`` / ``batch_get_v1`` on SGLang's own host pool (``MHATokenToKVPoolHost`` on
 CPU) with Llama-3-8B pages (32 layers, 8 KV heads, head_dim 128, bf16: 128 KiB per
 token), against the library's ``Store.put`` / ``Store.get_into`` of the very same page
-regions on the same Redis, in interleaved rounds; and ``batch_exists`` of 128 pages
-against ``Store.lookup`` of the same keys.
+regions on the same Redis, in interleaved rounds (each path first in every other round);
+and ``batch_exists`` of 128 pages against ``Store.lookup`` of the same keys. Each call
+moves ``--pages`` 64-token pages' worth of bytes (16: 128 MiB), as that many 64-token
+pages or a quarter as many 256-token ones.
 
 Run with the SGLang venv after ``bash python/ci.sh`` (or a wheel installed there):
 
-    ~/.cache/kvshelf/sglang-venv/bin/python benches/sglang_backend.py [--rounds 5]
+    ~/.cache/kvshelf/sglang-venv/bin/python benches/sglang_backend.py [--rounds 9] [--pages 16]
 
 It starts its own redis-server on a free port (no persistence) and prints one table of
 medians and the ratios backend / library. Writes use new keys every round for both paths
@@ -103,35 +105,44 @@ def bench(layout: str, page: int, pages: int, rounds: int, port: int) -> dict:
     nbytes = pages * page * TOKEN_BYTES
     t = {k: [] for k in ("set", "put", "get", "read", "exists", "lookup")}
     for r in range(rounds):
-        # The backend: keys, regions, hashes and the calls, as SGLang's threads run them.
         keys = keys_of(2 * r, pages, page)
-        t0 = time.perf_counter()
-        assert backend.batch_set_v1(keys, src) == [True] * pages
-        t["set"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        assert backend.batch_get_v1(keys, dst) == [True] * pages
-        t["get"].append(time.perf_counter() - t0)
         exist_keys = keys_of(2 * r, 128, page)[:128]
-        t0 = time.perf_counter()
-        backend.batch_exists(exist_keys)
-        t["exists"].append(time.perf_counter() - t0)
         # The library on the same regions under other hashes (computed outside the timing).
         lib_keys = keys_of(2 * r + 1, pages, page)
         hashes = backend._hashes(lib_keys, False)
         regions_src = backend._regions(lib_keys, src)
         regions_dst = backend._regions(lib_keys, dst)
-        t0 = time.perf_counter()
-        out = store.put(backend.ns, hashes, regions_src, timeout=60)
-        t["put"].append(time.perf_counter() - t0)
-        assert set(out) == {"stored"}
-        t0 = time.perf_counter()
-        got = store.get_into(backend.ns, hashes, regions_dst, timeout=60)
-        t["read"].append(time.perf_counter() - t0)
-        assert all(g == len(b) for g, b in zip(got, regions_dst))
         lookup_hashes = backend._hashes(exist_keys, False)
-        t0 = time.perf_counter()
-        store.lookup(backend.ns, lookup_hashes)
-        t["lookup"].append(time.perf_counter() - t0)
+
+        def via_backend():
+            # Keys to hashes, pool indices to regions, and the calls, as SGLang's threads
+            # run them.
+            t0 = time.perf_counter()
+            assert backend.batch_set_v1(keys, src) == [True] * pages
+            t["set"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert backend.batch_get_v1(keys, dst) == [True] * pages
+            t["get"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            backend.batch_exists(exist_keys)
+            t["exists"].append(time.perf_counter() - t0)
+
+        def via_library():
+            t0 = time.perf_counter()
+            out = store.put(backend.ns, hashes, regions_src, timeout=60)
+            t["put"].append(time.perf_counter() - t0)
+            assert set(out) == {"stored"}
+            t0 = time.perf_counter()
+            got = store.get_into(backend.ns, hashes, regions_dst, timeout=60)
+            t["read"].append(time.perf_counter() - t0)
+            assert all(g == len(b) for g, b in zip(got, regions_dst))
+            t0 = time.perf_counter()
+            store.lookup(backend.ns, lookup_hashes)
+            t["lookup"].append(time.perf_counter() - t0)
+
+        # Interleaved, each path first in every other round.
+        for f in ((via_backend, via_library) if r % 2 == 0 else (via_library, via_backend)):
+            f()
         flushall(port)
     del pool, backend
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -143,7 +154,7 @@ def bench(layout: str, page: int, pages: int, rounds: int, port: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--pages", type=int, default=16, help="pages per batch call")
     args = ap.parse_args()
     proc, port = start_redis()

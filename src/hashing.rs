@@ -252,20 +252,46 @@ pub const SGLANG_TAG: &[u8; 16] = b"kvshelf.sglang\0\0";
 /// per region, `part` 0, 1, … in the pool's own order. `identity` and `key` must be
 /// non-empty, free of NUL and at most [`MAX_FOREIGN_KEY_LEN`] bytes each.
 pub fn sglang_key_hash(identity: &str, key: &str, part: u32) -> Result<BlockHash, Error> {
-    for (what, s) in [("identity", identity), ("page key", key)] {
-        if s.is_empty() || s.len() > MAX_FOREIGN_KEY_LEN || s.contains('\0') {
-            return Err(Error::InvalidInput(format!(
-                "SGLang {what} {:?} is not 1 to {MAX_FOREIGN_KEY_LEN} bytes without NUL",
-                s.chars().take(80).collect::<String>()
-            )));
-        }
+    SglangKeyHasher::new(identity)?.hash(key, part)
+}
+
+/// [`sglang_key_hash`] for many keys of one identity: the identity's part of the message
+/// is hashed once, and each key continues from that state (the same digests).
+#[derive(Clone)]
+pub struct SglangKeyHasher {
+    after_identity: Sha256,
+}
+
+impl SglangKeyHasher {
+    /// The hasher of `identity` (1 to [`MAX_FOREIGN_KEY_LEN`] bytes without NUL).
+    pub fn new(identity: &str) -> Result<Self, Error> {
+        check_sglang_text("identity", identity)?;
+        let mut h = Sha256::new();
+        h.update(SGLANG_TAG);
+        h.update(len_u32(identity.len()).to_le_bytes());
+        h.update(identity.as_bytes());
+        Ok(SglangKeyHasher { after_identity: h })
     }
-    let mut m = Vec::with_capacity(SGLANG_TAG.len() + 12 + identity.len() + key.len());
-    m.extend_from_slice(SGLANG_TAG);
-    put_bytes(&mut m, identity.as_bytes());
-    put_bytes(&mut m, key.as_bytes());
-    m.extend_from_slice(&part.to_le_bytes());
-    Ok(BlockHash(Sha256::digest(&m).into()))
+
+    /// The block hash of part `part` of the page whose SGLang key is `key`.
+    pub fn hash(&self, key: &str, part: u32) -> Result<BlockHash, Error> {
+        check_sglang_text("page key", key)?;
+        let mut h = self.after_identity.clone();
+        h.update(len_u32(key.len()).to_le_bytes());
+        h.update(key.as_bytes());
+        h.update(part.to_le_bytes());
+        Ok(BlockHash(h.finalize().into()))
+    }
+}
+
+fn check_sglang_text(what: &str, s: &str) -> Result<(), Error> {
+    if s.is_empty() || s.len() > MAX_FOREIGN_KEY_LEN || s.contains('\0') {
+        return Err(Error::InvalidInput(format!(
+            "SGLang {what} {:?} is not 1 to {MAX_FOREIGN_KEY_LEN} bytes without NUL",
+            s.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(())
 }
 
 fn put_bytes(m: &mut Vec<u8>, b: &[u8]) {

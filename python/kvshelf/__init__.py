@@ -2,7 +2,8 @@
 
 The Rust library in this process: the hashing contract (``docs/hashing.md``), the Redis
 store (``Store``: reads land in your buffers with the GIL released), a client of the
-sidecar (``Client``, HTTP or gRPC) and the LMCache storage plugin (``kvshelf.lmcache``).
+sidecar (``Client``, HTTP or gRPC), the LMCache storage plugin (``kvshelf.lmcache``) and
+SGLang's HiCache storage backend (``kvshelf.sglang``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ._native import (
     block_key,
     lmcache_key_hash,
     sglang_key_hash,
+    sglang_key_hashes,
 )
 from ._pending import finish
 
@@ -36,6 +38,7 @@ __all__ = [
     "block_key",
     "lmcache_key_hash",
     "sglang_key_hash",
+    "sglang_key_hashes",
 ]
 
 

@@ -57,6 +57,10 @@ def sglang_key_hash(identity: str, key: str, part: int = 0) -> bytes:
     """The block hash kvshelf stores part ``part`` of an SGLang HiCache page under, for an
     instance's storage identity (``docs/hashing.md`` §9)."""
 
+def sglang_key_hashes(identity: str, keys: Sequence[str], parts: int) -> list[bytes]:
+    """``sglang_key_hash(identity, k, p)`` for every key ``k`` and part ``p < parts``,
+    page-major."""
+
 def block_key(label: str, hash: Hash) -> str:
     """``kvshelf:v1:<label>:<64 hex digits>``: the Redis key of a block."""
 

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
-from ._native import Client, Namespace, Pending, Store, sglang_key_hash
+from ._native import Client, Namespace, Pending, Store, sglang_key_hashes
 
 __all__ = ["KvshelfHiCacheStorage", "storage_identity"]
 
@@ -241,11 +241,10 @@ class KvshelfHiCacheStorage(HiCacheStorage):
         """Page-major: every region of page 0, then of page 1, ... (one per page for the
         flat pages of the plain methods, and for the joined pages of the sidecar)."""
         if flat:
-            return [sglang_key_hash(self.identity_flat, k, 0) for k in keys]
-        if self._client is not None:
-            return [sglang_key_hash(self.identity_joined, k, 0) for k in keys]
-        ident, parts = self.identity_v1, self.parts
-        return [sglang_key_hash(ident, k, j) for k in keys for j in range(parts)]
+            return sglang_key_hashes(self.identity_flat, keys, 1)
+        if self.backend == "sidecar":
+            return sglang_key_hashes(self.identity_joined, keys, 1)
+        return sglang_key_hashes(self.identity_v1, keys, self.parts)
 
     def _regions(self, keys: Sequence[str], host_indices: torch.Tensor) -> list[memoryview]:
         if host_indices.numel() != len(keys) * self.page_size:
@@ -278,14 +277,14 @@ class KvshelfHiCacheStorage(HiCacheStorage):
 
     def _read(self, hashes: list[bytes], bufs: list[Any], keep: Any) -> list[bool]:
         """Per buffer: whether it now holds its whole value."""
-        if self._store is not None:
+        if self.backend == "store":
             got = self._finish(self._store.start_get_into(self.ns, hashes, bufs, self.timeout, keep))
             return [n is not None and n == len(b) for n, b in zip(got, bufs)]
         n, _reason = self._finish(self._client.start_fetch_into(self.sidecar_namespace, hashes, bufs, keep))
         return [i < n for i in range(len(bufs))]
 
     def _write(self, hashes: list[bytes], bufs: list[Any], keep: Any) -> list[bool]:
-        if self._store is not None:
+        if self.backend == "store":
             out = self._finish(self._store.start_put(self.ns, hashes, bufs, self.timeout, keep))
             return [o in ("stored", "already_present") for o in out]
         out = self._finish(self._client.start_put(self.sidecar_namespace, hashes, bufs))
@@ -322,7 +321,7 @@ class KvshelfHiCacheStorage(HiCacheStorage):
             return []
         try:
             bufs = self._regions(keys, host_indices)
-            if self._client is not None:
+            if self.backend == "sidecar":
                 return self._sidecar_get_v1(keys, bufs)
             ok = self._read(self._hashes(keys, False), bufs, self._pool)
             return self._pages(ok, self.parts)
@@ -343,7 +342,7 @@ class KvshelfHiCacheStorage(HiCacheStorage):
             return [True] * len(keys)
         try:
             bufs = self._regions(keys, host_indices)
-            if self._client is not None:
+            if self.backend == "sidecar":
                 joined = [
                     b"".join(bufs[i * self.parts : (i + 1) * self.parts]) for i in range(len(keys))
                 ]
@@ -360,10 +359,10 @@ class KvshelfHiCacheStorage(HiCacheStorage):
         if not keys:
             return 0
         flat = not self.interface_v1
-        parts = 1 if flat or self._client is not None else self.parts
+        parts = 1 if flat or self.backend == "sidecar" else self.parts
         try:
             hashes = self._hashes(keys, flat)
-            if self._store is not None:
+            if self.backend == "store":
                 n = self._store.lookup(self.ns, hashes)
             else:
                 n = self._client.lookup(self.sidecar_namespace, block_hashes=hashes)["hit_blocks"]

@@ -181,6 +181,10 @@ def test_the_identity_text_and_key_hash_are_as_documented():
     assert stdlib.hexdigest() == golden
     with pytest.raises(ValueError):
         kvshelf.sglang_key_hash(ident, "", 0)
+    # The batch form: page-major, the same hashes.
+    keys = [key, "fedcba9876543210" * 4]
+    assert kvshelf.sglang_key_hashes(ident, keys, 3) == \
+           [kvshelf.sglang_key_hash(ident, k, p) for k in keys for p in range(3)]
 
 
 def test_the_plain_methods_round_trip_flat_pages(redis, label):
