@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from sglang_env import (guard, DIM, HEADS, LAYERS, PAGE, extra_config, fill_random,  # noqa: F401
-                        make_backend, make_pool, page_keys, pages)
+from conftest import REPO, sigstop
+from sglang_env import (guard, DIM, HEADS, LAYERS, PAGE, extra_config, fill_byte,  # noqa: F401
+                        fill_random, make_backend, make_pool, page_keys, pages)
 
 TIMEOUT = 0.5
 SLACK = 1.5
@@ -128,3 +128,45 @@ def test_a_stopped_sidecar_gives_false_within_the_deadline(redis, label):
     assert not t.is_alive()
     assert [o for o, _ in results] == [0, [False] * 3, [False] * 3]
     assert all(took < TIMEOUT + SLACK for _, took in results), results
+
+
+def test_redis_sigstopped_behind_the_sidecar_gives_false_within_the_deadline(own_redis, label):
+    """Redis hung behind the sidecar: every call answers within the backend's deadline —
+    False (0) or a hit the sidecar serves from its L1, never wrong bytes — and hits resume
+    once Redis runs again."""
+    import signal
+
+    s = Sidecar(own_redis.url, label)
+    try:
+        src, dst = make_pool(), make_pool()
+        w = make_backend(src, sidecar_config(s.url, label))
+        r = make_backend(dst, sidecar_config(s.url, label))
+        keys = page_keys(3, seed=42)
+        at = src.alloc(3 * PAGE)
+        fill_random(src, at, seed=42)
+        assert w.batch_set_v1(keys, at) == [True] * 3
+        into = dst.alloc(3 * PAGE)
+        fill_byte(dst, into, 0x11)
+        sigstop(own_redis.proc)
+        try:
+            # The sidecar may still answer from its in-memory L1 (a hit, the right bytes);
+            # what it cannot serve is False, all within the backend's deadline.
+            t0 = time.monotonic()
+            assert r.batch_exists(keys) in (0, 3)
+            got = r.batch_get_v1(keys, into)
+            assert got in ([False] * 3, [True] * 3)
+            assert w.batch_set_v1(page_keys(3, seed=43), at) == [False] * 3
+            assert time.monotonic() - t0 < 3 * (TIMEOUT + SLACK)
+            if got == [True] * 3:
+                assert pages(dst, into) == pages(src, at)
+            else:
+                assert pages(dst, into) == [b"\x11" * len(p) for p in pages(dst, into)]
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        while r.batch_get_v1(keys, into) != [True] * 3:
+            assert time.monotonic() < deadline, "hits did not resume"
+            time.sleep(0.1)
+        assert pages(dst, into) == pages(src, at)
+    finally:
+        s.stop()
