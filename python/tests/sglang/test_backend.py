@@ -224,3 +224,17 @@ def test_a_bad_index_count_is_false_not_an_exception(redis, label):
     assert b.batch_get_v1(keys, at[:PAGE]) == [False, False]
     assert b.batch_set_v1(keys, at[:PAGE + 1]) == [False, False]
     assert b.batch_get_v1([], at[:0]) == [] and b.batch_set_v1([], at[:0]) == []
+
+
+def test_unsupported_configurations_are_refused_when_sglang_builds_the_backend(redis, label):
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    pool = make_pool()
+    for extra, match in ((extra_config(redis.url, label, backend="memcached"), "backend"),
+                         (extra_config(redis.url, label, timeout=0), "timeout")):
+        with pytest.raises(ValueError, match=match):
+            StorageBackendFactory.create_backend("dynamic", storage_config(extra, pool=pool), pool)
+    cfg = storage_config(extra_config(redis.url, label), pool=pool)
+    cfg.should_split_heads = True
+    with pytest.raises(ValueError, match="heterogeneous"):
+        StorageBackendFactory.create_backend("dynamic", cfg, pool)
