@@ -140,6 +140,10 @@ class KvshelfHiCacheStorage(HiCacheStorage):
                 "kvshelf: heterogeneous tensor parallelism (tp_lcm_size, split heads) is "
                 "not supported"
             )
+        if storage_config.dcp_size > 1:
+            raise ValueError(
+                "kvshelf: decode context parallelism (dcp_size > 1) is not supported"
+            )
         self.interface_v1 = bool(extra.get("interface_v1", 0))
         self.backend = extra.get("backend", "store")
         self.label = extra.get("namespace", "sglang")

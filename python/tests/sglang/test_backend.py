@@ -238,3 +238,7 @@ def test_unsupported_configurations_are_refused_when_sglang_builds_the_backend(r
     cfg.should_split_heads = True
     with pytest.raises(ValueError, match="heterogeneous"):
         StorageBackendFactory.create_backend("dynamic", cfg, pool)
+    cfg = storage_config(extra_config(redis.url, label), pool=pool, mla=True, tp_size=2)
+    cfg.dcp_size, cfg.logical_page_size = 2, 2 * PAGE
+    with pytest.raises(ValueError, match="dcp_size"):
+        StorageBackendFactory.create_backend("dynamic", cfg, pool)
