@@ -282,9 +282,11 @@ class KvshelfHiCacheStorage(HiCacheStorage):
     def _read(self, hashes: list[bytes], bufs: list[Any], keep: Any) -> list[bool]:
         """Per buffer: whether it now holds its whole value."""
         if self.backend == "store":
-            got = self._finish(self._store.start_get_into(self.ns, hashes, bufs, self.timeout, keep))
+            call = self._store.start_get_into(self.ns, hashes, bufs, self.timeout, keep)
+            got = self._finish(call)
             return [n is not None and n == len(b) for n, b in zip(got, bufs)]
-        n, _reason = self._finish(self._client.start_fetch_into(self.sidecar_namespace, hashes, bufs, keep))
+        call = self._client.start_fetch_into(self.sidecar_namespace, hashes, bufs, keep)
+        n, _reason = self._finish(call)
         return [i < n for i in range(len(bufs))]
 
     def _write(self, hashes: list[bytes], bufs: list[Any], keep: Any) -> list[bool]:

@@ -1,8 +1,10 @@
-"""Helpers for the SGLang tests — SGLang's own classes on CPU: its device KV pools (``MHATokenToKVPool``,
-``MLATokenToKVPool``) built on ``device="cpu"``, the host pools HiCache copies them into
-(``MHATokenToKVPoolHost``, ``MLATokenToKVPoolHost``, ``pin_memory=False``), its
-``HiCacheStorageConfig`` and its ``StorageBackendFactory``, which builds kvshelf's backend
-from the ``dynamic`` extra-config exactly as ``--hicache-storage-backend dynamic`` does."""
+"""Helpers for the SGLang tests — SGLang's own classes on CPU: its device KV pools
+(``MHATokenToKVPool``, ``MLATokenToKVPool``) built on ``device="cpu"``, the host pools
+HiCache copies them into (``MHATokenToKVPoolHost``, ``MLATokenToKVPoolHost``,
+``pin_memory=False``), its ``HiCacheStorageConfig`` and its ``StorageBackendFactory``,
+which builds kvshelf's backend from the ``dynamic`` extra-config exactly as
+``--hicache-storage-backend dynamic`` does. Test modules import the ``guard`` fixture
+(a test-level timeout) from here."""
 
 from __future__ import annotations
 

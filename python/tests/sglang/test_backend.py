@@ -14,8 +14,8 @@ import torch
 
 import kvshelf
 from kvshelf.sglang import KvshelfHiCacheStorage, storage_identity
-from sglang_env import (guard, MODEL, PAGE, extra_config, fill_random, make_backend, make_pool,
-                      page_keys, pages, region_bytes, storage_config)
+from sglang_env import (guard, PAGE, extra_config, fill_random, make_backend,  # noqa: F401
+                        make_pool, page_keys, pages, region_bytes, storage_config)
 
 LAYOUTS = [("mha", "page_first"), ("mha", "layer_first"), ("mha", "page_first_direct"),
            ("mla", "page_first"), ("mla", "layer_first")]

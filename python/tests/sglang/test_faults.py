@@ -4,7 +4,6 @@ pages through one Redis."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
 import sys
@@ -12,12 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-import kvshelf
-from sglang_env import (guard, PAGE, extra_config, fill_byte, fill_random, make_backend, make_pool,
-                      page_keys, pages)
 from conftest import sigstop
+from sglang_env import (guard, PAGE, extra_config, fill_byte, fill_random,  # noqa: F401
+                        make_backend, make_pool, page_keys, pages)
 
 TIMEOUT = 0.5   # the backend's per-call deadline in these tests
 SLACK = 1.5     # how much later than its deadline a call may return on a loaded 2-core VM

@@ -31,7 +31,8 @@ class Sidecar:
     def __init__(self, redis_url: str, label: str) -> None:
         exe = os.environ.get("KVSHELF_BIN") or str(REPO / "target" / "debug" / "kvshelf")
         if not Path(exe).exists():
-            pytest.fail(f"no kvshelf binary at {exe}: `cargo build --bin kvshelf` (python/ci.sh does)")
+            pytest.fail(f"no kvshelf binary at {exe}: `cargo build --bin kvshelf` "
+                        "(python/ci.sh does)")
         self.dir = Path(tempfile.mkdtemp(prefix="kvshelf-sglang-sidecar-"))
         config = self.dir / "kvshelf.toml"
         config.write_text(f"""
@@ -107,7 +108,8 @@ def test_pages_round_trip_through_the_sidecar(sidecar, label, protocol):
 def test_a_stopped_sidecar_gives_false_within_the_deadline(redis, label):
     s = Sidecar(redis.url, label)
     src, dst = make_pool(), make_pool()
-    w, r = make_backend(src, sidecar_config(s.url, label)), make_backend(dst, sidecar_config(s.url, label))
+    w = make_backend(src, sidecar_config(s.url, label))
+    r = make_backend(dst, sidecar_config(s.url, label))
     keys = page_keys(3, seed=41)
     at = src.alloc(3 * PAGE)
     fill_random(src, at, seed=41)
