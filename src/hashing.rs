@@ -348,6 +348,63 @@ pub fn vllm_key_hash(identity: &[u8; 32], key: &[u8]) -> Result<BlockHash, Error
     Ok(BlockHash(Sha256::digest(&m).into()))
 }
 
+/// Tag that opens the message hashing an SGLang HiCache page key (16 bytes: the 14 ASCII
+/// characters `kvshelf.sglang` and two NUL bytes).
+pub const SGLANG_TAG: &[u8; 16] = b"kvshelf.sglang\0\0";
+
+/// The block hash under which kvshelf stores part `part` of the SGLang HiCache page whose
+/// key is `key`, for the instance whose storage identity is `identity` (`docs/hashing.md`
+/// §10): `SHA256("kvshelf.sglang\0\0" || str(identity) || str(key) || u32(part))`.
+///
+/// SGLang owns paging and its page keys (a chained hash of the page's tokens); the key
+/// names no model, dtype, layout or rank, so `identity` — a text the caller builds as §10
+/// specifies (model, page size, KV dtype, host layout, MLA, ranks) — is hashed with it.
+/// A page that SGLang's host pool lays out as several memory regions is stored as one value
+/// per region, `part` 0, 1, … in the pool's own order. `identity` and `key` must be
+/// non-empty, free of NUL and at most [`MAX_FOREIGN_KEY_LEN`] bytes each.
+pub fn sglang_key_hash(identity: &str, key: &str, part: u32) -> Result<BlockHash, Error> {
+    SglangKeyHasher::new(identity)?.hash(key, part)
+}
+
+/// [`sglang_key_hash`] for many keys of one identity: the identity's part of the message
+/// is hashed once, and each key continues from that state (the same digests).
+#[derive(Clone)]
+pub struct SglangKeyHasher {
+    after_identity: Sha256,
+}
+
+impl SglangKeyHasher {
+    /// The hasher of `identity` (1 to [`MAX_FOREIGN_KEY_LEN`] bytes without NUL).
+    pub fn new(identity: &str) -> Result<Self, Error> {
+        check_sglang_text("identity", identity)?;
+        let mut h = Sha256::new();
+        h.update(SGLANG_TAG);
+        h.update(len_u32(identity.len()).to_le_bytes());
+        h.update(identity.as_bytes());
+        Ok(SglangKeyHasher { after_identity: h })
+    }
+
+    /// The block hash of part `part` of the page whose SGLang key is `key`.
+    pub fn hash(&self, key: &str, part: u32) -> Result<BlockHash, Error> {
+        check_sglang_text("page key", key)?;
+        let mut h = self.after_identity.clone();
+        h.update(len_u32(key.len()).to_le_bytes());
+        h.update(key.as_bytes());
+        h.update(part.to_le_bytes());
+        Ok(BlockHash(h.finalize().into()))
+    }
+}
+
+fn check_sglang_text(what: &str, s: &str) -> Result<(), Error> {
+    if s.is_empty() || s.len() > MAX_FOREIGN_KEY_LEN || s.contains('\0') {
+        return Err(Error::InvalidInput(format!(
+            "SGLang {what} {:?} is not 1 to {MAX_FOREIGN_KEY_LEN} bytes without NUL",
+            s.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 fn put_bytes(m: &mut Vec<u8>, b: &[u8]) {
     m.extend_from_slice(&len_u32(b.len()).to_le_bytes());
     m.extend_from_slice(b);
@@ -410,6 +467,52 @@ fn sha256_padded_in_place(buf: &mut Vec<u8>) -> [u8; 32] {
 mod tests {
     use super::*;
     use crate::namespace::tests::qwen;
+
+    /// Pinned here and in `docs/hashing.md` §10 (and from Python by `python/tests`).
+    #[test]
+    fn sglang_keys_hash_as_documented() {
+        let identity = "model=meta-llama/Meta-Llama-3-8B\npage_size=64\nkv_dtype=bfloat16\n\
+                        layout=page_first\nmla=0\ntp=0/1\npp=0/1\ncp=0/1\ndcp=0/1\nparts=2\n\
+                        format=";
+        let key = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let mut m = b"kvshelf.sglang\0\0".to_vec();
+        for s in [identity, key] {
+            m.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            m.extend_from_slice(s.as_bytes());
+        }
+        m.extend_from_slice(&1u32.to_le_bytes());
+        let want = BlockHash(Sha256::digest(&m).into());
+        assert_eq!(sglang_key_hash(identity, key, 1).unwrap(), want);
+        assert_eq!(want.to_hex(), SGLANG_GOLDEN);
+        // Identity, key and part are each in the hash.
+        let hashes = [
+            sglang_key_hash(identity, key, 0).unwrap(),
+            want,
+            sglang_key_hash(&identity.replace("tp=0/1", "tp=1/2"), key, 1).unwrap(),
+            sglang_key_hash(identity, &key.replace('0', "1"), 1).unwrap(),
+            // Moving a byte between identity and key changes the hash (both length-prefixed).
+            sglang_key_hash(&identity[..identity.len() - 1], &format!("={key}"), 1).unwrap(),
+        ];
+        for (i, a) in hashes.iter().enumerate() {
+            for b in &hashes[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        let long = "k".repeat(MAX_FOREIGN_KEY_LEN + 1);
+        for (id, k) in [
+            ("", key),
+            (identity, ""),
+            ("a\0b", key),
+            (identity, &long[..]),
+        ] {
+            assert!(
+                matches!(sglang_key_hash(id, k, 0), Err(Error::InvalidInput(_))),
+                "{id:?} {k:?}"
+            );
+        }
+    }
+
+    const SGLANG_GOLDEN: &str = "6d3afb600c17c0bf7779b065ba6121d4316c13bcb49fa779462c7329d7300c78";
 
     /// Pinned here and in `docs/hashing.md` §8 (and from Python by `python/tests`).
     #[test]

@@ -141,7 +141,7 @@ impl From<Dtype> for String {
 ///
 /// `kvshelf-v1`: kvshelf computes the block hashes (`docs/hashing.md`) over full blocks of
 /// `block_size` tokens, and every payload is exactly one block of the namespace's shape.
-/// A foreign scheme (`lmcache`, `vllm`): the engine owns chunking and hashing; kvshelf derives the
+/// A foreign scheme (`lmcache`, `vllm`, `sglang`): the engine owns chunking and hashing; kvshelf derives the
 /// key hash from the engine's own key (`docs/hashing.md`, "Foreign hashes") and stores its
 /// chunks as opaque bytes of any length up to one full chunk of the namespace's layout
 /// (`docs/format.md`, "Foreign-hash chunks").
@@ -159,6 +159,10 @@ pub enum HashScheme {
     /// the vLLM instance (`docs/hashing.md` §9).
     #[serde(rename = "vllm")]
     Vllm,
+    /// SGLang HiCache page keys, with the instance's storage identity
+    /// (`docs/hashing.md` §10, `docs/sglang.md`).
+    #[serde(rename = "sglang")]
+    Sglang,
 }
 
 impl HashScheme {
@@ -168,6 +172,7 @@ impl HashScheme {
             HashScheme::KvshelfV1 => "kvshelf-v1",
             HashScheme::Lmcache => "lmcache",
             HashScheme::Vllm => "vllm",
+            HashScheme::Sglang => "sglang",
         }
     }
 
@@ -549,12 +554,21 @@ pub(crate) mod tests {
         assert!(!lm.accepts_payload_len(full + 1));
         let vllm = Namespace {
             hash_scheme: HashScheme::Vllm,
-            ..lm
+            ..lm.clone()
         };
         let json = serde_json::to_value(&vllm).unwrap();
         assert_eq!(json["hash_scheme"], "vllm");
         assert_eq!(serde_json::from_value::<Namespace>(json).unwrap(), vllm);
         assert!(vllm.accepts_payload_len(full - 2));
+        let sg = Namespace {
+            hash_scheme: HashScheme::Sglang,
+            ..lm
+        };
+        let json = serde_json::to_value(&sg).unwrap();
+        assert_eq!(json["hash_scheme"], "sglang");
+        assert_eq!(serde_json::from_value::<Namespace>(json).unwrap(), sg);
+        assert!(sg.accepts_payload_len(full - 2));
+        assert!(!sg.accepts_payload_len(full + 1));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 
 The Rust library in this process: the hashing contract (``docs/hashing.md``), the Redis
 store (``Store``: reads land in your buffers with the GIL released), a client of the
-sidecar (``Client``, HTTP or gRPC), the LMCache storage plugin (``kvshelf.lmcache``) and
-vLLM's secondary offloading tier (``kvshelf.vllm``).
+sidecar (``Client``, HTTP or gRPC), the LMCache storage plugin (``kvshelf.lmcache``),
+vLLM's secondary offloading tier (``kvshelf.vllm``) and SGLang's HiCache storage backend
+(``kvshelf.sglang``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ._native import (
     lmcache_key_hash,
     vllm_identity,
     vllm_key_hash,
+    sglang_key_hash,
+    sglang_key_hashes,
 )
 from ._pending import finish
 
@@ -39,6 +42,8 @@ __all__ = [
     "lmcache_key_hash",
     "vllm_identity",
     "vllm_key_hash",
+    "sglang_key_hash",
+    "sglang_key_hashes",
 ]
 
 

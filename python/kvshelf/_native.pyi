@@ -20,7 +20,7 @@ class Namespace:
     Keyword arguments are the sidecar configuration's namespace fields; the layout fields
     (``num_layers``, ``num_kv_heads``, ``head_dim``, ``tp_size``, ``tp_rank``, ``order``)
     may be given flat or nested under ``layout``. ``ttl`` in seconds or as ``"1h"``;
-    ``hash_scheme`` is ``"kvshelf-v1"`` (default), ``"lmcache"`` or ``"vllm"``. Raises ``ValueError``
+    ``hash_scheme`` is ``"kvshelf-v1"`` (default), ``"lmcache"``, ``"vllm"`` or ``"sglang"``. Raises ``ValueError``
     on an invalid namespace."""
 
     def __init__(self, **fields: Any) -> None: ...
@@ -71,6 +71,14 @@ def vllm_identity(
 
 def vllm_key_hash(identity: bytes, key: bytes) -> bytes:
     """The block hash kvshelf stores a vLLM chunk under (``docs/hashing.md`` §9)."""
+
+def sglang_key_hash(identity: str, key: str, part: int = 0) -> bytes:
+    """The block hash kvshelf stores part ``part`` of an SGLang HiCache page under, for an
+    instance's storage identity (``docs/hashing.md`` §10)."""
+
+def sglang_key_hashes(identity: str, keys: Sequence[str], parts: int) -> list[bytes]:
+    """``sglang_key_hash(identity, k, p)`` for every key ``k`` and part ``p < parts``,
+    page-major."""
 
 def block_key(label: str, hash: Hash) -> str:
     """``kvshelf:v1:<label>:<64 hex digits>``: the Redis key of a block."""

@@ -9,7 +9,7 @@
 //!
 //! | item | job |
 //! |---|---|
-//! | [`Namespace`], [`PrefixHasher`], [`lmcache_key_hash`], [`vllm_identity`], [`vllm_key_hash`], [`block_key`] | the hashing contract |
+//! | [`Namespace`], [`PrefixHasher`], [`lmcache_key_hash`], [`vllm_identity`], [`vllm_key_hash`], [`sglang_key_hash`], [`sglang_key_hashes`], [`block_key`] | the hashing contract |
 //! | [`Store`] | the library's `RedisStore`, synchronous, GIL released |
 //! | [`call::Pending`] | a `Store` call over caller memory run on the runtime: cancellable, and finished before its buffers go back (the async forms) |
 //! | [`client::Client`] | the sidecar's API (HTTP or gRPC) through the Rust client, GIL released |
@@ -445,6 +445,40 @@ fn vllm_key_hash<'py>(
     Ok(PyBytes::new(py, &h.0))
 }
 
+/// The block hash under which kvshelf stores part `part` of the SGLang HiCache page `key`
+/// of the instance whose storage identity is `identity` (`docs/hashing.md` §10), 32 bytes.
+#[pyfunction]
+#[pyo3(signature = (identity, key, part=0))]
+fn sglang_key_hash<'py>(
+    py: Python<'py>,
+    identity: &str,
+    key: &str,
+    part: u32,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let h = kvshelf::hashing::sglang_key_hash(identity, key, part).map_err(to_py)?;
+    Ok(PyBytes::new(py, &h.0))
+}
+
+/// `sglang_key_hash(identity, key, part)` for every key and every part `0..parts`,
+/// page-major (all parts of `keys[0]`, then of `keys[1]`, …), in one call.
+#[pyfunction]
+fn sglang_key_hashes<'py>(
+    py: Python<'py>,
+    identity: &str,
+    keys: Vec<String>,
+    parts: u32,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let hasher = kvshelf::hashing::SglangKeyHasher::new(identity).map_err(to_py)?;
+    let mut out = Vec::with_capacity(keys.len() * parts as usize);
+    for key in &keys {
+        for part in 0..parts {
+            let h = hasher.hash(key, part).map_err(to_py)?;
+            out.push(PyBytes::new(py, &h.0));
+        }
+    }
+    Ok(out)
+}
+
 /// The Redis key of a block: `kvshelf:v1:<label>:<64 hex digits>`.
 #[pyfunction]
 fn block_key(label: &str, hash: &Bound<'_, PyAny>) -> PyResult<String> {
@@ -751,6 +785,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lmcache_key_hash, m)?)?;
     m.add_function(wrap_pyfunction!(vllm_identity, m)?)?;
     m.add_function(wrap_pyfunction!(vllm_key_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(sglang_key_hash, m)?)?;
+    m.add_function(wrap_pyfunction!(sglang_key_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(block_key, m)?)?;
     m.add("KvshelfError", m.py().get_type::<KvshelfError>())?;
     Ok(())

@@ -1,5 +1,5 @@
-"""The hashing contract from Python: the golden vectors of tests/vectors/hashing.json and
-the LMCache key mapping of docs/hashing.md §8."""
+"""The hashing contract from Python: the golden vectors of tests/vectors/hashing.json, the
+LMCache key mapping of docs/hashing.md §8 and the vLLM and SGLang ones of §9 and §10."""
 
 import hashlib
 import json
@@ -93,3 +93,24 @@ def test_vllm_key_hash_matches_the_document():
         kvshelf.vllm_key_hash(ident, b"abcd")
     with pytest.raises(ValueError):
         kvshelf.vllm_key_hash(b"short", key)
+
+
+def test_sglang_key_hash_matches_the_document():
+    """docs/hashing.md §10, without SGLang: the golden value, the standard library's digest
+    and the batch form (the SGLang backend's own tests are in tests/sglang)."""
+    ident = ("model=meta-llama/Meta-Llama-3-8B\npage_size=64\nkv_dtype=bfloat16\n"
+             "layout=page_first\nmla=0\ntp=0/1\npp=0/1\ncp=0/1\ndcp=0/1\nparts=2\nformat=")
+    key = "0123456789abcdef" * 4
+    golden = "6d3afb600c17c0bf7779b065ba6121d4316c13bcb49fa779462c7329d7300c78"
+    assert kvshelf.sglang_key_hash(ident, key, 1).hex() == golden
+
+    def s(x: str) -> bytes:
+        return struct.pack("<I", len(x.encode())) + x.encode()
+
+    assert hashlib.sha256(b"kvshelf.sglang\0\0" + s(ident) + s(key)
+                          + struct.pack("<I", 1)).hexdigest() == golden
+    assert kvshelf.sglang_key_hashes(ident, [key, key[::-1]], 2) == [
+        kvshelf.sglang_key_hash(ident, k, p) for k in (key, key[::-1]) for p in (0, 1)]
+    for bad_ident, bad_key in (("", key), (ident, ""), ("a\0b", key), (ident, "k" * 1025)):
+        with pytest.raises(ValueError):
+            kvshelf.sglang_key_hash(bad_ident, bad_key, 0)
