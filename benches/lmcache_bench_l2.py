@@ -8,6 +8,7 @@ Run through its wrapper, which creates the LMCache venv and installs kvshelf int
 
     benches/lmcache_bench_l2.sh [--runs 3] [--rounds 5] [--chunks-kb 2048,32768]
                                 [--in-flight 1,4] [--num-keys 8] [--json FILE]
+                                [--before DIR]   # also an older kvshelf wheel's package
 
 Per cell (chunk size x in-flight) and run, each adapter runs `lmcache bench l2` once (store,
 lookup, load; verification on; `--rounds` measured rounds after one warm-up round), the
@@ -36,6 +37,7 @@ TOKEN_BYTES = 2 * LAYERS * HEADS * DIM * 2
 
 
 def adapter_json(kind: str, port: int, chunk_kb: int) -> str:
+    kind = kind.split("@")[0]
     if kind == "resp":
         spec = {"type": "resp", "host": "127.0.0.1", "port": port, "num_workers": 8}
     else:
@@ -58,7 +60,8 @@ def adapter_json(kind: str, port: int, chunk_kb: int) -> str:
     return json.dumps(spec)
 
 
-def bench_l2(lmcache: str, spec: str, args, chunk_kb: int, in_flight: int) -> dict:
+def bench_l2(lmcache: str, spec: str, args, chunk_kb: int, in_flight: int,
+             env: dict | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [
             lmcache, "bench", "l2", "--l2-adapter", spec,
@@ -67,7 +70,7 @@ def bench_l2(lmcache: str, spec: str, args, chunk_kb: int, in_flight: int) -> di
             "--warmup-rounds", "1", "--no-skip-verify",
             "--format", "json", "--output", out.name, "-q",
         ]
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if run.returncode != 0:
             sys.exit(f"lmcache bench l2 failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
         return json.loads(Path(out.name).read_text())
@@ -112,6 +115,10 @@ def main() -> None:
     ap.add_argument("--chunks-kb", default="2048,32768")
     ap.add_argument("--in-flight", default="1,4")
     ap.add_argument("--json", help="also write every measurement here")
+    ap.add_argument("--before", metavar="DIR",
+                    help="also measure the kvshelf package installed in DIR (pip install "
+                         "--target DIR <wheel>), e.g. an older commit's wheel, as "
+                         "`kvshelf@before`, interleaved with the others")
     args = ap.parse_args()
 
     proc, port = start_redis()
@@ -119,19 +126,26 @@ def main() -> None:
     try:
         for chunk_kb in [int(c) for c in args.chunks_kb.split(",")]:
             for in_flight in [int(f) for f in args.in_flight.split(",")]:
-                per: dict[str, list[dict[str, float]]] = {"resp": [], "kvshelf": []}
+                kinds = ["resp", "kvshelf"] + (["kvshelf@before"] if args.before else [])
+                per: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
                 for run in range(args.runs):
-                    order = ["resp", "kvshelf"] if run % 2 == 0 else ["kvshelf", "resp"]
+                    # Each run in another order (ABBA for two), so drift favours none.
+                    order = kinds[run % len(kinds):] + kinds[:run % len(kinds)]
+                    if run % 2 == 1:
+                        order.reverse()
                     for kind in order:
                         flushall("127.0.0.1", port)
+                        env = None
+                        if kind == "kvshelf@before":
+                            env = {**os.environ, "PYTHONPATH": args.before}
                         report = bench_l2(args.lmcache, adapter_json(kind, port, chunk_kb),
-                                          args, chunk_kb, in_flight)
+                                          args, chunk_kb, in_flight, env)
                         m = metrics(report)
                         per[kind].append(m)
                         raw.append({"chunk_kb": chunk_kb, "in_flight": in_flight, "run": run,
                                     "adapter": kind, **m})
                         print(f"chunk {chunk_kb} KiB in-flight {in_flight} run {run} "
-                              f"{kind:8} {m}", file=sys.stderr, flush=True)
+                              f"{kind:14} {m}", file=sys.stderr, flush=True)
                 flushall("127.0.0.1", port)
                 ceil1 = ceiling(port, chunk_kb, 1)
                 ceil8 = ceiling(port, chunk_kb, 8)
@@ -147,15 +161,18 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}")
     print()
     print("| chunk | in-flight | load MiB/s kvshelf / resp | ratio | store MiB/s kvshelf / resp "
-          "| ratio | lookup p50 ms kvshelf / resp | ceiling GET MiB/s (1 / 8 conns) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ratio | lookup p50 ms kvshelf / resp | ceiling GET MiB/s (1 / 8 conns) |"
+          + (" before: load / store ratio |" if args.before else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.before else ""))
     for chunk_kb, in_flight, med, ceil1, ceil8 in rows:
         k, r = med["kvshelf"], med["resp"]
+        b = med.get("kvshelf@before")
         print(f"| {chunk_kb // 1024} MiB | {in_flight} "
               f"| {k['load']:.0f} / {r['load']:.0f} | **{k['load'] / r['load']:.2f}×** "
               f"| {k['store']:.0f} / {r['store']:.0f} | **{k['store'] / r['store']:.2f}×** "
               f"| {k['lookup_p50_ms']:.3f} / {r['lookup_p50_ms']:.3f} "
-              f"| {ceil1:.0f} / {ceil8:.0f} |")
+              f"| {ceil1:.0f} / {ceil8:.0f} |"
+              + (f" {b['load'] / r['load']:.2f}× / {b['store'] / r['store']:.2f}× |" if b else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": raw, "time": time.time()}, indent=1))
 

@@ -7,6 +7,9 @@
 #   benches/lmcache_bench_l2.sh                          # 3 runs of 5 rounds, ~10 minutes
 #   benches/lmcache_bench_l2.sh --runs 5 --json target/bench/l2.json
 #   benches/lmcache_bench_l2.sh --chunks-kb 2048 --in-flight 1 --runs 1   # one cell
+#   benches/lmcache_bench_l2.sh --before /tmp/kv-before   # and an older build, interleaved:
+#     (git worktree add /tmp/wt <commit>; cd /tmp/wt/python; maturin build --release;
+#      pip install --no-deps --target /tmp/kv-before target/wheels/kvshelf-*.whl)
 #
 # Creates the LMCache venv once (python/lmcache-venv.sh, shared with python/ci.sh) and builds
 # and installs this checkout's kvshelf wheel into it (maturin, release, incremental; skip
