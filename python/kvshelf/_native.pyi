@@ -226,6 +226,7 @@ class Engine:
         event_fd: int,
         timeout: float = 5.0,
         fanout: int = 2,
+        max_keys_loading: int = 8,
         **options: Any,
     ) -> None: ...
     def submit_get(self, keys: Sequence[str], bufs: Sequence[Buffer]) -> int: ...

@@ -68,8 +68,9 @@ class KvshelfNativeConnector:
     ``num_kv_heads``, ``head_dim``, ``chunk_size`` = 256, ``tp_size`` = 1), ``ttl``
     (seconds or ``"1h"``; default the store's 1h), ``timeout`` (seconds a batch may take
     before its keys fail, default 5), ``fanout`` (sub-batches a get or set is split into and
-    run concurrently, default 2), and any ``StoreConfig`` field (``response_timeout``,
-    ``max_connections``, ``tls_ca_file``, ``cluster``, ...).
+    run concurrently, default 2), ``max_keys_loading`` (keys whose reads may be outstanding
+    at once across all batches, default 8; 0: no bound), and any ``StoreConfig`` field
+    (``response_timeout``, ``max_connections``, ``tls_ca_file``, ``cluster``, ...).
     """
 
     def __init__(

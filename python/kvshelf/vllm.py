@@ -307,6 +307,8 @@ class KvshelfTier(SecondaryTierManager):
       default the store's (1 hour). Redis backend only (the sidecar has its own).
     - ``timeout``: seconds any job may take before its unfinished keys fail (default 2).
     - ``fanout``: sub-batches a load or store is split into, run concurrently (default 2).
+    - ``max_keys_loading``: chunks whose loads may be outstanding at once across all jobs
+      (default 8; 0: no bound).
     - ``enable_kv_events``: emit ``BlockStored`` / ``BlockRemoved`` events with
       ``medium=STORAGE`` (default false; effective when vLLM's KV events are on).
     - ``locality``: ``"LOCAL"`` or ``"REMOTE"``, reported on events (default ``"REMOTE"``).

@@ -52,6 +52,12 @@ struct Shared {
     done: Mutex<Vec<Completion>>,
     /// The eventfd LMCache polls; `None` once closed, so no task writes to a reused fd.
     efd: Mutex<Option<File>>,
+    /// Keys whose reads may be outstanding at once, across every batch (`max_keys_loading`
+    /// permits; `None`: no bound). Several batches submitted together would otherwise send
+    /// all their GETs at once: Redis then copies every value into its reply buffers before
+    /// it writes much of any, tens of MiB that no cache holds, and every batch finishes
+    /// late (BENCHMARKS.md, "Issue 19").
+    loading: Option<(tokio::sync::Semaphore, usize)>,
 }
 
 impl Shared {
@@ -144,17 +150,20 @@ enum Op {
 
 #[pymethods]
 impl Engine {
-    /// `Engine(url, namespace, event_fd, timeout=5.0, fanout=2, **store_options)`. Takes
-    /// ownership of `event_fd` (an `os.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)`) and closes
-    /// it in `close`.
+    /// `Engine(url, namespace, event_fd, timeout=5.0, fanout=2, max_keys_loading=8,
+    /// **store_options)`. Takes ownership of `event_fd` (an `os.eventfd(0, EFD_NONBLOCK |
+    /// EFD_CLOEXEC)`) and closes it in `close`. `max_keys_loading`: keys whose reads may be
+    /// outstanding at once across all batches (0: no bound); a batch waits for room within
+    /// its own deadline.
     #[new]
-    #[pyo3(signature = (url, namespace, event_fd, timeout=5.0, fanout=2, **options))]
+    #[pyo3(signature = (url, namespace, event_fd, timeout=5.0, fanout=2, max_keys_loading=8, **options))]
     fn new(
         url: &str,
         namespace: &Namespace,
         event_fd: i32,
         timeout: f64,
         fanout: usize,
+        max_keys_loading: usize,
         options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let cfg = store_config(url, options)?;
@@ -176,6 +185,12 @@ impl Engine {
                 timeout: Duration::from_secs_f64(timeout),
                 done: Mutex::new(Vec::new()),
                 efd: Mutex::new(Some(efd)),
+                loading: (max_keys_loading > 0).then(|| {
+                    (
+                        tokio::sync::Semaphore::new(max_keys_loading),
+                        max_keys_loading,
+                    )
+                }),
             }),
             fanout: fanout.max(1),
             next_id: AtomicU64::new(1),
@@ -445,7 +460,18 @@ async fn run(shared: &Shared, op: &Op, items: &[Item], fanout: usize, out: &mut 
             let per = items.len().div_ceil(fanout).max(1);
             let mut results: FuturesUnordered<_> = items
                 .chunks(per)
-                .map(|group| async move { (group, run_group(store, ns, op, group).await) })
+                .map(|group| async move {
+                    // A get's sub-batch waits for room among the keys loading; never for
+                    // more permits than there are, or it would wait forever.
+                    let _room = match (op, &shared.loading) {
+                        (Op::Get, Some((loading, cap))) => {
+                            let n = u32::try_from(group.len().min(*cap)).unwrap_or(u32::MAX);
+                            Some(loading.acquire_many(n).await.expect("never closed"))
+                        }
+                        _ => None,
+                    };
+                    (group, run_group(store, ns, op, group).await)
+                })
                 .collect();
             while let Some((group, r)) = results.next().await {
                 match r {

@@ -316,3 +316,93 @@ def test_many_batches_in_flight_from_many_threads(redis, label):
         assert c._engine.in_flight() == 0
     finally:
         c.close()
+
+
+def _connector(url: str, label: str, **extra):
+    from kvshelf.lmcache import KvshelfNativeConnector
+
+    return KvshelfNativeConnector(url, label, kv_dtype="bf16", num_layers=2, num_kv_heads=2,
+                                  head_dim=8, chunk_size=16, **extra)
+
+
+_SMALL_CHUNK = 2 * 2 * 16 * 2 * 8 * 2  # _connector's full chunk in bytes
+
+
+def _pipelines_waiting(port: int) -> int:
+    """Connections to the Redis on `port` whose requests it has not read (it is stopped):
+    the server side's receive queue in /proc/net/tcp. Each is one pipeline of GETs sent
+    and not yet answered."""
+    waiting = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            local, state, queues = cols[1], cols[3], cols[4]
+            rx = int(queues.split(":")[1], 16)
+            if state == "01" and int(local.split(":")[1], 16) == port and rx > 0:
+                waiting += 1
+    return waiting
+
+
+@pytest.mark.parametrize("cap", [2, 0])
+def test_keys_loading_at_once_are_bounded_across_batches(own_redis, label, cap):
+    """`max_keys_loading`: 8 batches of 4 keys submitted together send the GETs of at most
+    `cap` keys at a time (0: all at once); every batch still completes byte-exact."""
+    redis = own_redis
+    c = _connector(redis.url, label, max_keys_loading=cap, timeout=DEADLINE)
+    try:
+        data = {f"m@00000000@0@{i:064x}": os.urandom(_SMALL_CHUNK) for i in range(32)}
+        ks = list(data)
+        drain_all(c, [c.submit_batch_set(ks, [bytearray(data[k]) for k in ks])])
+        sigstop(redis.proc)
+        try:
+            outs = {}
+            for b in range(8):
+                batch = ks[b * 4:(b + 1) * 4]
+                bufs = [bytearray(_SMALL_CHUNK) for _ in batch]
+                outs[c.submit_batch_get(batch, bufs)] = (batch, bufs)
+            # Let every GET that may be sent reach Redis, then count the pipelines held.
+            seen, deadline = 0, time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                seen = max(seen, _pipelines_waiting(redis.port))
+                time.sleep(0.05)
+        finally:
+            redis.proc.send_signal(18)  # SIGCONT
+        if cap:
+            # A sub-batch of 2 keys holds 2 permits and is cut into at most 2 pipelines.
+            assert 1 <= seen <= cap, seen
+        else:
+            assert seen > 2, f"without a bound every batch's GETs go out at once: {seen}"
+        results = drain_all(c, list(outs))
+        for fid, (batch, bufs) in outs.items():
+            assert results[fid][0] is True and results[fid][2] == [True] * 4, results[fid]
+            assert all(bytes(b) == data[k] for k, b in zip(batch, bufs))
+        assert c._engine.in_flight() == 0
+    finally:
+        c.close()
+
+
+def test_a_batch_waiting_for_room_times_out_and_never_touches_its_buffers(own_redis, label):
+    """A batch queued behind `max_keys_loading` is bounded by its own deadline: with Redis
+    hung, the batch holding the room and the one waiting for it both fail in time, and the
+    waiting one's buffer is never written, not even once Redis answers again."""
+    c = _connector(own_redis.url, label, max_keys_loading=1, timeout=0.5)
+    try:
+        ks = [f"m@00000000@0@{i:064x}" for i in range(2)]
+        drain_all(c, [c.submit_batch_set(ks, [bytearray(os.urandom(_SMALL_CHUNK)) for _ in ks])])
+        sigstop(own_redis.proc)
+        try:
+            first, waiting = bytearray(_SMALL_CHUNK), bytearray(_SMALL_CHUNK)
+            t0 = time.monotonic()
+            ids = [c.submit_batch_get([ks[0]], [first]), c.submit_batch_get([ks[1]], [waiting])]
+            results = drain_all(c, ids)
+            assert time.monotonic() - t0 < 5
+            assert all(r[0] is False and r[2] == [False] for r in results.values()), results
+        finally:
+            own_redis.proc.send_signal(18)  # SIGCONT
+        time.sleep(0.5)  # Redis answers the GET that was sent: it is drained, not delivered
+        assert waiting == bytearray(_SMALL_CHUNK) and first == bytearray(_SMALL_CHUNK)
+        later = bytearray(_SMALL_CHUNK)
+        assert drain_all(c, [fid := c.submit_batch_get([ks[1]], [later])])[fid][0] is True
+    finally:
+        c.close()
