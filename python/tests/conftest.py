@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -90,6 +92,47 @@ class RedisServer:
         return subprocess.run(
             [exe, "-p", str(self.port), *args], check=True, capture_output=True
         ).stdout
+
+
+class SidecarProcess:
+    """`kvshelf serve` (the binary of this repository: ``$KVSHELF_BIN``, else
+    target/debug/kvshelf) with the configuration ``config`` (TOML text), on a port it picks
+    itself, read back from its startup line; ``url`` is its HTTP and gRPC address."""
+
+    def __init__(self, config: str, prefix: str = "kvshelf-py-sidecar-") -> None:
+        exe = os.environ.get("KVSHELF_BIN") or str(REPO / "target" / "debug" / "kvshelf")
+        if not Path(exe).exists():
+            pytest.fail(f"no kvshelf binary at {exe}: `cargo build --bin kvshelf` "
+                        "(python/ci.sh does)")
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        path = self.dir / "kvshelf.toml"
+        path.write_text(config)
+        self.log = self.dir / "server.log"
+        self.proc = subprocess.Popen(
+            [exe, "--config", str(path), "serve", "--listen", "127.0.0.1:0"],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        self.url: str | None = None
+        while time.monotonic() < deadline and self.url is None:
+            log = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text())  # colours, if any
+            m = re.search(r"serving HTTP and gRPC.*addr=(\S+)", log)
+            if m:
+                self.url = f"http://{m.group(1)}"
+            elif self.proc.poll() is not None:
+                break
+            else:
+                time.sleep(0.05)  # the process is starting: nothing to wait on but its log
+        if self.url is None:
+            self.stop()
+            raise RuntimeError(f"kvshelf serve did not start:\n{self.log.read_text()}")
+        with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as r:
+            assert r.status == 200
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="session")

@@ -4,37 +4,22 @@ repository) in front of a real redis-server, over HTTP and gRPC."""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import subprocess
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kvshelf
-from conftest import REPO
+from conftest import SidecarProcess
 
 ADMIN = "admin-token"
 WORKER = "worker-token"
 
 
-def kvshelf_bin() -> str:
-    path = os.environ.get("KVSHELF_BIN") or str(REPO / "target" / "debug" / "kvshelf")
-    if not Path(path).exists():
-        pytest.fail(f"no kvshelf binary at {path}: `cargo build --bin kvshelf` (python/ci.sh does)")
-    return path
-
-
-class Sidecar:
-    """`kvshelf serve` on a port it picks itself, read back from its startup line."""
+class Sidecar(SidecarProcess):
+    """`kvshelf serve` with the tests' namespace (and, with ``tokens``, two tenants)."""
 
     def __init__(self, redis_url: str, label: str, tokens: bool = False) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="kvshelf-py-sidecar-"))
-        config = self.dir / "kvshelf.toml"
         text = f"""
 [store]
 url = "{redis_url}"
@@ -58,32 +43,7 @@ name = "ops"
 token = "{ADMIN}"
 admin = true
 """
-        config.write_text(text)
-        self.log = self.dir / "server.log"
-        self.proc = subprocess.Popen(
-            [kvshelf_bin(), "--config", str(config), "serve", "--listen", "127.0.0.1:0"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        self.url = None
-        while time.monotonic() < deadline and self.url is None:
-            log = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text())  # colours, if any
-            m = re.search(r"serving HTTP and gRPC.*addr=(\S+)", log)
-            if m:
-                self.url = f"http://{m.group(1)}"
-            elif self.proc.poll() is not None:
-                break
-            else:
-                time.sleep(0.05)  # the process is starting: nothing to wait on but its log
-        if self.url is None:
-            self.stop()
-            raise RuntimeError(f"kvshelf serve did not start:\n{self.log.read_text()}")
-        with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as r:
-            assert r.status == 200
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=15)
+        super().__init__(text)
 
 
 @pytest.fixture()

@@ -5,18 +5,12 @@ kvshelf-v1 namespace whose block is exactly one page (docs/sglang.md)."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import tempfile
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, sigstop
+from conftest import SidecarProcess, sigstop
 from sglang_env import (guard, DIM, HEADS, LAYERS, PAGE, extra_config, fill_byte,  # noqa: F401
                         fill_random, make_backend, make_pool, page_keys, pages)
 
@@ -24,18 +18,12 @@ TIMEOUT = 0.5
 SLACK = 1.5
 
 
-class Sidecar:
+class Sidecar(SidecarProcess):
     """`kvshelf serve` with one namespace whose block is one joined page of the tests'
     page_first MHA pool: K then V, each [token, layer, head, dim] (order `ktlhd`)."""
 
     def __init__(self, redis_url: str, label: str) -> None:
-        exe = os.environ.get("KVSHELF_BIN") or str(REPO / "target" / "debug" / "kvshelf")
-        if not Path(exe).exists():
-            pytest.fail(f"no kvshelf binary at {exe}: `cargo build --bin kvshelf` "
-                        "(python/ci.sh does)")
-        self.dir = Path(tempfile.mkdtemp(prefix="kvshelf-sglang-sidecar-"))
-        config = self.dir / "kvshelf.toml"
-        config.write_text(f"""
+        super().__init__(f"""
 [store]
 url = "{redis_url}"
 
@@ -45,32 +33,7 @@ model_id = "kvshelf/test-llama"
 kv_dtype = "bfloat16"
 block_size = {PAGE}
 layout = {{ num_layers = {LAYERS}, num_kv_heads = {HEADS}, head_dim = {DIM}, order = "ktlhd" }}
-""")
-        self.log = self.dir / "server.log"
-        self.proc = subprocess.Popen(
-            [exe, "--config", str(config), "serve", "--listen", "127.0.0.1:0"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        self.url = None
-        while time.monotonic() < deadline and self.url is None:
-            m = re.search(r"serving HTTP and gRPC.*addr=(\S+)",
-                          re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text()))
-            if m:
-                self.url = f"http://{m.group(1)}"
-            elif self.proc.poll() is not None:
-                break
-            else:
-                time.sleep(0.05)  # the process is starting: nothing to wait on but its log
-        if self.url is None:
-            self.stop()
-            raise RuntimeError(f"kvshelf serve did not start:\n{self.log.read_text()}")
-        with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as r:
-            assert r.status == 200
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait(timeout=15)
+""", prefix="kvshelf-sglang-sidecar-")
 
 
 @pytest.fixture()

@@ -29,6 +29,7 @@ from vllm.v1.kv_offload.config import (
 from vllm.v1.kv_offload.tiering.base import JobResult, TransferJob
 from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 
+from conftest import SidecarProcess
 from kvshelf.vllm import KvshelfTier
 
 GUARD = 120.0  # seconds a test may take before the process dumps its stacks and exits
@@ -156,28 +157,13 @@ def keys_of(n: int, tag: str = "") -> list[OffloadKey]:
             for i in range(n)]
 
 
-class Sidecar:
+class Sidecar(SidecarProcess):
     """``kvshelf serve`` (the binary of this repository) in front of a real Redis, with
     one namespace whose block is exactly ``chunk_bytes``: the shape the tier's sidecar
     backend needs (``docs/vllm.md``)."""
 
     def __init__(self, redis_url: str, label: str, chunk_bytes: int = CHUNK) -> None:
-        import os
-        import re
-        import subprocess
-        import tempfile
-        import urllib.request
-        from pathlib import Path
-
-        from conftest import REPO
-
-        exe = os.environ.get("KVSHELF_BIN") or str(REPO / "target" / "debug" / "kvshelf")
-        if not Path(exe).exists():
-            pytest.fail(f"no kvshelf binary at {exe}: `cargo build --bin kvshelf` "
-                        "(python/ci.sh does)")
-        self.dir = Path(tempfile.mkdtemp(prefix="kvshelf-py-vllm-sidecar-"))
-        config = self.dir / "kvshelf.toml"
-        config.write_text(f"""
+        super().__init__(f"""
 [store]
 url = "{redis_url}"
 
@@ -187,29 +173,4 @@ model_id = "kvshelf/test-model"
 kv_dtype = "uint8"
 block_size = 1
 layout = {{ num_layers = 1, num_kv_heads = 1, head_dim = {chunk_bytes // 2} }}
-""")
-        self.log = self.dir / "server.log"
-        self.proc = subprocess.Popen(
-            [exe, "--config", str(config), "serve", "--listen", "127.0.0.1:0"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        self.url: Optional[str] = None
-        while time.monotonic() < deadline and self.url is None:
-            log = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text())
-            m = re.search(r"serving HTTP and gRPC.*addr=(\S+)", log)
-            if m:
-                self.url = f"http://{m.group(1)}"
-            elif self.proc.poll() is not None:
-                break
-            else:
-                time.sleep(0.05)  # the process is starting: nothing to wait on but its log
-        if self.url is None:
-            self.stop()
-            raise RuntimeError(f"kvshelf serve did not start:\n{self.log.read_text()}")
-        with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as r:
-            assert r.status == 200
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=15)
+""", prefix="kvshelf-py-vllm-sidecar-")
