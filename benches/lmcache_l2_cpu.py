@@ -34,11 +34,10 @@ from lmcache.v1.distributed.l2_adapters.config import get_l2_adapter_config_clas
 from lmcache.v1.distributed.l2_adapters.factory import create_l2_adapter_from_registry
 from lmcache.v1.memory_allocators.ad_hoc_memory_allocator import AdHocMemoryAllocator
 from lmcache.v1.memory_management import MemoryFormat
-from lmcache.v1.platform.event_notifier import consume_fd
-import select
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lmcache_common import DIM, HEADS, LAYERS, fill_random, flushall, start_redis  # noqa: E402
+from lmcache_plugin import wait  # noqa: E402
 
 
 def parse_value(v: str):
@@ -66,15 +65,6 @@ def make_adapter(variant: str, port: int, tokens: int):
     else:
         sys.exit(f"unknown variant {variant!r}: resp or kvshelf[:k=v,...]")
     return create_l2_adapter_from_registry(get_l2_adapter_config_class(d["type"]).from_dict(d))
-
-
-def wait(fd: int, poll):
-    while True:
-        r = poll()
-        if r is not None:
-            return r
-        if select.select([fd], [], [], 60)[0]:
-            consume_fd(fd)
 
 
 def redis_info(port: int, section: str) -> dict[str, str]:
