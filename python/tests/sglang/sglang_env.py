@@ -94,6 +94,18 @@ def page_keys(n: int, seed: int = 0) -> list[str]:
     return get_hash_str(tokens, None, page_size=PAGE)
 
 
+def two_instances(extra: dict, n: int, seed: int):
+    """A writer and a reader backend, each over a host pool of its own (two SGLang
+    instances) with the same extra-config; `n` page keys; and the writer's pages `at`
+    filled with random bytes (not stored yet). Returns (src, dst, w, r, keys, at)."""
+    src, dst = make_pool(), make_pool()
+    w, r = make_backend(src, extra), make_backend(dst, dict(extra))
+    keys = page_keys(n, seed=seed)
+    at = src.alloc(n * PAGE)
+    fill_random(src, at, seed=seed)
+    return src, dst, w, r, keys, at
+
+
 def fill_random(pool, indices: torch.Tensor, seed: int) -> None:
     """Random bytes in the pages at `indices` (every region of each)."""
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ import torch
 import kvshelf
 from kvshelf.sglang import KvshelfHiCacheStorage, storage_identity
 from sglang_env import (guard, PAGE, extra_config, fill_random, make_backend,  # noqa: F401
-                        make_pool, page_keys, pages, region_bytes, storage_config)
+                        make_pool, page_keys, pages, region_bytes, storage_config, two_instances)
 
 LAYOUTS = [("mha", "page_first"), ("mha", "layer_first"), ("mha", "page_first_direct"),
            ("mla", "page_first"), ("mla", "layer_first")]
@@ -48,12 +48,7 @@ def test_pages_round_trip_byte_exact_between_two_host_pools(redis, label, kind, 
 
 
 def test_pages_land_at_the_host_indices_given_and_nowhere_else(redis, label):
-    src, dst = make_pool(), make_pool()
-    w = make_backend(src, extra_config(redis.url, label))
-    r = make_backend(dst, extra_config(redis.url, label))
-    keys = page_keys(3, seed=2)
-    at = src.alloc(3 * PAGE)
-    fill_random(src, at, seed=2)
+    src, dst, w, r, keys, at = two_instances(extra_config(redis.url, label), 3, seed=2)
     assert w.batch_set_v1(keys, at) == [True] * 3
     dst.alloc(5 * PAGE)  # the reader's free pages start further on
     into = dst.alloc(3 * PAGE)
@@ -92,12 +87,7 @@ def test_batch_exists_counts_leading_pages_in_one_call(redis, label):
 
 
 def test_a_corrupt_or_unlinked_page_is_false_never_wrong_bytes(redis, label):
-    src, dst = make_pool(), make_pool()
-    w = make_backend(src, extra_config(redis.url, label))
-    r = make_backend(dst, extra_config(redis.url, label))
-    keys = page_keys(4, seed=5)
-    at = src.alloc(4 * PAGE)
-    fill_random(src, at, seed=5)
+    src, dst, w, r, keys, at = two_instances(extra_config(redis.url, label), 4, seed=5)
     assert w.batch_set_v1(keys, at) == [True] * 4
     k1 = kvshelf.block_key(label, kvshelf.sglang_key_hash(w.identity_v1, keys[1], 0))
     k2 = kvshelf.block_key(label, kvshelf.sglang_key_hash(w.identity_v1, keys[2], 1))

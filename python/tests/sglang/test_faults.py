@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import sigstop
 from sglang_env import (guard, PAGE, extra_config, fill_byte, fill_random,  # noqa: F401
-                        make_backend, make_pool, page_keys, pages)
+                        make_backend, make_pool, page_keys, pages, two_instances)
 
 TIMEOUT = 0.5   # the backend's per-call deadline in these tests
 SLACK = 1.5     # how much later than its deadline a call may return on a loaded 2-core VM
@@ -54,14 +54,9 @@ class Prefetcher(threading.Thread):
 
 
 def run_through_outage(own_redis, label, outage, recover):
-    src, dst = make_pool(), make_pool()
     extra = extra_config(own_redis.url, label, timeout=TIMEOUT,
                          store_options={"connection_timeout": TIMEOUT})
-    w = make_backend(src, extra)
-    r = make_backend(dst, dict(extra))
-    keys = page_keys(4, seed=20)
-    at = src.alloc(4 * PAGE)
-    fill_random(src, at, seed=20)
+    src, dst, w, r, keys, at = two_instances(extra, 4, seed=20)
     assert w.batch_set_v1(keys, at) == [True] * 4
     into = dst.alloc(4 * PAGE)
     t = Prefetcher(r, dst, keys, at, into)
@@ -112,12 +107,8 @@ def test_redis_sigstopped_mid_run_gives_false_within_the_deadline_and_hits_resum
 def test_pages_are_never_written_after_batch_get_v1_returns(own_redis, label):
     """Redis paused: the read gives up at its deadline; the caller then refills those
     pages with 0x11 and watches them until well after Redis answers again."""
-    src, dst = make_pool(), make_pool()
     extra = extra_config(own_redis.url, label, timeout=TIMEOUT)
-    w, r = make_backend(src, extra), make_backend(dst, dict(extra))
-    keys = page_keys(4, seed=21)
-    at = src.alloc(4 * PAGE)
-    fill_random(src, at, seed=21)
+    src, dst, w, r, keys, at = two_instances(extra, 4, seed=21)
     assert w.batch_set_v1(keys, at) == [True] * 4
     into = dst.alloc(4 * PAGE)
     assert r.batch_exists(keys) == 4  # connections are up
@@ -136,12 +127,8 @@ def test_pages_are_never_written_after_batch_get_v1_returns(own_redis, label):
 def test_pages_are_never_read_after_batch_set_v1_returns(own_redis, label):
     """Redis paused: the write gives up at its deadline; the caller then overwrites those
     pages with 0x22. Whatever reaches Redis afterwards is the old bytes or nothing."""
-    src, dst = make_pool(), make_pool()
     extra = extra_config(own_redis.url, label, timeout=TIMEOUT)
-    w, r = make_backend(src, extra), make_backend(dst, dict(extra))
-    keys = page_keys(4, seed=22)
-    at = src.alloc(4 * PAGE)
-    fill_random(src, at, seed=22)
+    src, dst, w, r, keys, at = two_instances(extra, 4, seed=22)
     original = pages(src, at)
     assert w.batch_exists(keys) == 0
     assert own_redis.cli("CLIENT", "PAUSE", "2000", "WRITE").strip() == b"OK"

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import SidecarProcess, sigstop
 from sglang_env import (guard, DIM, HEADS, LAYERS, PAGE, extra_config, fill_byte,  # noqa: F401
-                        fill_random, make_backend, make_pool, page_keys, pages)
+                        fill_random, make_backend, make_pool, page_keys, pages,
+                        two_instances)
 
 TIMEOUT = 0.5
 SLACK = 1.5
@@ -51,12 +52,8 @@ def sidecar_config(url: str, label: str) -> dict:
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_pages_round_trip_through_the_sidecar(sidecar, label, protocol):
-    src, dst = make_pool(), make_pool()
     extra = dict(sidecar_config(sidecar.url, label), protocol=protocol)
-    w, r = make_backend(src, extra), make_backend(dst, dict(extra))
-    keys = page_keys(5, seed=40)
-    at = src.alloc(5 * PAGE)
-    fill_random(src, at, seed=40)
+    src, dst, w, r, keys, at = two_instances(extra, 5, seed=40)
     assert r.batch_exists(keys) == 0
     assert w.batch_set_v1(keys[:3], at[:3 * PAGE]) == [True] * 3
     assert r.batch_exists(keys) == 3
@@ -70,12 +67,7 @@ def test_pages_round_trip_through_the_sidecar(sidecar, label, protocol):
 
 def test_a_stopped_sidecar_gives_false_within_the_deadline(redis, label):
     s = Sidecar(redis.url, label)
-    src, dst = make_pool(), make_pool()
-    w = make_backend(src, sidecar_config(s.url, label))
-    r = make_backend(dst, sidecar_config(s.url, label))
-    keys = page_keys(3, seed=41)
-    at = src.alloc(3 * PAGE)
-    fill_random(src, at, seed=41)
+    src, dst, w, r, keys, at = two_instances(sidecar_config(s.url, label), 3, seed=41)
     assert w.batch_set_v1(keys, at) == [True] * 3
     s.stop()
     into = dst.alloc(3 * PAGE)
@@ -103,12 +95,7 @@ def test_redis_sigstopped_behind_the_sidecar_gives_false_within_the_deadline(own
 
     s = Sidecar(own_redis.url, label)
     try:
-        src, dst = make_pool(), make_pool()
-        w = make_backend(src, sidecar_config(s.url, label))
-        r = make_backend(dst, sidecar_config(s.url, label))
-        keys = page_keys(3, seed=42)
-        at = src.alloc(3 * PAGE)
-        fill_random(src, at, seed=42)
+        src, dst, w, r, keys, at = two_instances(sidecar_config(s.url, label), 3, seed=42)
         assert w.batch_set_v1(keys, at) == [True] * 3
         into = dst.alloc(3 * PAGE)
         fill_byte(dst, into, 0x11)
