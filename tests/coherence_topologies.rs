@@ -182,15 +182,19 @@ async fn through_a_sentinel_failover_l1_is_flushed_then_follows_the_new_primary(
     .expect("B did not follow the failover");
 }
 
+on_every_server!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    one_dead_cluster_primary_costs_l1_only_its_own_slots
+);
+
 /// Issue 18 §1: one Cluster primary dies (no replica, `cluster-require-full-coverage no`):
 /// the other primaries' streams go on, so their blocks stay in B's L1 and an UNLINK behind
 /// kvshelf's back still reaches it; a block of the dead primary's slots is never served.
 /// Before, `track()` failed for every primary as long as one was down: B's L1 kept
 /// filling without any invalidation and served the unlinked block until `l1_max_ttl`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_dead_cluster_primary_costs_l1_only_its_own_slots() {
+async fn one_dead_cluster_primary_costs_l1_only_its_own_slots(server: Server) {
     let _serial = SERIAL.lock().await;
-    let mut cluster = RedisCluster::start(3);
+    let mut cluster = RedisCluster::start_on_server(server, 3, 0);
     let store = StoreConfig {
         url: cluster.url(),
         cluster: true,

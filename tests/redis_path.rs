@@ -136,6 +136,13 @@ async fn a_value_longer_than_any_block_is_a_corrupt_miss_and_is_not_read_whole()
                 "{path}"
             );
             assert!(got[1].is_none(), "{path}");
+            // The block behind the oversized one on the same pipeline is sent again and
+            // served as usual (docs/format.md), in this same call.
+            assert_eq!(
+                got[2].as_ref().map(|h| &h.block.payload),
+                Some(&blocks[2].1),
+                "{path}: the block after the oversized one"
+            );
             assert!(!exists(&url, &key).await, "{path}: the value is deleted");
             // The lean path dropped that connection without reading the rest of the
             // pipeline; the next read is whole again.
@@ -286,19 +293,25 @@ async fn in_a_brownout_timeouts_do_not_make_every_call_reconnect() {
     .expect("the test finishes in time");
 }
 
+/// A store that reaches a fresh Redis through a proxy the test controls (it can drop the
+/// reply of one command), and a namespace `label`.
+async fn behind_a_proxy(label: &str) -> (RedisServer, support::Proxy, Namespace, RedisStore) {
+    let server = RedisServer::start(&[]);
+    let proxy = support::Proxy::start(server.port).await;
+    let s = store_with(StoreConfig {
+        url: proxy.url(),
+        ..Default::default()
+    });
+    (server, proxy, namespace(label), s)
+}
+
 /// Issue 18 §2: a command that ran but whose reply was lost (its connection broke) is
 /// resent on a new connection; the outcome reported is the first sending's, not the
 /// resend's. A put whose `SET NX` ran reports `stored` (the resend alone said "not set").
 #[tokio::test]
 async fn a_put_whose_reply_was_lost_reports_stored() {
     tokio::time::timeout(WITHIN, async {
-        let server = RedisServer::start(&[]);
-        let proxy = support::Proxy::start(server.port).await;
-        let ns = namespace("lost-put");
-        let s = store_with(StoreConfig {
-            url: proxy.url(),
-            ..Default::default()
-        });
+        let (_server, proxy, ns, s) = behind_a_proxy("lost-put").await;
         let hs = hashes(&ns, 2);
         s.ping().await.unwrap();
         proxy.drop_reply_to(b"NX");
@@ -331,13 +344,7 @@ async fn a_put_whose_reply_was_lost_reports_stored() {
 #[tokio::test]
 async fn a_pin_whose_record_reply_was_lost_still_passes_the_cap() {
     tokio::time::timeout(WITHIN, async {
-        let server = RedisServer::start(&[]);
-        let proxy = support::Proxy::start(server.port).await;
-        let ns = namespace("lost-pin");
-        let s = store_with(StoreConfig {
-            url: proxy.url(),
-            ..Default::default()
-        });
+        let (_server, proxy, ns, s) = behind_a_proxy("lost-pin").await;
         let hs = hashes(&ns, 2);
         let blocks = vec![(hs[0], payload(&ns, 1)), (hs[1], payload(&ns, 2))];
         s.put(&ns, &blocks).await.unwrap();
@@ -357,6 +364,28 @@ async fn a_pin_whose_record_reply_was_lost_still_passes_the_cap() {
             Some(true)
         );
         assert_eq!(s.pinned_bytes(&ns).await.unwrap(), cap);
+    })
+    .await
+    .expect("the test finishes in time");
+}
+
+/// A delete whose `UNLINK` ran but whose reply was lost: the resend finds the block gone.
+/// The block is gone either way (what a delete promises); the count says 0, short by the
+/// one block the first sending deleted, as docs/operations.md ("A command sent twice")
+/// says, where a count that claimed certainty would be a lie either way.
+#[tokio::test]
+async fn a_delete_whose_reply_was_lost_removes_the_block_and_may_count_short() {
+    tokio::time::timeout(WITHIN, async {
+        let (_server, proxy, ns, s) = behind_a_proxy("lost-unlink").await;
+        let hs = hashes(&ns, 2);
+        let blocks = vec![(hs[0], payload(&ns, 1)), (hs[1], payload(&ns, 2))];
+        s.put(&ns, &blocks).await.unwrap();
+        proxy.drop_reply_to(b"UNLINK");
+        assert_eq!(s.delete(&ns.label, &hs[..1]).await.unwrap(), 0);
+        assert!(s.get(&ns, &hs[..1]).await.unwrap()[0].is_none(), "deleted");
+        // Without a lost reply the count is exact.
+        assert_eq!(s.delete(&ns.label, &hs[1..]).await.unwrap(), 1);
+        assert_eq!(s.delete(&ns.label, &hs[1..]).await.unwrap(), 0);
     })
     .await
     .expect("the test finishes in time");

@@ -162,7 +162,7 @@ async fn a_storm_of_killed_connections_never_forgets_a_healthy_primary() {
 
 /// The same storm against sentinels that require a password (`requirepass`), given as
 /// `sentinel_password` while the URL carries the data nodes' ACL user; a wrong one finds
-/// no primary.
+/// no primary. An ACL user of the sentinels (`sentinel_username`) works the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_that_require_a_password_are_asked_with_sentinel_password() {
     const SENTINEL_PASSWORD: &str = "watchers-only";
@@ -184,6 +184,23 @@ async fn sentinels_that_require_a_password_are_asked_with_sentinel_password() {
                 || e.to_string().contains("invalid"),
             "{e}"
         );
+    }
+    // An ACL user of the sentinels (`sentinel_username` + `sentinel_password`): found the
+    // primary as that user; the same user with the wrong password finds none.
+    for s in &sentinel.sentinels {
+        s.cli(&["ACL", "SETUSER", "watcher", "on", ">watcher-pw", "+@all"])
+            .expect("the sentinel takes the ACL user");
+    }
+    for (password, works) in [("watcher-pw", true), ("not-it", false)] {
+        let store = RedisStore::new(StoreConfig {
+            url: sentinel.user_url(),
+            sentinel_username: Some("watcher".into()),
+            sentinel_password: Some(password.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let got = store.lookup(&ns, &hs).await;
+        assert_eq!(got.is_ok(), works, "{password}: {got:?}");
     }
     let cfg = StoreConfig {
         url: sentinel.user_url(),

@@ -1,4 +1,4 @@
-"""The boundary rule (DESIGN.md, "Engines"): memory a caller lends is touched only while the
+"""The boundary rule (docs/design.md, "Engines: how Python workers reach the shelf"): memory a caller lends is touched only while the
 call that lent it runs. A call the caller cancels, abandons on a timeout or closes is
 stopped, and has finished, before control (or the buffer) goes back (issue 17 §1).
 

@@ -115,6 +115,10 @@ fn describe_metrics() {
         "Times the store asked the sentinels for the primary because it knew none (the first call, then after each time it forgot it: READONLY, or a sentinel naming another)."
     );
     describe_counter!(
+        "kvshelf_store_unlink_unsure_total",
+        "Keys a resent UNLINK found gone: deleted, but perhaps by the first sending whose reply was lost, so delete and purge counts may be short by this many."
+    );
+    describe_counter!(
         "kvshelf_store_connection_drains_total",
         "Redis calls given up mid-exchange whose connection was read back into step (kept), could not be (closed) or did not answer in time (timeout)."
     );

@@ -220,8 +220,9 @@ impl Shelf {
             // Room for this chunk in the fetch memory budget, before reading it. Each
             // block's share travels with its payload and is given back when the transport
             // drops the bytes (written to the client, or the client went away).
-            // The wait is bounded: fetches whose readers stall hold their room, and the
-            // others fail open instead of queueing behind them forever.
+            // The wait is bounded: fetches whose readers stall hold their room (until
+            // `response_write_timeout` cuts them off), and the others fail open instead of
+            // queueing behind them.
             let want = chunk.len() as u64 * block_bytes;
             let deadline = self.read_deadline(want);
             let mut room = match tokio::time::timeout(deadline, self.fetch_room(want)).await {

@@ -182,6 +182,7 @@ impl RedisStore {
             }
         }
         if unsure > 0 {
+            metrics::counter!("kvshelf_store_unlink_unsure_total").increment(unsure);
             tracing::warn!(
                 deleted,
                 unsure,

@@ -196,4 +196,32 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("***"), "{shown}");
     }
+
+    /// Issue 18 §1: every socket kvshelf dials has TCP keepalive on (idle time and probe
+    /// interval are set by the same call), so a peer that vanished without a FIN is found
+    /// dead by the kernel.
+    #[tokio::test]
+    async fn every_dialled_socket_has_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = Addr {
+            host: "127.0.0.1".into(),
+            port: listener.local_addr().unwrap().port(),
+        };
+        let dialer = Dialer {
+            login: Login::default(),
+            tls: None,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            command_retries: 0,
+            max_connections: 1,
+            connect_rate: 0,
+        };
+        let stream = connect(&addr, &dialer).await.unwrap();
+        let Stream::Tcp(tcp) = &stream else {
+            panic!("no TLS was asked for")
+        };
+        let sock = socket2::SockRef::from(tcp);
+        assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert!(sock.tcp_nodelay().unwrap(), "TCP_NODELAY");
+    }
 }

@@ -101,21 +101,7 @@ impl Fixture {
         for l1 in [false, true] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
-            let mut server_cfg = Config {
-                store: Some(store_cfg.clone()),
-                namespaces: vec![ns.clone(), put_ns.clone()],
-                ..Default::default()
-            };
-            // The fail-open deadlines of fetches and lookups are a user's defaults: a
-            // fetch the sidecar cuts off fails the bench. Only what [`OVERRIDES`] lists
-            // differs, and the table says so.
-            server_cfg.server.put_timeout = Duration::from_secs(60);
-            server_cfg.server.max_concurrent_requests = 4096;
-            server_cfg.server.max_body_bytes = u64::MAX;
-            server_cfg.server.body_memory_bytes = u64::MAX;
-            if !l1 {
-                server_cfg.server.l1_bytes = 0;
-            }
+            let server_cfg = sidecar_config(&store_cfg, &ns, &put_ns, l1);
             let shelf = kvshelf::shelf::Shelf::new(&server_cfg)?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let unix = if l1 {
@@ -230,4 +216,73 @@ pub(super) fn payload(ns: &Namespace, hash: &BlockHash) -> Bytes {
     }
     out.truncate(ns.block_bytes() as usize);
     out.into()
+}
+
+/// The config of the bench's in-process sidecars. The fail-open deadlines of fetches and
+/// lookups are a user's defaults: a fetch the sidecar cuts off fails the bench. Only what
+/// [`OVERRIDES`](super::setup::OVERRIDES) lists differs, and the table says so (a test
+/// below holds the two together).
+fn sidecar_config(store: &StoreConfig, ns: &Namespace, put_ns: &Namespace, l1: bool) -> Config {
+    let mut cfg = Config {
+        store: Some(store.clone()),
+        namespaces: vec![ns.clone(), put_ns.clone()],
+        ..Default::default()
+    };
+    cfg.server.put_timeout = Duration::from_secs(60);
+    cfg.server.max_concurrent_requests = 4096;
+    cfg.server.max_body_bytes = u64::MAX;
+    cfg.server.body_memory_bytes = u64::MAX;
+    if !l1 {
+        cfg.server.l1_bytes = 0;
+    }
+    cfg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::setup::OVERRIDES;
+
+    /// The bench's sidecars differ from a user's defaults in exactly the settings
+    /// `OVERRIDES` names (printed under every table): fetch and lookup deadlines included.
+    #[test]
+    fn the_bench_sidecars_differ_from_the_defaults_only_where_the_table_says() {
+        let ns = crate::bench::setup::ValueSize::M2.namespace();
+        for l1 in [false, true] {
+            let mut cfg = sidecar_config(&StoreConfig::default(), &ns, &ns, l1);
+            let defaults = Config::default().server;
+            for (name, differs) in [
+                (
+                    "put_timeout",
+                    cfg.server.put_timeout != defaults.put_timeout,
+                ),
+                (
+                    "max_concurrent_requests",
+                    cfg.server.max_concurrent_requests != defaults.max_concurrent_requests,
+                ),
+                (
+                    "max_body_bytes",
+                    cfg.server.max_body_bytes != defaults.max_body_bytes,
+                ),
+                (
+                    "body_memory_bytes",
+                    cfg.server.body_memory_bytes != defaults.body_memory_bytes,
+                ),
+                ("l1_bytes", cfg.server.l1_bytes != defaults.l1_bytes),
+            ] {
+                if differs {
+                    assert!(OVERRIDES.contains(name), "{name} differs but is not listed");
+                }
+            }
+            cfg.server.put_timeout = defaults.put_timeout;
+            cfg.server.max_concurrent_requests = defaults.max_concurrent_requests;
+            cfg.server.max_body_bytes = defaults.max_body_bytes;
+            cfg.server.body_memory_bytes = defaults.body_memory_bytes;
+            cfg.server.l1_bytes = defaults.l1_bytes;
+            assert_eq!(
+                cfg.server, defaults,
+                "a setting differs that OVERRIDES does not list"
+            );
+        }
+    }
 }
