@@ -1,20 +1,28 @@
 #!/usr/bin/env python3
 """kvshelf's LMCache plugin (`native_plugin`) against LMCache's own `resp` adapter, both
 measured by LMCache's own tool, `lmcache bench l2`, on one private redis-server, in
-interleaved runs; with the physical ceiling (redis-benchmark GET of one key of the chunk's
-size, loopback TCP) measured in the same run.
+interleaved runs; with the physical ceiling measured in the same runs: the same values
+loaded by a minimal blocking client (`benches/redis_get_ceiling.py`: one `GET` and one
+`recv_into` per value, 8 connections, nothing else), and redis-benchmark's GET of one key of
+the chunk's size for reference.
 
 Run through its wrapper, which creates the LMCache venv and installs kvshelf into it:
 
     benches/lmcache_bench_l2.sh [--runs 3] [--rounds 5] [--chunks-kb 2048,32768]
                                 [--in-flight 1,4] [--num-keys 8] [--json FILE]
                                 [--before DIR]   # also an older kvshelf wheel's package
+                                [--also-env NAME=VALUE ...]   # each adapter again with it
 
 Per cell (chunk size x in-flight) and run, each adapter runs `lmcache bench l2` once (store,
 lookup, load; verification on; `--rounds` measured rounds after one warm-up round), the
 order of the two adapters alternating from run to run (ABBA), Redis flushed between
-invocations. The table shows the median over runs of each run's mean throughput (MiB/s, as
-LMCache reports it) and lookup p50, and the ratio kvshelf / resp.
+invocations; the ceiling client runs in the same rotation, on the same number of values
+per round (keys per submit x in-flight). The table shows the median over runs of each
+run's mean throughput (MiB/s, as LMCache reports it) and lookup p50, the ratio kvshelf /
+resp, and each adapter's load as a share of the ceiling. `--also-env` measures both
+adapters a second time per run with an environment variable set (e.g.
+`OMP_WAIT_POLICY=PASSIVE`, to see what torch's spinning OpenMP workers cost each),
+interleaved with the rest, and prints their rows under that name.
 """
 
 from __future__ import annotations
@@ -90,7 +98,19 @@ def metrics(report: dict) -> dict[str, float]:
     }
 
 
-def ceiling(port: int, chunk_kb: int, clients: int) -> float:
+def ceiling(port: int, chunk_kb: int, keys: int) -> float:
+    """The minimal blocking client's load of `keys` values of the chunk's size per round,
+    8 connections (as `resp`'s 8 workers): MiB/s. Runs outside the venv's torch."""
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "redis_get_ceiling.py"),
+         "--port", str(port), "--size", str(chunk_kb * 1024), "--keys", str(keys),
+         "--conns", "8", "--rounds", "10", "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out)["mib_s"]
+
+
+def redis_benchmark(port: int, chunk_kb: int, clients: int) -> float:
     """redis-benchmark GET of one key of the chunk's size: MiB/s, the unit of LMCache's report."""
     size = chunk_kb * 1024
     n = max(64, (2 << 30) // size)
@@ -119,60 +139,82 @@ def main() -> None:
                     help="also measure the kvshelf package installed in DIR (pip install "
                          "--target DIR <wheel>), e.g. an older commit's wheel, as "
                          "`kvshelf@before`, interleaved with the others")
+    ap.add_argument("--also-env", metavar="NAME=VALUE", action="append", default=[],
+                    help="also measure both adapters with this environment variable set, "
+                         "interleaved with the others (repeatable)")
     args = ap.parse_args()
+    for e in args.also_env:
+        if "=" not in e:
+            ap.error(f"--also-env wants NAME=VALUE, not {e!r}")
+
+    # An adapter's variant: "" (as the user runs it), "before" or one --also-env setting.
+    variants = [""] + (["before"] if args.before else []) + args.also_env
+
+    def env_of(variant: str) -> dict | None:
+        if variant == "":
+            return None
+        if variant == "before":
+            return {**os.environ, "PYTHONPATH": args.before}
+        name, value = variant.split("=", 1)
+        return {**os.environ, name: value}
 
     proc, port = start_redis()
     rows, raw = [], []
     try:
         for chunk_kb in [int(c) for c in args.chunks_kb.split(",")]:
             for in_flight in [int(f) for f in args.in_flight.split(",")]:
-                kinds = ["resp", "kvshelf"] + (["kvshelf@before"] if args.before else [])
-                per: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+                kinds = [(a, v) for v in variants for a in ("resp", "kvshelf")
+                         if not (v == "before" and a == "resp")] + [("ceiling", "")]
+                per: dict[tuple[str, str], list[dict[str, float]]] = {k: [] for k in kinds}
                 for run in range(args.runs):
                     # Each run in another order (ABBA for two), so drift favours none.
                     order = kinds[run % len(kinds):] + kinds[:run % len(kinds)]
                     if run % 2 == 1:
                         order.reverse()
-                    for kind in order:
+                    for kind, variant in order:
                         flushall("127.0.0.1", port)
-                        env = None
-                        if kind == "kvshelf@before":
-                            env = {**os.environ, "PYTHONPATH": args.before}
-                        report = bench_l2(args.lmcache, adapter_json(kind, port, chunk_kb),
-                                          args, chunk_kb, in_flight, env)
-                        m = metrics(report)
-                        per[kind].append(m)
+                        if kind == "ceiling":
+                            m = {"load": ceiling(port, chunk_kb, args.num_keys * in_flight)}
+                        else:
+                            report = bench_l2(args.lmcache, adapter_json(kind, port, chunk_kb),
+                                              args, chunk_kb, in_flight, env_of(variant))
+                            m = metrics(report)
+                        per[(kind, variant)].append(m)
                         raw.append({"chunk_kb": chunk_kb, "in_flight": in_flight, "run": run,
-                                    "adapter": kind, **m})
+                                    "adapter": kind, "variant": variant, **m})
                         print(f"chunk {chunk_kb} KiB in-flight {in_flight} run {run} "
-                              f"{kind:14} {m}", file=sys.stderr, flush=True)
+                              f"{kind:8} {variant:22} {m}", file=sys.stderr, flush=True)
                 flushall("127.0.0.1", port)
-                ceil1 = ceiling(port, chunk_kb, 1)
-                ceil8 = ceiling(port, chunk_kb, 8)
+                rb8 = redis_benchmark(port, chunk_kb, 8)
                 flushall("127.0.0.1", port)
                 med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]}
                        for k, v in per.items()}
-                rows.append((chunk_kb, in_flight, med, ceil1, ceil8))
+                rows.append((chunk_kb, in_flight, med, rb8))
     finally:
         proc.kill()
 
     print(f"`lmcache bench l2`, {args.num_keys} keys per submit, {args.rounds} rounds, "
           f"verification on; medians of {args.runs} interleaved runs; load average "
           f"{os.getloadavg()[0]:.2f}")
-    print()
-    print("| chunk | in-flight | load MiB/s kvshelf / resp | ratio | store MiB/s kvshelf / resp "
-          "| ratio | lookup p50 ms kvshelf / resp | ceiling GET MiB/s (1 / 8 conns) |"
-          + (" before: load / store ratio |" if args.before else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.before else ""))
-    for chunk_kb, in_flight, med, ceil1, ceil8 in rows:
-        k, r = med["kvshelf"], med["resp"]
-        b = med.get("kvshelf@before")
-        print(f"| {chunk_kb // 1024} MiB | {in_flight} "
-              f"| {k['load']:.0f} / {r['load']:.0f} | **{k['load'] / r['load']:.2f}×** "
-              f"| {k['store']:.0f} / {r['store']:.0f} | **{k['store'] / r['store']:.2f}×** "
-              f"| {k['lookup_p50_ms']:.3f} / {r['lookup_p50_ms']:.3f} "
-              f"| {ceil1:.0f} / {ceil8:.0f} |"
-              + (f" {b['load'] / r['load']:.2f}× / {b['store'] / r['store']:.2f}× |" if b else ""))
+    for variant in variants:
+        print()
+        if variant == "before":
+            print("kvshelf as installed in --before, against the same runs' resp:")
+        elif variant:
+            print(f"Both adapters with `{variant}`:")
+        print("| chunk | in-flight | load MiB/s kvshelf / resp | ratio | store MiB/s kvshelf / "
+              "resp | ratio | lookup p50 ms kvshelf / resp | ceiling MiB/s | load / ceiling "
+              "kvshelf / resp | redis-benchmark GET MiB/s (8 conns) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for chunk_kb, in_flight, med, rb8 in rows:
+            k = med[("kvshelf", variant)]
+            r = med[("resp", "" if variant == "before" else variant)]
+            c = med[("ceiling", "")]["load"]
+            print(f"| {chunk_kb // 1024} MiB | {in_flight} "
+                  f"| {k['load']:.0f} / {r['load']:.0f} | **{k['load'] / r['load']:.2f}×** "
+                  f"| {k['store']:.0f} / {r['store']:.0f} | **{k['store'] / r['store']:.2f}×** "
+                  f"| {k['lookup_p50_ms']:.3f} / {r['lookup_p50_ms']:.3f} | {c:.0f} "
+                  f"| {k['load'] / c:.2f} / {r['load'] / c:.2f} | {rb8:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": raw, "time": time.time()}, indent=1))
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Issue 19's benchmark in one command: LMCache's own `lmcache bench l2` driving kvshelf's
 # `native_plugin` and LMCache's `resp` adapter on one private redis-server, 2 MiB and 32 MiB
-# chunks, in-flight 1 and 4, interleaved runs, with redis-benchmark's GET ceiling; prints a
-# markdown table (benches/lmcache_bench_l2.py says how it is measured).
+# chunks, in-flight 1 and 4, interleaved runs, with the ceiling of a minimal blocking client
+# (benches/redis_get_ceiling.py) in the same runs; prints a markdown table
+# (benches/lmcache_bench_l2.py says how it is measured).
 #
 #   benches/lmcache_bench_l2.sh                          # 3 runs of 5 rounds, ~10 minutes
 #   benches/lmcache_bench_l2.sh --runs 5 --json target/bench/l2.json
 #   benches/lmcache_bench_l2.sh --chunks-kb 2048 --in-flight 1 --runs 1   # one cell
+#   benches/lmcache_bench_l2.sh --also-env OMP_WAIT_POLICY=PASSIVE   # both adapters again
 #   benches/lmcache_bench_l2.sh --before /tmp/kv-before   # and an older build, interleaved:
 #     (git worktree add /tmp/wt <commit>; cd /tmp/wt/python; maturin build --release;
 #      pip install --no-deps --target /tmp/kv-before target/wheels/kvshelf-*.whl)
