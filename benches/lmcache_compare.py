@@ -23,6 +23,11 @@ size), rounded up (at 4 callers at least 8, 2 per caller):
 
 Prints one table of medians (GB/s, 10^9 bytes of payload per second) and each target's
 ratio of medians with the range of the same-round ratios, met or missed.
+
+With `--before-bin OLD`, the two `kvshelf bench` steps also run with an older build's binary
+(e.g. `git worktree add /tmp/old <commit>; cargo build --release` there), as two more steps
+of the same rotation, and a last table gives this build / the older one per path: whether a
+change made anything slower, measured side by side.
 """
 
 from __future__ import annotations
@@ -227,6 +232,8 @@ def main() -> None:
                     help="redis://host:port to use instead of starting a redis-server; it is "
                          "FLUSHALLed after every step, so give it a throwaway server")
     ap.add_argument("--json", metavar="FILE", help="also write every round's figures here")
+    ap.add_argument("--before-bin", metavar="PATH",
+                    help="an older build's kvshelf binary, measured in the same rounds")
     args = ap.parse_args()
     sizes = [s for s in args.sizes.replace(",", " ").split()]
     for s in sizes:
@@ -279,6 +286,16 @@ def run(args, sizes: list[str], host: str, port: int, url: str) -> None:
                 ("kvshelf, 4 callers", lambda: record(size, 4, kvshelf_bench(
                     args.bin, url, size, 4, max(requests, 8), four[rnd % 3:] + four[:rnd % 3]))),
             ]
+            if args.before_bin:
+                def before(callers: int, reqs: int, paths: list[str], size=size) -> None:
+                    got = kvshelf_bench(args.before_bin, url, size, callers, reqs, paths)
+                    record(size, callers, {f"{p}@before": v for p, v in got.items()})
+                steps += [
+                    ("kvshelf before, 1 caller", lambda: before(
+                        1, requests, one[rnd % 5:] + one[:rnd % 5])),
+                    ("kvshelf before, 4 callers", lambda: before(
+                        4, max(requests, 8), four[rnd % 3:] + four[:rnd % 3])),
+                ]
             if size == "2MiB":
                 steps.append(("redis-benchmark", lambda: record(
                     size, 1, redis_benchmark(host, port, size, requests))))
@@ -307,6 +324,7 @@ def run(args, sizes: list[str], host: str, port: int, url: str) -> None:
              "library": "library fetch", "library-into": "library read_into (caller buffers)",
              "put": "library put, new blocks",
              "http": "sidecar HTTP, L1 off", "grpc": "sidecar gRPC, L1 off"}
+    order += [f"{p}@before" for p in order]
     for key in sorted(rows, key=lambda k: (sizes.index(k[0]), k[1], order.index(k[2]))):
         v = rows[key]
         print(f"| {key[0]} | {key[1]} | {label.get(key[2], key[2])} | {med[key]:.2f} | "
@@ -324,6 +342,19 @@ def run(args, sizes: list[str], host: str, port: int, url: str) -> None:
         verdicts.append({"target": name, "ratio": ratio, "rounds": per_round, "met": met})
         print(f"| {name} | {ratio:.2f}× | {min(per_round):.2f}–{max(per_round):.2f}× | "
               f"{'met' if met else '**missed**'} |")
+    if args.before_bin:
+        print()
+        print(f"This build / the older one (`{args.before_bin}`), same rounds:")
+        print()
+        print("| chunk | callers | path | ratio of medians | same-round ratios |")
+        print("|---|---:|---|---:|---:|")
+        for key in sorted(rows, key=lambda k: (sizes.index(k[0]), k[1], order.index(k[2]))):
+            old = (key[0], key[1], f"{key[2]}@before")
+            if old not in rows:
+                continue
+            per_round = [a / b for a, b in zip(rows[key], rows[old], strict=True)]
+            print(f"| {key[0]} | {key[1]} | {label.get(key[2], key[2])} | "
+                  f"{med[key] / med[old]:.2f}× | {min(per_round):.2f}–{max(per_round):.2f}× |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(host, port), "loadavg_start": load_start,

@@ -8,6 +8,8 @@
 #   benches/lmcache_compare.sh                       # 5 rounds, 1 GiB per path and round
 #   benches/lmcache_compare.sh --rounds 9 --json target/bench/lmcache-compare.json
 #   benches/lmcache_compare.sh --redis redis://127.0.0.1:6390   # FLUSHALLed between steps!
+#   benches/lmcache_compare.sh --before-bin /tmp/old/target/release/kvshelf   # and an older
+#                                                    # build's, same rounds, side by side
 #   benches/lmcache_compare.sh --help                # the options and the method in full
 #
 # Creates the LMCache venv once (python/lmcache-venv.sh, shared with python/ci.sh) and builds
