@@ -387,6 +387,82 @@ async fn a_warm_lookup_warms_at_most_half_of_l1_and_slides_l1_hits() {
     .expect("hung");
 }
 
+/// Issue 17 §4: a large JSON body (a long prompt's token ids: 4,096 blocks of 256 tokens,
+/// ~8 MB) is parsed off the async worker it arrived on. On a one-thread runtime that also
+/// runs the sidecar and this client, a 1 ms ticker records its longest gap while the lookup
+/// is served; parsing the same body on this thread takes `parse`. Parsed inline, the
+/// ticker would stand still for about `parse`; offloaded, its longest gap stays well below.
+#[tokio::test(flavor = "current_thread")]
+async fn parsing_a_large_json_body_leaves_the_async_worker_free() {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Lookup {
+        namespace: String,
+        tokens: Vec<u32>,
+    }
+    let ns = Namespace {
+        block_size: 256,
+        ..namespace("json")
+    };
+    let sidecar = Sidecar::start(sidecar_config(None, vec![ns.clone()])).await;
+    let tokens: Vec<u32> = (0..4096 * 256).map(|i| 1_000_000 + i).collect();
+    let body =
+        serde_json::to_vec(&serde_json::json!({"namespace": ns.label, "tokens": tokens})).unwrap();
+    let started = Instant::now();
+    let parsed: Lookup = serde_json::from_slice(&body).unwrap();
+    let parse = started.elapsed();
+    assert_eq!(parsed.tokens.len(), tokens.len());
+    let longest = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let ticker = {
+        let longest = longest.clone();
+        tokio::spawn(async move {
+            loop {
+                let t = Instant::now();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let gap = t.elapsed();
+                let mut l = longest.lock().unwrap();
+                *l = (*l).max(gap);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    *longest.lock().unwrap() = Duration::ZERO;
+    let answer = tokio::time::timeout(TEST_LIMIT, async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/lookup HTTP/1.1\r\nhost: kvshelf\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        conn.write_all(&body).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        answer
+    })
+    .await
+    .expect("hung");
+    let gap = *longest.lock().unwrap();
+    ticker.abort();
+    let status = String::from_utf8_lossy(&answer[..answer.len().min(12)]).into_owned();
+    assert_eq!(
+        status,
+        "HTTP/1.1 200",
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(300)])
+    );
+    eprintln!("parsing alone: {parse:?}; the worker's longest stall while served: {gap:?}");
+    assert!(
+        parse >= Duration::from_millis(20),
+        "too quick to tell: {parse:?}"
+    );
+    assert!(
+        gap < parse / 2,
+        "the worker stalled for {gap:?}; parsing the body takes {parse:?}"
+    );
+}
+
 /// Issue 17 §4: hashing a long prompt (here 4,096 blocks of 256 tokens) does not stall the
 /// async worker it was asked on: on a one-thread runtime, a ticker keeps ticking while the
 /// sidecar hashes. Before, the hash ran on the worker and the ticker stood still.
