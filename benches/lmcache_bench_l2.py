@@ -12,6 +12,7 @@ Run through its wrapper, which creates the LMCache venv and installs kvshelf int
                                 [--in-flight 1,4] [--num-keys 8] [--json FILE]
                                 [--before DIR]   # also an older kvshelf wheel's package
                                 [--also-env NAME=VALUE ...]   # each adapter again with it
+                                [--also-param NAME=VALUE ...] # kvshelf again with it
 
 Per cell (chunk size x in-flight) and run, each adapter runs `lmcache bench l2` once (store,
 lookup, load; verification on; `--rounds` measured rounds after one warm-up round), the
@@ -22,7 +23,9 @@ run's mean throughput (MiB/s, as LMCache reports it) and lookup p50, the ratio k
 resp, and each adapter's load as a share of the ceiling. `--also-env` measures both
 adapters a second time per run with an environment variable set (e.g.
 `OMP_WAIT_POLICY=PASSIVE`, to see what torch's spinning OpenMP workers cost each),
-interleaved with the rest, and prints their rows under that name.
+interleaved with the rest, and prints their rows under that name; `--also-param` does the
+same for kvshelf alone with one more adapter parameter (`fanout=4`, `max_keys_loading=16`,
+any integer `Store` option such as `batch_connections=4`).
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ from lmcache_common import DIM, HEADS, LAYERS, flushall, start_redis  # noqa: E4
 TOKEN_BYTES = 2 * LAYERS * HEADS * DIM * 2
 
 
-def adapter_json(kind: str, port: int, chunk_kb: int) -> str:
-    kind = kind.split("@")[0]
+def adapter_json(kind: str, port: int, chunk_kb: int, params: dict | None = None) -> str:
     if kind == "resp":
         spec = {"type": "resp", "host": "127.0.0.1", "port": port, "num_workers": 8}
     else:
@@ -63,6 +65,7 @@ def adapter_json(kind: str, port: int, chunk_kb: int) -> str:
                 "num_kv_heads": HEADS,
                 "head_dim": DIM,
                 "chunk_size": tokens,
+                **(params or {}),
             },
         }
     return json.dumps(spec)
@@ -142,19 +145,27 @@ def main() -> None:
     ap.add_argument("--also-env", metavar="NAME=VALUE", action="append", default=[],
                     help="also measure both adapters with this environment variable set, "
                          "interleaved with the others (repeatable)")
+    ap.add_argument("--also-param", metavar="NAME=VALUE", action="append", default=[],
+                    help="also measure kvshelf with this adapter parameter (e.g. fanout=4; "
+                         "an integer), interleaved with the others (repeatable)")
     args = ap.parse_args()
-    for e in args.also_env:
+    for e in args.also_env + args.also_param:
         if "=" not in e:
-            ap.error(f"--also-env wants NAME=VALUE, not {e!r}")
+            ap.error(f"--also-env and --also-param want NAME=VALUE, not {e!r}")
 
     # An adapter's variant: "" (as the user runs it), "before" or one --also-env setting.
-    variants = [""] + (["before"] if args.before else []) + args.also_env
+    # "param:NAME=VALUE" (--also-param) is kvshelf alone, like "before".
+    params = [f"param:{p}" for p in args.also_param]
+    variants = [""] + (["before"] if args.before else []) + args.also_env + params
+    kvshelf_only = {"before", *params}
 
     def env_of(variant: str) -> dict | None:
         if variant == "":
             return None
         if variant == "before":
             return {**os.environ, "PYTHONPATH": args.before}
+        if variant.startswith("param:"):
+            return None
         name, value = variant.split("=", 1)
         return {**os.environ, name: value}
 
@@ -164,7 +175,7 @@ def main() -> None:
         for chunk_kb in [int(c) for c in args.chunks_kb.split(",")]:
             for in_flight in [int(f) for f in args.in_flight.split(",")]:
                 kinds = [(a, v) for v in variants for a in ("resp", "kvshelf")
-                         if not (v == "before" and a == "resp")] + [("ceiling", "")]
+                         if not (v in kvshelf_only and a == "resp")] + [("ceiling", "")]
                 per: dict[tuple[str, str], list[dict[str, float]]] = {k: [] for k in kinds}
                 for run in range(args.runs):
                     # Each run in another order (ABBA for two), so drift favours none.
@@ -176,7 +187,12 @@ def main() -> None:
                         if kind == "ceiling":
                             m = {"load": ceiling(port, chunk_kb, args.num_keys * in_flight)}
                         else:
-                            report = bench_l2(args.lmcache, adapter_json(kind, port, chunk_kb),
+                            extra = None
+                            if variant.startswith("param:"):
+                                name, value = variant[len("param:"):].split("=", 1)
+                                extra = {name: int(value)}
+                            report = bench_l2(args.lmcache,
+                                              adapter_json(kind, port, chunk_kb, extra),
                                               args, chunk_kb, in_flight, env_of(variant))
                             m = metrics(report)
                         per[(kind, variant)].append(m)
@@ -200,6 +216,8 @@ def main() -> None:
         print()
         if variant == "before":
             print("kvshelf as installed in --before, against the same runs' resp:")
+        elif variant.startswith("param:"):
+            print(f"kvshelf with `{variant[len('param:'):]}`, against the same runs' resp:")
         elif variant:
             print(f"Both adapters with `{variant}`:")
         print("| chunk | in-flight | load MiB/s kvshelf / resp | ratio | store MiB/s kvshelf / "
@@ -208,7 +226,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for chunk_kb, in_flight, med, rb8 in rows:
             k = med[("kvshelf", variant)]
-            r = med[("resp", "" if variant == "before" else variant)]
+            r = med[("resp", "" if variant in kvshelf_only else variant)]
             c = med[("ceiling", "")]["load"]
             print(f"| {chunk_kb // 1024} MiB | {in_flight} "
                   f"| {k['load']:.0f} / {r['load']:.0f} | **{k['load'] / r['load']:.2f}×** "

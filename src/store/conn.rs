@@ -113,6 +113,10 @@ pub(crate) struct Conn {
     buf: BytesMut,
     parser: Parser,
     owed: Owed,
+    /// `SO_RCVLOWAT` is raised (a payload is being received into a caller's buffer, see
+    /// `read_split`). A read cut off there leaves it raised: every other read puts it back
+    /// first, or a short reply would never wake the connection.
+    lowat_raised: bool,
 }
 
 /// What the pipeline in flight on a connection still owes, kept up to date at every await
@@ -139,6 +143,7 @@ impl Conn {
             buf: BytesMut::with_capacity(READ_CHUNK),
             parser: Parser::new(),
             owed: Owed::default(),
+            lowat_raised: false,
         };
         let login = &dialer.login;
         let mut hello = Request::default();
@@ -240,6 +245,7 @@ impl Conn {
         if self.owed.lost {
             return Err(std::io::Error::other("cut off mid-write or broken"));
         }
+        self.lowat_normal();
         if self.owed.raw > 0 {
             // The rest of a value that was going into the caller's memory: skip it here.
             let mut rest = BytesMut::new();
@@ -276,6 +282,14 @@ impl Conn {
         }
     }
 
+    /// `SO_RCVLOWAT` back to 1 if a payload's read raised it.
+    fn lowat_normal(&mut self) {
+        if self.lowat_raised {
+            self.stream.set_recv_lowat(1);
+            self.lowat_raised = false;
+        }
+    }
+
     async fn write_all(&mut self, mut parts: Vec<Bytes>) -> std::io::Result<()> {
         let mut first = 0;
         while first < parts.len() {
@@ -307,6 +321,7 @@ impl Conn {
         caps: Caps,
         mut sink: Option<&mut Sink<'_>>,
     ) -> Result<Got, ReadError> {
+        self.lowat_normal();
         loop {
             // A block the caller wants in its own memory is read around the parser.
             let take = matches!(sink, Some(Sink::Into(_)));
@@ -361,6 +376,11 @@ impl Conn {
     }
 }
 
+/// Payloads longer than this are received with `SO_RCVLOWAT` raised (see `read_split`).
+const LOWAT_FROM: usize = 256 << 10;
+/// The most `SO_RCVLOWAT` is raised to.
+const LOWAT_MAX: usize = 1 << 20;
+
 impl Conn {
     /// Reads a bulk string of `len` bytes (its header consumed) that is a stored block:
     /// the preamble and header into a buffer of their own, the payload into `out` when it
@@ -382,7 +402,16 @@ impl Conn {
                 digest.update(&body[..at]);
                 self.buf.advance(at);
                 self.owed.raw -= at;
+                // A large payload is received in a few large reads: the socket wakes this
+                // task once up to LOWAT_MAX of it is queued, not at every segment (CPU per
+                // GB loaded, and loads beside a busy core: BENCHMARKS.md, "Issue 19").
+                // Never above what is still to come, or the last bytes would not wake it.
+                let lowat = body.len() - at > LOWAT_FROM;
                 while at < body.len() {
+                    if lowat {
+                        self.lowat_raised = true;
+                        self.stream.set_recv_lowat((body.len() - at).min(LOWAT_MAX));
+                    }
                     let n = self.stream.read(&mut body[at..]).await?;
                     if n == 0 {
                         return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
@@ -391,6 +420,7 @@ impl Conn {
                     at += n;
                     self.owed.raw -= n;
                 }
+                self.lowat_normal();
                 Got::Split {
                     head: head.freeze(),
                     body_len: len - h,

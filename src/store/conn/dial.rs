@@ -86,6 +86,33 @@ pub(super) enum Stream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl Stream {
+    /// Sets `SO_RCVLOWAT` on a TCP stream: the socket is reported readable only once this
+    /// many bytes are queued (or the peer closed), so a large payload is received in a few
+    /// large reads rather than one per segment. TLS streams are left alone (records).
+    pub(super) fn set_recv_lowat(&self, bytes: usize) {
+        match self {
+            Stream::Tcp(tcp) => {
+                use std::os::fd::AsRawFd;
+                let v: libc::c_int = bytes.clamp(1, 1 << 30) as libc::c_int;
+                // SAFETY: a valid socket fd and an int option of the right size. A failure
+                // (not expected on Linux) leaves the socket as it was: reads still work.
+                unsafe {
+                    libc::setsockopt(
+                        tcp.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVLOWAT,
+                        (&v as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                }
+            }
+            #[cfg(feature = "tls")]
+            Stream::Tls(_) => {}
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -381,7 +381,9 @@ mod tests {
 
     /// A call dropped while a block's payload was going straight into the caller's memory
     /// never writes there again: the rest of the value is read into the connection's own
-    /// memory, and the connection serves the next call.
+    /// memory, and the connection serves the next call. The payload (300,000 bytes) is read
+    /// with `SO_RCVLOWAT` raised: the next call's short reply wakes the connection only
+    /// because the drain put it back (without that, this test waits out its 10 s).
     #[tokio::test]
     async fn a_call_dropped_mid_payload_never_writes_the_callers_buffer_again() {
         let ns = crate::namespace::tests::qwen();
