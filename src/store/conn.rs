@@ -354,7 +354,13 @@ impl Conn {
                     // finds it.
                     self.buf = value;
                     let mut want = missing;
+                    // In a few large reads, as `read_split` does (all of `want` is coming).
+                    let lowat = want > LOWAT_FROM;
                     while want > 0 {
+                        if lowat {
+                            self.lowat_raised = true;
+                            self.stream.set_recv_lowat(want.min(LOWAT_MAX));
+                        }
                         let n = self
                             .stream
                             .read_buf(&mut (&mut self.buf).limit(want))
@@ -364,6 +370,7 @@ impl Conn {
                         }
                         want -= n;
                     }
+                    self.lowat_normal();
                 }
                 _ => {
                     self.buf.reserve(READ_CHUNK);
