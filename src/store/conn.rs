@@ -113,10 +113,10 @@ pub(crate) struct Conn {
     buf: BytesMut,
     parser: Parser,
     owed: Owed,
-    /// `SO_RCVLOWAT` is raised (a payload is being received into a caller's buffer, see
-    /// `read_split`). A read cut off there leaves it raised: every other read puts it back
-    /// first, or a short reply would never wake the connection.
-    lowat_raised: bool,
+    /// The socket's `SO_RCVLOWAT` (1: the kernel's default), raised while a large value is
+    /// received ([`Conn::expect`]). A read cut off there leaves it raised: every other read
+    /// puts it back first, or a short reply would never wake the connection.
+    lowat: usize,
 }
 
 /// What the pipeline in flight on a connection still owes, kept up to date at every await
@@ -143,7 +143,7 @@ impl Conn {
             buf: BytesMut::with_capacity(READ_CHUNK),
             parser: Parser::new(),
             owed: Owed::default(),
-            lowat_raised: false,
+            lowat: 1,
         };
         let login = &dialer.login;
         let mut hello = Request::default();
@@ -282,11 +282,26 @@ impl Conn {
         }
     }
 
-    /// `SO_RCVLOWAT` back to 1 if a payload's read raised it.
+    /// `coming` more bytes of a value are certain to arrive: a large value is received in
+    /// a few large reads, the socket waking this task once up to `LOWAT_MAX` of it is
+    /// queued rather than at every segment (CPU per GB loaded, and loads beside a busy core:
+    /// BENCHMARKS.md, "Issue 19"). Never above what is still to come, or its last bytes
+    /// would not wake the read; once raised for a value, lowered with it to the end.
+    fn expect(&mut self, coming: usize) {
+        if coming > LOWAT_FROM || self.lowat > 1 {
+            self.set_lowat(coming.clamp(1, LOWAT_MAX));
+        }
+    }
+
+    /// `SO_RCVLOWAT` back to 1 if a value's read raised it.
     fn lowat_normal(&mut self) {
-        if self.lowat_raised {
-            self.stream.set_recv_lowat(1);
-            self.lowat_raised = false;
+        self.set_lowat(1);
+    }
+
+    fn set_lowat(&mut self, lowat: usize) {
+        if self.lowat != lowat {
+            self.stream.set_recv_lowat(lowat);
+            self.lowat = lowat;
         }
     }
 
@@ -354,13 +369,8 @@ impl Conn {
                     // finds it.
                     self.buf = value;
                     let mut want = missing;
-                    // In a few large reads, as `read_split` does (all of `want` is coming).
-                    let lowat = want > LOWAT_FROM;
                     while want > 0 {
-                        if lowat {
-                            self.lowat_raised = true;
-                            self.stream.set_recv_lowat(want.min(LOWAT_MAX));
-                        }
+                        self.expect(want);
                         let n = self
                             .stream
                             .read_buf(&mut (&mut self.buf).limit(want))
@@ -383,7 +393,7 @@ impl Conn {
     }
 }
 
-/// Payloads longer than this are received with `SO_RCVLOWAT` raised (see `read_split`).
+/// Values longer than this are received with `SO_RCVLOWAT` raised ([`Conn::expect`]).
 const LOWAT_FROM: usize = 256 << 10;
 /// The most `SO_RCVLOWAT` is raised to.
 const LOWAT_MAX: usize = 1 << 20;
@@ -409,16 +419,8 @@ impl Conn {
                 digest.update(&body[..at]);
                 self.buf.advance(at);
                 self.owed.raw -= at;
-                // A large payload is received in a few large reads: the socket wakes this
-                // task once up to LOWAT_MAX of it is queued, not at every segment (CPU per
-                // GB loaded, and loads beside a busy core: BENCHMARKS.md, "Issue 19").
-                // Never above what is still to come, or the last bytes would not wake it.
-                let lowat = body.len() - at > LOWAT_FROM;
                 while at < body.len() {
-                    if lowat {
-                        self.lowat_raised = true;
-                        self.stream.set_recv_lowat((body.len() - at).min(LOWAT_MAX));
-                    }
+                    self.expect(body.len() - at);
                     let n = self.stream.read(&mut body[at..]).await?;
                     if n == 0 {
                         return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
